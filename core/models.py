@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+from core.choices import JobState, JobType
+
+
+class TimeStampedModel(models.Model):
+    created_at = models.DateTimeField(auto_now_add=True, editable=False)
+    updated_at = models.DateTimeField(auto_now=True, editable=False)
+
+    class Meta:
+        abstract = True
+
+
+class Job(models.Model):
+    """A long-running operation: a row first, then a Celery task that works through its steps."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    vault = models.ForeignKey("vault.Vault", on_delete=models.CASCADE, related_name="jobs", null=True, blank=True)
+    type = models.CharField(max_length=40, choices=JobType.choices, db_index=True)
+    state = models.CharField(
+        max_length=20, choices=JobState.choices, default=JobState.QUEUED, db_index=True, editable=False
+    )
+    # What the job acts on, named for display and filtering (an item, a vCenter, a plan...).
+    target_type = models.CharField(max_length=40, blank=True, db_index=True)
+    target_id = models.CharField(max_length=64, blank=True, db_index=True)
+    target_name = models.CharField(max_length=255, blank=True)
+    params = models.JSONField(default=dict, blank=True)
+    steps = models.JSONField(default=list, blank=True, editable=False)
+    progress = models.PositiveSmallIntegerField(default=0, editable=False)
+    error = models.TextField(blank=True, editable=False)
+    result = models.JSONField(default=dict, blank=True, editable=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    celery_task_id = models.CharField(max_length=64, blank=True, editable=False)
+    queue = models.CharField(max_length=32, blank=True, editable=False)
+    cancel_requested = models.BooleanField(default=False, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True, editable=False)
+    ended_at = models.DateTimeField(null=True, blank=True, editable=False)
+    heartbeat_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["target_type", "target_id", "state"])]
+
+    def __str__(self) -> str:
+        return f"{self.get_type_display()} {self.target_name or self.target_id}".strip()
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in JobState.TERMINAL
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if not self.started_at:
+            return None
+        from django.utils import timezone
+
+        end = self.ended_at or timezone.now()
+        return (end - self.started_at).total_seconds()

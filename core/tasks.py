@@ -1,0 +1,16 @@
+from celery import shared_task
+
+from core import queues
+from core.jobs import job_execute, jobs_reap
+
+
+# Not acks_late: a job that dies with its worker is failed by the reaper, with a reason,
+# rather than run again behind the admin's back.
+@shared_task(name="core.run_job", ignore_result=True)
+def run_job(job_id: str) -> None:
+    job_execute(job_id=job_id)
+
+
+@shared_task(name="core.reap_jobs", ignore_result=True, queue=queues.MAINTENANCE)
+def reap_jobs() -> int:
+    return len(jobs_reap())

@@ -1,0 +1,24 @@
+from rest_framework.routers import DefaultRouter
+
+from core.api_views import JobViewSet
+from recovery_plans.api.views import RecoveryPlanViewSet
+from replication.api.views import ProtectedItemViewSet, RecoveryPointViewSet
+from vault.api import views as v
+
+router = DefaultRouter()
+router.register("vaults", v.VaultViewSet)
+router.register("configurationServers", v.ConfigurationServerViewSet)
+router.register("processServers", v.ProcessServerViewSet)
+router.register("masterTargetServers", v.MasterTargetServerViewSet)
+router.register("replicationvCenters", v.VCenterViewSet)
+router.register("replicationProtectableItems", v.MachineViewSet, basename="machine")
+router.register("replicationPolicies", v.PolicyViewSet)
+router.register("replicationProtectedItems", ProtectedItemViewSet, basename="protecteditem")
+router.register("recoveryPoints", RecoveryPointViewSet)
+router.register("replicationRecoveryPlans", RecoveryPlanViewSet)
+router.register("replicationJobs", JobViewSet, basename="job")
+router.register("replicationEvents", v.EventViewSet)
+router.register("replicationAlerts", v.AlertViewSet)
+
+app_name = "api"
+urlpatterns = router.urls

@@ -1,0 +1,27 @@
+from django.urls import path
+
+from core import views as core_views
+from recovery_plans import views as plan_views
+from replication import views as replication_views
+from vault import views as vault_views
+
+app_name = "portal"
+urlpatterns = [
+    path("", vault_views.overview, name="overview"),
+    path("vaults/new/", vault_views.vault_create, name="vault-create"),
+    path("vault/settings/", vault_views.vault_settings, name="vault-settings"),
+    path("infrastructure/", vault_views.infrastructure, name="infrastructure"),
+    path("infrastructure/vcenters/add/", vault_views.vcenter_add, name="vcenter-add"),
+    path("infrastructure/vcenters/<int:pk>/discover/", vault_views.vcenter_discover_view, name="vcenter-discover"),
+    path("policies/", vault_views.policy_list, name="policies"),
+    path("policies/new/", vault_views.policy_edit, name="policy-create"),
+    path("policies/<int:pk>/", vault_views.policy_edit, name="policy-edit"),
+    path("alerts/", vault_views.alert_list, name="alerts"),
+    path("alerts/<uuid:pk>/acknowledge/", vault_views.alert_acknowledge_view, name="alert-acknowledge"),
+    path("items/", replication_views.item_list, name="items"),
+    path("items/<uuid:pk>/", replication_views.item_detail, name="item-detail"),
+    path("plans/", plan_views.plan_list, name="plans"),
+    path("jobs/", core_views.job_list, name="jobs"),
+    path("jobs/<uuid:pk>/", core_views.job_detail, name="job-detail"),
+    path("jobs/<uuid:pk>/cancel/", core_views.job_cancel_view, name="job-cancel"),
+]

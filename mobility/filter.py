@@ -1,0 +1,220 @@
+"""The write filter: every write to a protected disk is recorded, in order, in a journal.
+
+The filter sits in the write path (in the simulated site it wraps the workload writer):
+``WriteFilter(disk, journal_dir).write(offset, data)`` writes the disk and appends a record
+to the journal. The journal is a directory of segment files ``NNNNNNNNNNNN.jnl``; the agent
+reads closed segments (and the complete records of the open one) and deletes a segment once
+its records are acknowledged. When the journal outgrows its cap (the agent has been away too
+long) the filter stops journaling and leaves an ``OVERFLOW`` marker: the gap can no longer be
+bridged and the disk needs resynchronization.
+
+Record: ``seq u64 | offset u64 | length u32 | crc32 u32 | time_ns u64 | data[length]``.
+
+Journal seqs of a disk grow by one per write and never repeat, also across restarts of the
+filter (it continues from the last complete record), so a reader can tell a gap.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Iterator
+
+RECORD = struct.Struct("<QQIIQ")
+SEGMENT_BYTES = 8 * 1024 * 1024
+DEFAULT_CAP_BYTES = 2 * 1024 * 1024 * 1024
+OVERFLOW = "OVERFLOW"
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRecord:
+    seq: int
+    offset: int
+    data: bytes
+    time_ns: int
+    segment: int
+    end: int = 0  # byte position just after this record in its segment
+
+
+class WriteFilter:
+    def __init__(self, disk_path: str, journal_dir: str, *, cap_bytes: int = DEFAULT_CAP_BYTES) -> None:
+        self.disk_path = disk_path
+        self.journal_dir = journal_dir
+        self.cap_bytes = cap_bytes
+        os.makedirs(journal_dir, exist_ok=True)
+        self._lock = threading.Lock()
+        self._disk = open(disk_path, "r+b")
+        segments = list_segments(journal_dir)
+        self._segment_no = segments[-1] + 1 if segments else 1
+        self._seq = _last_seq(journal_dir, segments)
+        self._segment = None
+        self._segment_size = 0
+        # Bytes journaled as far as this filter knows; the agent only ever deletes segments,
+        # so this is never below the real size and is re-measured only near the cap.
+        self._journal_bytes = journal_bytes(journal_dir)
+
+    @property
+    def overflowed(self) -> bool:
+        return os.path.exists(os.path.join(self.journal_dir, OVERFLOW))
+
+    def write(self, offset: int, data: bytes) -> None:
+        with self._lock:
+            self._disk.seek(offset)
+            self._disk.write(data)
+            self._disk.flush()
+            if self.overflowed:
+                return
+            need = RECORD.size + len(data)
+            if self._journal_bytes + need > self.cap_bytes:
+                self._journal_bytes = journal_bytes(self.journal_dir)
+                if self._journal_bytes + need > self.cap_bytes:
+                    open(os.path.join(self.journal_dir, OVERFLOW), "w").close()
+                    return
+            if self._segment is None or self._segment_size >= SEGMENT_BYTES:
+                self._roll()
+            self._seq += 1
+            rec = RECORD.pack(self._seq, offset, len(data), zlib.crc32(data), time.time_ns())
+            self._segment.write(rec)
+            self._segment.write(data)
+            self._segment.flush()
+            self._segment_size += need
+            self._journal_bytes += need
+
+    def _roll(self) -> None:
+        if self._segment is not None:
+            self._segment.close()
+        path = os.path.join(self.journal_dir, f"{self._segment_no:012d}.jnl")
+        self._segment = open(path, "ab")
+        self._segment_no += 1
+        self._segment_size = 0
+
+    def close(self) -> None:
+        with self._lock:
+            if self._segment is not None:
+                self._segment.close()
+                self._segment = None
+            self._disk.close()
+
+
+def list_segments(journal_dir: str) -> list[int]:
+    try:
+        names = os.listdir(journal_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(int(n[:-4]) for n in names if n.endswith(".jnl") and n[:-4].isdigit())
+
+
+def journal_bytes(journal_dir: str) -> int:
+    total = 0
+    for no in list_segments(journal_dir):
+        try:
+            total += os.path.getsize(os.path.join(journal_dir, f"{no:012d}.jnl"))
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def read_journal(
+    journal_dir: str, *, after_seq: int = 0, position: tuple[int, int] | None = None
+) -> Iterator[JournalRecord]:
+    """Complete records with seq > after_seq, oldest first; a torn tail is not yielded.
+
+    ``position`` (a record's ``(segment, end)``) lets a reader that already consumed the
+    journal up to there start at once instead of re-reading older records; records at or
+    below ``after_seq`` are skipped without reading their data.
+    """
+    for no in list_segments(journal_dir):
+        if position is not None and no < position[0]:
+            continue
+        path = os.path.join(journal_dir, f"{no:012d}.jnl")
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            continue
+        with f:
+            pos = 0
+            if position is not None and no == position[0]:
+                pos = f.seek(position[1])
+            while True:
+                head = f.read(RECORD.size)
+                if len(head) < RECORD.size:
+                    break
+                seq, offset, length, crc, t_ns = RECORD.unpack(head)
+                if seq <= after_seq:
+                    pos = f.seek(length, os.SEEK_CUR)
+                    continue
+                data = f.read(length)
+                if len(data) < length or zlib.crc32(data) != crc:
+                    break
+                pos += RECORD.size + length
+                yield JournalRecord(seq, offset, data, t_ns, no, pos)
+
+
+def drop_segments_through(journal_dir: str, *, acked_seq: int) -> None:
+    """Delete every segment all of whose records are acknowledged (seq <= acked_seq)."""
+    segments = list_segments(journal_dir)
+    for no in segments[:-1]:  # never the newest: the filter may still be appending to it
+        path = os.path.join(journal_dir, f"{no:012d}.jnl")
+        last = _segment_last_seq(path)
+        if last is not None and last <= acked_seq:
+            os.unlink(path)
+
+
+def last_seq(journal_dir: str) -> int:
+    """The seq of the newest complete record in the journal (0 for an empty journal)."""
+    return _last_seq(journal_dir, list_segments(journal_dir))
+
+
+def overflowed(journal_dir: str) -> bool:
+    return os.path.exists(os.path.join(journal_dir, OVERFLOW))
+
+
+def clear_overflow(journal_dir: str) -> None:
+    """Let the filter journal again (the agent calls it when a resynchronization starts)."""
+    try:
+        os.unlink(os.path.join(journal_dir, OVERFLOW))
+    except FileNotFoundError:
+        pass
+
+
+def backlog_bytes(journal_dir: str, position: tuple[int, int] | None) -> int:
+    """Journal bytes after ``position`` (the end of the last acknowledged record)."""
+    total = 0
+    for no in list_segments(journal_dir):
+        if position is not None and no < position[0]:
+            continue
+        try:
+            size = os.path.getsize(os.path.join(journal_dir, f"{no:012d}.jnl"))
+        except FileNotFoundError:
+            continue
+        if position is not None and no == position[0]:
+            size = max(0, size - position[1])
+        total += size
+    return total
+
+
+def _segment_last_seq(path: str) -> int | None:
+    last = None
+    try:
+        with open(path, "rb") as f:
+            while True:
+                head = f.read(RECORD.size)
+                if len(head) < RECORD.size:
+                    break
+                seq, _o, length, _c, _t = RECORD.unpack(head)
+                f.seek(length, os.SEEK_CUR)
+                last = seq
+    except FileNotFoundError:
+        return None
+    return last
+
+
+def _last_seq(journal_dir: str, segments: list[int]) -> int:
+    for no in reversed(segments):
+        last = _segment_last_seq(os.path.join(journal_dir, f"{no:012d}.jnl"))
+        if last is not None:
+            return last
+    return 0

@@ -1,0 +1,41 @@
+from django.db import models
+
+
+class ProtectionState(models.TextChoices):
+    ENABLING = "ENABLING", "Enabling protection"
+    ENABLE_FAILED = "ENABLE_FAILED", "Enabling protection failed"
+    INITIAL_REPLICATION = "INITIAL_REPLICATION", "Initial replication in progress"
+    PROTECTED = "PROTECTED", "Protected"
+    RESYNC_REQUIRED = "RESYNC_REQUIRED", "Resynchronization required"
+    RESYNCING = "RESYNCING", "Resynchronizing"
+    FAILOVER_IN_PROGRESS = "FAILOVER_IN_PROGRESS", "Failover in progress"
+    FAILED_OVER = "FAILED_OVER", "Failed over"
+    FAILOVER_COMMITTED = "FAILOVER_COMMITTED", "Failover committed"
+    REPROTECTING = "REPROTECTING", "Reprotecting"
+    DISABLING = "DISABLING", "Disabling protection"
+
+
+P = ProtectionState
+# Data flows from the source to the replica in these states.
+ProtectionState.REPLICATING = frozenset({P.INITIAL_REPLICATION, P.PROTECTED, P.RESYNC_REQUIRED, P.RESYNCING})
+# An operation is under way: the item's page polls, no other operation may start.
+ProtectionState.IN_PROGRESS = frozenset(
+    {P.ENABLING, P.INITIAL_REPLICATION, P.RESYNCING, P.FAILOVER_IN_PROGRESS, P.REPROTECTING, P.DISABLING}
+)
+
+
+class TestFailoverState(models.TextChoices):
+    NONE = "NONE", "None"
+    IN_PROGRESS = "IN_PROGRESS", "Test failover in progress"
+    SUCCEEDED = "SUCCEEDED", "Test failover succeeded (cleanup pending)"
+    CLEANING_UP = "CLEANING_UP", "Cleaning up test failover"
+
+
+class Direction(models.TextChoices):
+    PRIMARY_TO_RECOVERY = "PRIMARY_TO_RECOVERY", "Primary to recovery"
+    RECOVERY_TO_PRIMARY = "RECOVERY_TO_PRIMARY", "Recovery to primary"
+
+
+class RecoveryPointType(models.TextChoices):
+    CRASH_CONSISTENT = "crash_consistent", "Crash-consistent"
+    APP_CONSISTENT = "app_consistent", "App-consistent"

@@ -1,0 +1,24 @@
+import django_filters
+
+from replication.models import ProtectedItem, RecoveryPoint
+
+
+class ProtectedItemFilter(django_filters.FilterSet):
+    vault = django_filters.NumberFilter(field_name="vault_id")
+    name = django_filters.CharFilter(lookup_expr="icontains")
+    policy = django_filters.NumberFilter(field_name="policy_id")
+    process_server = django_filters.NumberFilter(field_name="process_server_id")
+
+    class Meta:
+        model = ProtectedItem
+        fields = ["vault", "name", "protection_state", "test_failover_state", "health", "policy", "process_server"]
+
+
+class RecoveryPointFilter(django_filters.FilterSet):
+    item = django_filters.UUIDFilter(field_name="item_id")
+    after = django_filters.IsoDateTimeFilter(field_name="time", lookup_expr="gte")
+    before = django_filters.IsoDateTimeFilter(field_name="time", lookup_expr="lte")
+
+    class Meta:
+        model = RecoveryPoint
+        fields = ["item", "type", "after", "before"]

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+
+from core.models import TimeStampedModel
+from replication.choices import Direction, ProtectionState, RecoveryPointType, TestFailoverState
+from vault.choices import Health
+
+
+class ProtectedItem(TimeStampedModel):
+    """One replicated VM: its disks, policy, process server, state, health and RPO."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    vault = models.ForeignKey("vault.Vault", on_delete=models.CASCADE, related_name="protected_items")
+    machine = models.ForeignKey("vault.DiscoveredMachine", on_delete=models.PROTECT, related_name="protected_items")
+    policy = models.ForeignKey("vault.ReplicationPolicy", on_delete=models.PROTECT, related_name="protected_items")
+    process_server = models.ForeignKey("vault.ProcessServer", on_delete=models.PROTECT, related_name="protected_items")
+    name = models.CharField(max_length=255, db_index=True)
+    protection_state = models.CharField(
+        max_length=32, choices=ProtectionState.choices, default=ProtectionState.ENABLING, editable=False, db_index=True
+    )
+    test_failover_state = models.CharField(
+        max_length=16, choices=TestFailoverState.choices, default=TestFailoverState.NONE, editable=False, db_index=True
+    )
+    direction = models.CharField(
+        max_length=24, choices=Direction.choices, default=Direction.PRIMARY_TO_RECOVERY, editable=False
+    )
+    health = models.CharField(max_length=16, choices=Health.choices, default=Health.HEALTHY, editable=False, db_index=True)
+    health_reasons = models.JSONField(default=list, blank=True, editable=False)
+    rpo_seconds = models.PositiveIntegerField(null=True, blank=True, editable=False, db_index=True)
+    last_recovery_point_at = models.DateTimeField(null=True, blank=True, editable=False)
+    initial_replication_progress = models.PositiveSmallIntegerField(default=0, editable=False)
+    last_error = models.TextField(blank=True, editable=False)
+    # Data path figures, reported by the agent and the process server.
+    agent_last_heartbeat_at = models.DateTimeField(null=True, blank=True, editable=False)
+    agent_backlog_bytes = models.BigIntegerField(default=0, editable=False)
+    acked_seq = models.BigIntegerField(default=0, editable=False)
+    applied_seq = models.BigIntegerField(default=0, editable=False)
+    state_changed_at = models.DateTimeField(auto_now_add=True, editable=False)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["machine"], name="uniq_protected_machine")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ReplicaDisk(models.Model):
+    """The recovery-site copy of one source disk, that replication logs are applied to."""
+
+    item = models.ForeignKey(ProtectedItem, on_delete=models.CASCADE, related_name="replica_disks")
+    index = models.PositiveSmallIntegerField(help_text="The disk's number in the item's replication stream.")
+    source_disk_key = models.IntegerField()
+    label = models.CharField(max_length=120, blank=True)
+    capacity_bytes = models.BigIntegerField()
+    storage_name = models.CharField(max_length=255, help_text="Name of the replica disk in target storage.")
+
+    class Meta:
+        ordering = ["item", "index"]
+        constraints = [models.UniqueConstraint(fields=["item", "index"], name="uniq_replica_disk_index")]
+
+    def __str__(self) -> str:
+        return f"{self.item} / {self.label or self.source_disk_key}"
+
+
+class RecoveryPoint(models.Model):
+    """A point in time the item can be recovered to; mirrors the data plane's own record."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    item = models.ForeignKey(ProtectedItem, on_delete=models.CASCADE, related_name="recovery_points")
+    point_id = models.CharField(max_length=64, help_text="The data plane's identifier of the point.")
+    seq = models.BigIntegerField()
+    time = models.DateTimeField(db_index=True, help_text="Source time of the newest write the point contains.")
+    type = models.CharField(max_length=20, choices=RecoveryPointType.choices, db_index=True)
+    label = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-time"]
+        indexes = [models.Index(fields=["item", "-time"])]
+        constraints = [models.UniqueConstraint(fields=["item", "point_id"], name="uniq_item_point")]
+
+    def __str__(self) -> str:
+        return f"{self.item} @ {self.time:%Y-%m-%d %H:%M:%S} ({self.get_type_display()})"

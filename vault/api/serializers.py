@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+from rest_framework import serializers
+
+from vault import services
+from vault.choices import MAX_RETENTION_HOURS
+from vault.models import (
+    Alert,
+    ConfigurationServer,
+    DiscoveredDisk,
+    DiscoveredMachine,
+    Event,
+    MasterTargetServer,
+    ProcessServer,
+    ReplicationPolicy,
+    Vault,
+    VCenter,
+)
+
+
+class VaultSerializer(serializers.ModelSerializer):
+    passphrase = serializers.CharField(
+        write_only=True, required=False, min_length=services.MIN_PASSPHRASE_LENGTH, max_length=256,
+        style={"input_type": "password"},
+        help_text="Registration passphrase agents and servers use to join the vault; stored hashed, never returned.",
+    )
+    alert_emails = serializers.ListField(child=serializers.EmailField(), required=False, max_length=50)
+
+    class Meta:
+        model = Vault
+        fields = [
+            "id", "name", "description", "passphrase", "off_hours_start", "off_hours_end",
+            "off_hours_time_zone", "alert_emails", "email_alerts_enabled", "created_at", "updated_at",
+        ]
+        read_only_fields = ["id", "created_at", "updated_at"]
+
+    def validate(self, attrs):
+        if self.instance is None and not attrs.get("passphrase"):
+            raise serializers.ValidationError({"passphrase": "A registration passphrase is required."})
+        return attrs
+
+    def create(self, validated_data):
+        return services.vault_create(**validated_data)
+
+    def update(self, instance, validated_data):
+        return services.vault_update(vault=instance, **validated_data)
+
+
+class PolicySerializer(serializers.ModelSerializer):
+    failback_policy = serializers.PrimaryKeyRelatedField(read_only=True)
+
+    class Meta:
+        model = ReplicationPolicy
+        fields = [
+            "id", "vault", "name", "storage_tier", "rpo_threshold_minutes", "recovery_point_retention_hours",
+            "app_consistent_frequency_hours", "crash_consistent_frequency_seconds", "is_failback",
+            "failback_policy", "created_at", "updated_at",
+        ]
+        read_only_fields = ["id", "is_failback", "failback_policy", "created_at", "updated_at"]
+
+    def get_fields(self):
+        fields = super().get_fields()
+        if self.instance is not None and not isinstance(self.instance, list):
+            fields["vault"].read_only = True
+        return fields
+
+    def validate(self, attrs):
+        tier = attrs.get("storage_tier", getattr(self.instance, "storage_tier", "standard"))
+        retention = attrs.get("recovery_point_retention_hours", getattr(self.instance, "recovery_point_retention_hours", 24))
+        limit = MAX_RETENTION_HOURS[tier]
+        if retention > limit:
+            raise serializers.ValidationError(
+                {"recovery_point_retention_hours": f"{tier.capitalize()} storage keeps recovery points for at most {limit} hours."}
+            )
+        return attrs
+
+    def create(self, validated_data):
+        vault = validated_data.pop("vault")
+        name = validated_data.pop("name")
+        return services.policy_create(vault=vault, name=name, **validated_data)
+
+    def update(self, instance, validated_data):
+        validated_data.pop("vault", None)
+        return services.policy_update(policy=instance, **validated_data)
+
+
+class ConfigurationServerSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ConfigurationServer
+        fields = ["id", "vault", "name", "host", "version", "last_heartbeat_at"]
+        read_only_fields = fields
+
+
+class ProcessServerSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ProcessServer
+        fields = [
+            "id", "vault", "name", "host", "data_port", "site", "thumbprint", "health", "health_reasons",
+            "last_heartbeat_at", "cpu_percent", "memory_percent", "cache_free_bytes", "cache_total_bytes",
+            "pending_upload_bytes", "created_at",
+        ]
+        read_only_fields = [
+            "id", "thumbprint", "health", "health_reasons", "last_heartbeat_at", "cpu_percent", "memory_percent",
+            "cache_free_bytes", "cache_total_bytes", "pending_upload_bytes", "created_at",
+        ]
+
+    def create(self, validated_data):
+        return services.process_server_create(**validated_data)
+
+
+class MasterTargetServerSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = MasterTargetServer
+        fields = ["id", "vault", "name", "host", "site", "last_heartbeat_at", "created_at"]
+        read_only_fields = ["id", "last_heartbeat_at", "created_at"]
+
+    def create(self, validated_data):
+        return services.master_target_server_create(**validated_data)
+
+
+class VCenterSerializer(serializers.ModelSerializer):
+    password = serializers.CharField(
+        write_only=True, required=False, max_length=512, style={"input_type": "password"},
+        help_text="Stored encrypted; never returned.",
+    )
+
+    class Meta:
+        model = VCenter
+        fields = [
+            "id", "vault", "name", "kind", "host", "port", "username", "password", "allow_untrusted", "thumbprint",
+            "discovery_interval_minutes", "last_discovery_at", "last_discovery_error", "created_at",
+        ]
+        read_only_fields = ["id", "last_discovery_at", "last_discovery_error", "created_at"]
+
+    def validate(self, attrs):
+        if self.instance is None and not attrs.get("password"):
+            raise serializers.ValidationError({"password": "A password is required."})
+        return attrs
+
+    def create(self, validated_data):
+        return services.vcenter_create(**validated_data)
+
+    def update(self, instance, validated_data):
+        validated_data.pop("vault", None)
+        return services.vcenter_update(vcenter=instance, **validated_data)
+
+
+class DiskSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = DiscoveredDisk
+        fields = ["key", "label", "capacity_bytes", "backing_file", "datastore"]
+
+
+class MachineSerializer(serializers.ModelSerializer):
+    disks = DiskSerializer(many=True, read_only=True)
+    protected_item = serializers.SerializerMethodField()
+
+    class Meta:
+        model = DiscoveredMachine
+        fields = [
+            "id", "vault", "vcenter", "source", "instance_uuid", "name", "power_state", "guest_os", "host",
+            "datacenter", "cluster", "missing", "last_seen_at", "disks", "protected_item",
+        ]
+        read_only_fields = fields
+
+    def get_protected_item(self, obj) -> str | None:
+        items = obj.protected_items.all()
+        return str(items[0].id) if items else None
+
+
+class EventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Event
+        fields = ["id", "vault", "severity", "kind", "message", "protected_item", "process_server", "job", "created_at"]
+        read_only_fields = fields
+
+
+class AlertSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Alert
+        fields = [
+            "id", "vault", "severity", "kind", "message", "state", "protected_item", "process_server", "job",
+            "raised_at", "resolved_at", "acknowledged", "acknowledged_by", "acknowledged_at",
+        ]
+        read_only_fields = fields

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+from django.db.models import Prefetch
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, viewsets
+from rest_framework.decorators import action
+from rest_framework.response import Response
+
+from core.api import accepted_job
+from core.api_views import JobSerializer
+from core.permissions import ReadOrAdmin
+from replication.models import ProtectedItem
+from vault import filters, services
+from vault.api import serializers as s
+from vault.models import (
+    Alert,
+    ConfigurationServer,
+    DiscoveredMachine,
+    Event,
+    MasterTargetServer,
+    ProcessServer,
+    ReplicationPolicy,
+    Vault,
+    VCenter,
+)
+
+
+class VaultViewSet(viewsets.ModelViewSet):
+    """vaults: Recovery Services vaults."""
+
+    queryset = Vault.objects.all()
+    serializer_class = s.VaultSerializer
+    permission_classes = [ReadOrAdmin]
+    filterset_fields = ["name"]
+
+
+class PolicyViewSet(viewsets.ModelViewSet):
+    """replicationPolicies: RPO threshold, retention and snapshot frequency."""
+
+    queryset = ReplicationPolicy.objects.select_related("vault")
+    serializer_class = s.PolicySerializer
+    permission_classes = [ReadOrAdmin]
+    filterset_class = filters.PolicyFilter
+
+    def perform_destroy(self, instance):
+        services.policy_delete(policy=instance)
+
+
+class ConfigurationServerViewSet(viewsets.ReadOnlyModelViewSet):
+    queryset = ConfigurationServer.objects.all()
+    serializer_class = s.ConfigurationServerSerializer
+    permission_classes = [ReadOrAdmin]
+    filterset_fields = ["vault"]
+
+
+class ProcessServerViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
+    """processServers: receive replication data from mobility agents."""
+
+    queryset = ProcessServer.objects.all()
+    serializer_class = s.ProcessServerSerializer
+    permission_classes = [ReadOrAdmin]
+    filterset_class = filters.ProcessServerFilter
+
+
+class MasterTargetServerViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
+    queryset = MasterTargetServer.objects.all()
+    serializer_class = s.MasterTargetServerSerializer
+    permission_classes = [ReadOrAdmin]
+    filterset_fields = ["vault", "site"]
+
+
+class VCenterViewSet(viewsets.ModelViewSet):
+    """replicationvCenters: VMware endpoints added to the vault."""
+
+    queryset = VCenter.objects.all()
+    serializer_class = s.VCenterSerializer
+    permission_classes = [ReadOrAdmin]
+    filterset_class = filters.VCenterFilter
+
+    @extend_schema(request=None, responses={202: JobSerializer})
+    @action(detail=True, methods=["post"])
+    def discover(self, request, pk=None):
+        """Start a discovery job; poll the job (Location header) for its outcome."""
+        from vault.discovery import vcenter_discover
+
+        job = vcenter_discover(vcenter=self.get_object(), user=request.user)
+        return accepted_job(request, job, JobSerializer)
+
+
+class MachineViewSet(viewsets.ReadOnlyModelViewSet):
+    """replicationProtectableItems: machines discovered or registered by their agents."""
+
+    queryset = DiscoveredMachine.objects.prefetch_related(
+        "disks", Prefetch("protected_items", queryset=ProtectedItem.objects.only("id", "machine_id"))
+    )
+    serializer_class = s.MachineSerializer
+    permission_classes = [ReadOrAdmin]
+    filterset_class = filters.MachineFilter
+    ordering_fields = ["name", "last_seen_at"]
+
+
+class EventViewSet(viewsets.ReadOnlyModelViewSet):
+    """replicationEvents: what happened, newest first."""
+
+    queryset = Event.objects.all()
+    serializer_class = s.EventSerializer
+    permission_classes = [ReadOrAdmin]
+    filterset_class = filters.EventFilter
+
+
+class AlertViewSet(viewsets.ReadOnlyModelViewSet):
+    """replicationAlerts: problems going on (or resolved), to acknowledge."""
+
+    queryset = Alert.objects.all()
+    serializer_class = s.AlertSerializer
+    permission_classes = [ReadOrAdmin]
+    filterset_class = filters.AlertFilter
+
+    @extend_schema(request=None, responses=s.AlertSerializer)
+    @action(detail=True, methods=["post"])
+    def acknowledge(self, request, pk=None):
+        alert = services.alert_acknowledge(alert=self.get_object(), user=request.user)
+        return Response(s.AlertSerializer(alert).data)

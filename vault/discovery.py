@@ -1,0 +1,146 @@
+"""Discovery: list a VMware endpoint's VMs and their disks, and upsert them into the vault.
+
+Runs as a job. New machines appear, changed ones update (power state, host, disks, a
+resized disk), vanished ones are marked missing (never deleted: a protected machine must
+stay visible). A fixed handful of queries whatever the inventory's size.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from django.db import transaction
+from django.utils import timezone
+
+from core.choices import JobState, JobType
+from core.exceptions import Conflict
+from core.jobs import JobContext, job_create, job_handler
+from core.models import Job
+from vault.choices import MachineSource, VCenterKind
+from vault.models import DiscoveredDisk, DiscoveredMachine, VCenter
+from vault.services import vcenter_password
+
+logger = logging.getLogger(__name__)
+
+MACHINE_FIELDS = ("name", "power_state", "guest_os", "host", "datacenter", "cluster")
+
+
+def connector_for(vcenter: VCenter):
+    """An unconnected connector for the endpoint, from the vault's stored settings."""
+    from vault.connectors import open_connector
+
+    if vcenter.kind == VCenterKind.SIMULATED:
+        return open_connector("simulated", data_dir=vcenter.host, user=vcenter.username, password=vcenter_password(vcenter=vcenter))
+    return open_connector(
+        "vcenter",
+        host=vcenter.host,
+        port=vcenter.port,
+        user=vcenter.username,
+        password=vcenter_password(vcenter=vcenter),
+        allow_untrusted=vcenter.allow_untrusted,
+        thumbprint=vcenter.thumbprint or None,
+    )
+
+
+def vcenter_discover(*, vcenter: VCenter, user=None) -> Job:
+    """Start discovery of a vCenter unless one is already running for it."""
+    with transaction.atomic():
+        VCenter.objects.select_for_update().get(pk=vcenter.pk)
+        running = Job.objects.filter(
+            type=JobType.DISCOVERY, target_type="vcenter", target_id=str(vcenter.pk), state__in=JobState.ACTIVE
+        ).first()
+        if running is not None:
+            raise Conflict(f"Discovery of {vcenter.name} is already running.", code="already_running", extra={"job": str(running.id)})
+        return job_create(
+            job_type=JobType.DISCOVERY,
+            vault=vcenter.vault,
+            target_type="vcenter",
+            target_id=str(vcenter.pk),
+            target_name=vcenter.name,
+            steps=["Connect", "Read inventory", "Update machines"],
+            created_by=user,
+        )
+
+
+def _record_discovery_failure(job: Job, error: str) -> None:
+    VCenter.objects.filter(pk=job.target_id).update(last_discovery_error=error)
+
+
+@job_handler(JobType.DISCOVERY, on_failure=_record_discovery_failure)
+def run_discovery(ctx: JobContext) -> dict:
+    vcenter = VCenter.objects.select_related("vault").get(pk=ctx.job.target_id)
+    connector = connector_for(vcenter)
+    with ctx.step("Connect"):
+        connector.connect()
+    try:
+        with ctx.step("Read inventory"):
+            inventory = connector.discover()
+    finally:
+        connector.close()
+    with ctx.step("Update machines"):
+        summary = machines_upsert(vcenter=vcenter, vms=inventory.vms)
+    VCenter.objects.filter(pk=vcenter.pk).update(last_discovery_at=timezone.now(), last_discovery_error="")
+    return summary
+
+
+def machines_upsert(*, vcenter: VCenter, vms) -> dict:
+    """Upsert discovered VMs of one endpoint in a constant number of queries."""
+    now = timezone.now()
+    with transaction.atomic():
+        existing = {m.instance_uuid: m for m in DiscoveredMachine.objects.filter(vault=vcenter.vault_id, vcenter=vcenter)}
+        new, changed = [], []
+        seen = set()
+        for vm in vms:
+            seen.add(vm.instance_uuid)
+            machine = existing.get(vm.instance_uuid)
+            values = {f: getattr(vm, f) or "" for f in MACHINE_FIELDS}
+            if machine is None:
+                new.append(DiscoveredMachine(vault_id=vcenter.vault_id, vcenter=vcenter, source=MachineSource.VCENTER,
+                                             instance_uuid=vm.instance_uuid, last_seen_at=now, **values))
+            else:
+                for f, v in values.items():
+                    setattr(machine, f, v)
+                machine.missing, machine.last_seen_at = False, now
+                changed.append(machine)
+        DiscoveredMachine.objects.bulk_create(new, batch_size=500)
+        DiscoveredMachine.objects.bulk_update(changed, [*MACHINE_FIELDS, "missing", "last_seen_at", "updated_at"], batch_size=500)
+        vanished = [m.pk for u, m in existing.items() if u not in seen and not m.missing]
+        DiscoveredMachine.objects.filter(pk__in=vanished).update(missing=True)
+
+        by_uuid = {m.instance_uuid: m for m in DiscoveredMachine.objects.filter(vcenter=vcenter, instance_uuid__in=seen).only("id", "instance_uuid")}
+        current = {(d.machine_id, d.key): d for d in DiscoveredDisk.objects.filter(machine__vcenter=vcenter, machine__instance_uuid__in=seen)}
+        disk_new, disk_changed, keep = [], [], set()
+        for vm in vms:
+            machine_id = by_uuid[vm.instance_uuid].pk
+            for disk in vm.disks:
+                keep.add((machine_id, disk.key))
+                row = current.get((machine_id, disk.key))
+                values = dict(label=disk.label or "", capacity_bytes=disk.capacity_bytes, backing_file=disk.backing_file or "", datastore=disk.datastore or "")
+                if row is None:
+                    disk_new.append(DiscoveredDisk(machine_id=machine_id, key=disk.key, **values))
+                elif any(getattr(row, f) != v for f, v in values.items()):
+                    for f, v in values.items():
+                        setattr(row, f, v)
+                    disk_changed.append(row)
+        DiscoveredDisk.objects.bulk_create(disk_new, batch_size=1000)
+        DiscoveredDisk.objects.bulk_update(disk_changed, ["label", "capacity_bytes", "backing_file", "datastore"], batch_size=1000)
+        gone = [d.pk for k, d in current.items() if k not in keep]
+        DiscoveredDisk.objects.filter(pk__in=gone).delete()
+    return {
+        "machines_found": len(seen),
+        "machines_new": len(new),
+        "machines_updated": len(changed),
+        "machines_missing": len(vanished),
+        "disks_new": len(disk_new),
+        "disks_changed": len(disk_changed),
+        "disks_removed": len(gone),
+    }
+
+
+def vcenters_due_for_discovery(*, now=None) -> list[VCenter]:
+    now = now or timezone.now()
+    due = []
+    for vc in VCenter.objects.all():
+        if vc.last_discovery_at is None or vc.last_discovery_at + timedelta(minutes=vc.discovery_interval_minutes) <= now:
+            due.append(vc)
+    return due

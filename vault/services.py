@@ -1,0 +1,283 @@
+"""Services of the vault: functions that change state. Views and serializers call these."""
+from __future__ import annotations
+
+import base64
+import logging
+import socket
+from datetime import time as dtime
+
+from django.contrib.auth.hashers import make_password
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from core.exceptions import Conflict, ValidationFailed
+from core.secrets import decrypt_secret, encrypt_secret
+from vault.choices import AlertState, Severity, StorageTier, VCenterKind
+from vault.models import (
+    Alert,
+    ConfigurationServer,
+    Event,
+    MasterTargetServer,
+    ProcessServer,
+    ReplicationPolicy,
+    Vault,
+    VCenter,
+)
+
+logger = logging.getLogger(__name__)
+
+MIN_PASSPHRASE_LENGTH = 16
+
+
+def _full_clean(obj, *, exclude=None) -> None:
+    obj.full_clean(exclude=exclude, validate_unique=True)
+
+
+# --- vaults ----------------------------------------------------------------------------
+
+
+def vault_create(
+    *,
+    name: str,
+    passphrase: str,
+    description: str = "",
+    off_hours_start: dtime | str = "22:00",
+    off_hours_end: dtime | str = "06:00",
+    off_hours_time_zone: str = "UTC",
+    alert_emails: list[str] | None = None,
+    email_alerts_enabled: bool = True,
+) -> Vault:
+    if not passphrase or len(passphrase) < MIN_PASSPHRASE_LENGTH:
+        raise ValidationFailed(
+            f"The registration passphrase must be at least {MIN_PASSPHRASE_LENGTH} characters long.",
+            extra={"fields": {"passphrase": ["too short"]}},
+        )
+    from replication.dataplane.sealing import new_key
+
+    vault = Vault(
+        name=name,
+        description=description,
+        passphrase_hash=make_password(passphrase),
+        off_hours_start=off_hours_start,
+        off_hours_end=off_hours_end,
+        off_hours_time_zone=off_hours_time_zone,
+        alert_emails=list(alert_emails or []),
+        email_alerts_enabled=email_alerts_enabled,
+        seal_key_encrypted=encrypt_secret(new_key()),
+        auth_key_encrypted=encrypt_secret(new_key()),
+    )
+    _full_clean(vault)
+    with transaction.atomic():
+        vault.save()
+        ConfigurationServer.objects.create(vault=vault, name=socket.gethostname() or "lifeboat", host="127.0.0.1")
+    return vault
+
+
+def vault_update(*, vault: Vault, passphrase: str | None = None, **fields) -> Vault:
+    for name, value in fields.items():
+        setattr(vault, name, value)
+    if passphrase is not None:
+        if len(passphrase) < MIN_PASSPHRASE_LENGTH:
+            raise ValidationFailed(
+                f"The registration passphrase must be at least {MIN_PASSPHRASE_LENGTH} characters long."
+            )
+        vault.passphrase_hash = make_password(passphrase)
+    _full_clean(vault)
+    vault.save()
+    return vault
+
+
+def vault_keys(*, vault: Vault) -> tuple[bytes, bytes]:
+    """(seal key, auth key) of the vault, decrypted."""
+    return decrypt_secret(vault.seal_key_encrypted), decrypt_secret(vault.auth_key_encrypted)
+
+
+# --- policies --------------------------------------------------------------------------
+
+POLICY_FIELDS = (
+    "storage_tier",
+    "rpo_threshold_minutes",
+    "recovery_point_retention_hours",
+    "app_consistent_frequency_hours",
+    "crash_consistent_frequency_seconds",
+)
+
+
+def policy_create(*, vault: Vault, name: str, **settings_) -> ReplicationPolicy:
+    """Create a replication policy and, alongside it, its failback policy."""
+    unknown = set(settings_) - set(POLICY_FIELDS)
+    if unknown:
+        raise ValidationFailed(f"Unknown policy settings: {', '.join(sorted(unknown))}.")
+    policy = ReplicationPolicy(vault=vault, name=name, **settings_)
+    _full_clean(policy)
+    failback = ReplicationPolicy(vault=vault, name=_failback_name(name), is_failback=True, **settings_)
+    _full_clean(failback)
+    try:
+        with transaction.atomic():
+            failback.save()
+            policy.failback_policy = failback
+            policy.save()
+    except IntegrityError:
+        raise Conflict(f"A policy named '{name}' (or its failback policy) already exists in this vault.") from None
+    return policy
+
+
+def policy_update(*, policy: ReplicationPolicy, **fields) -> ReplicationPolicy:
+    if policy.is_failback:
+        raise ValidationFailed("A failback policy follows its replication policy; edit that one instead.")
+    for field, value in fields.items():
+        if field not in POLICY_FIELDS and field != "name":
+            raise ValidationFailed(f"'{field}' cannot be changed.")
+        setattr(policy, field, value)
+    _full_clean(policy)
+    with transaction.atomic():
+        policy.save()
+        if policy.failback_policy_id:
+            failback = policy.failback_policy
+            for field in POLICY_FIELDS:
+                setattr(failback, field, getattr(policy, field))
+            failback.name = _failback_name(policy.name)
+            _full_clean(failback)
+            failback.save()
+    return policy
+
+
+def policy_delete(*, policy: ReplicationPolicy) -> None:
+    if policy.is_failback:
+        raise ValidationFailed("A failback policy is deleted with its replication policy.")
+    if policy.protected_items.exists():
+        raise Conflict("This policy protects items; move them to another policy or disable their replication first.")
+    with transaction.atomic():
+        failback = policy.failback_policy
+        policy.delete()
+        if failback is not None:
+            failback.delete()
+
+
+def _failback_name(name: str) -> str:
+    return f"{name}-failback"
+
+
+# --- infrastructure servers ------------------------------------------------------------
+
+
+def process_server_create(*, vault: Vault, name: str, host: str, data_port: int = 9443, site: str = "PRIMARY") -> ProcessServer:
+    server = ProcessServer(vault=vault, name=name, host=host, data_port=data_port, site=site)
+    _full_clean(server)
+    server.save()
+    return server
+
+
+def master_target_server_create(*, vault: Vault, name: str, host: str, site: str = "PRIMARY") -> MasterTargetServer:
+    server = MasterTargetServer(vault=vault, name=name, host=host, site=site)
+    _full_clean(server)
+    server.save()
+    return server
+
+
+def vcenter_create(
+    *,
+    vault: Vault,
+    name: str,
+    host: str,
+    username: str,
+    password: str,
+    port: int = 443,
+    kind: str = VCenterKind.VCENTER,
+    allow_untrusted: bool = False,
+    thumbprint: str = "",
+    discovery_interval_minutes: int = 15,
+) -> VCenter:
+    if not password:
+        raise ValidationFailed("A password is required.", extra={"fields": {"password": ["required"]}})
+    vcenter = VCenter(
+        vault=vault,
+        name=name,
+        host=host,
+        port=port,
+        username=username,
+        kind=kind,
+        allow_untrusted=allow_untrusted,
+        thumbprint=thumbprint,
+        discovery_interval_minutes=discovery_interval_minutes,
+        password_encrypted=encrypt_secret(password),
+    )
+    _full_clean(vcenter)
+    vcenter.save()
+    return vcenter
+
+
+def vcenter_update(*, vcenter: VCenter, password: str | None = None, **fields) -> VCenter:
+    for field, value in fields.items():
+        setattr(vcenter, field, value)
+    if password:
+        vcenter.password_encrypted = encrypt_secret(password)
+    _full_clean(vcenter)
+    vcenter.save()
+    return vcenter
+
+
+def vcenter_password(*, vcenter: VCenter) -> str:
+    return decrypt_secret(vcenter.password_encrypted).decode()
+
+
+# --- events and alerts -----------------------------------------------------------------
+
+
+def event_record(*, vault: Vault, kind: str, message: str, severity: str = Severity.INFO, **links) -> Event:
+    return Event.objects.create(vault=vault, kind=kind, message=message, severity=severity, **links)
+
+
+def alert_raise(*, vault: Vault, key: str, kind: str, message: str, severity: str = Severity.WARNING, **links) -> tuple[Alert, bool]:
+    """Raise the alert for ``key`` unless one is already active. Returns (alert, created)."""
+    existing = Alert.objects.filter(vault=vault, key=key, state=AlertState.ACTIVE).first()
+    if existing is not None:
+        if existing.message != message or existing.severity != severity:
+            existing.message, existing.severity = message, severity
+            existing.save(update_fields=["message", "severity"])
+        return existing, False
+    try:
+        with transaction.atomic():
+            alert = Alert.objects.create(vault=vault, key=key, kind=kind, message=message, severity=severity, **links)
+    except IntegrityError:  # raised concurrently by another sweep
+        return Alert.objects.get(vault=vault, key=key, state=AlertState.ACTIVE), False
+    event_record(vault=vault, kind=kind, message=message, severity=severity, **links)
+    return alert, True
+
+
+def alert_resolve(*, vault: Vault, key: str, message: str | None = None) -> Alert | None:
+    alert = Alert.objects.filter(vault=vault, key=key, state=AlertState.ACTIVE).first()
+    if alert is None:
+        return None
+    alert.state, alert.resolved_at = AlertState.RESOLVED, timezone.now()
+    alert.save(update_fields=["state", "resolved_at"])
+    if message:
+        event_record(
+            vault=vault, kind=f"{alert.kind}_resolved", message=message, severity=Severity.INFO,
+            protected_item=alert.protected_item, process_server=alert.process_server,
+        )
+    return alert
+
+
+def alert_acknowledge(*, alert: Alert, user) -> Alert:
+    if not alert.acknowledged:
+        alert.acknowledged, alert.acknowledged_at = True, timezone.now()
+        alert.acknowledged_by = user if getattr(user, "is_authenticated", False) else None
+        alert.save(update_fields=["acknowledged", "acknowledged_at", "acknowledged_by"])
+    return alert
+
+
+def job_failure_recorded(*, job) -> None:
+    """A failed job is an event and an alert (one per job; the admin acknowledges it)."""
+    if job.vault_id is None:
+        return
+    verb = "was cancelled" if job.state == "CANCELLED" else "failed"
+    message = f"{job.get_type_display()} of {job.target_name or job.target_id} {verb}: {job.error}"
+    if job.state == "CANCELLED":
+        event_record(vault=job.vault, kind="job_cancelled", message=message, severity=Severity.INFO, job=job)
+        return
+    alert_raise(vault=job.vault, key=f"job:{job.id}", kind="job_failed", message=message, severity=Severity.WARNING, job=job)
+
+
+def encode_key(key: bytes) -> str:
+    return base64.b64encode(key).decode()

@@ -1,0 +1,19 @@
+from celery import shared_task
+
+from core import queues
+from core.exceptions import Conflict
+
+
+@shared_task(name="vault.rediscover", ignore_result=True, queue=queues.MAINTENANCE)
+def rediscover() -> int:
+    """Start discovery of every endpoint whose interval has passed."""
+    from vault.discovery import vcenter_discover, vcenters_due_for_discovery
+
+    started = 0
+    for vcenter in vcenters_due_for_discovery():
+        try:
+            vcenter_discover(vcenter=vcenter)
+            started += 1
+        except Conflict:
+            pass  # already running
+    return started
