@@ -1,7 +1,9 @@
+from django.urls import path
 from rest_framework.routers import DefaultRouter
 
 from core.api_views import JobViewSet
 from recovery_plans.api.views import RecoveryPlanViewSet
+from replication.api import agents
 from replication.api.views import ProtectedItemViewSet, RecoveryPointViewSet
 from vault.api import views as v
 
@@ -21,4 +23,11 @@ router.register("replicationEvents", v.EventViewSet)
 router.register("replicationAlerts", v.AlertViewSet)
 
 app_name = "api"
-urlpatterns = router.urls
+urlpatterns = [
+    path("agents/register", agents.agent_register, name="agent-register"),
+    path("agents/<uuid:agent_id>/assignment", agents.agent_assignment, name="agent-assignment"),
+    path("agents/<uuid:agent_id>/heartbeat", agents.agent_heartbeat, name="agent-heartbeat"),
+    path("agents/<uuid:agent_id>/events", agents.agent_event, name="agent-events"),
+    path("processServers/<int:pk>/heartbeat", agents.process_server_heartbeat, name="process-server-heartbeat"),
+    *router.urls,
+]

@@ -162,6 +162,8 @@ SPECTACULAR_SETTINGS = {
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "filesystem://")
 if CELERY_BROKER_URL == "filesystem://":
     _broker_dir = DATA_DIR / "broker"
+    for _sub in ("queue", "processed"):
+        (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
@@ -190,6 +192,7 @@ EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
 EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
 EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
 EMAIL_TIMEOUT = 10
+EMAIL_FILE_PATH = os.environ.get("EMAIL_FILE_PATH", str(DATA_DIR / "mail"))  # for the file backend
 DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "lifeboat@localhost")
 
 # --- Lifeboat -------------------------------------------------------------------------
@@ -211,3 +214,19 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "INFO"}},
 }
+
+# --- Monitoring -----------------------------------------------------------------------
+# An agent or process server silent for this long is reported (ASR uses 15 minutes).
+LIFEBOAT_HEARTBEAT_TIMEOUT = int(os.environ.get("LIFEBOAT_HEARTBEAT_TIMEOUT", "900"))
+# A problem that ends and starts again within this many seconds is the same alert: no new
+# e-mail, and the "resolved" e-mail waits until it has stayed resolved this long.
+LIFEBOAT_ALERT_QUIET_SECONDS = int(os.environ.get("LIFEBOAT_ALERT_QUIET_SECONDS", "600"))
+LIFEBOAT_PORTAL_URL = os.environ.get("LIFEBOAT_PORTAL_URL", "http://127.0.0.1:8000")
+# Initial copies running at once per process server; more wait their turn.
+LIFEBOAT_MAX_CONCURRENT_INITIAL = int(os.environ.get("LIFEBOAT_MAX_CONCURRENT_INITIAL", "4"))
+# How agents reach the configuration server (this service).
+LIFEBOAT_CONFIG_URL = os.environ.get("LIFEBOAT_CONFIG_URL", "http://127.0.0.1:8000")
+# How long enabling replication waits for a hand-installed agent to register.
+LIFEBOAT_AGENT_INSTALL_TIMEOUT = int(os.environ.get("LIFEBOAT_AGENT_INSTALL_TIMEOUT", "900"))
+
+from lifeboat.schedules import BEAT_SCHEDULE as CELERY_BEAT_SCHEDULE  # noqa: E402

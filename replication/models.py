@@ -39,6 +39,12 @@ class ProtectedItem(TimeStampedModel):
     acked_seq = models.BigIntegerField(default=0, editable=False)
     applied_seq = models.BigIntegerField(default=0, editable=False)
     state_changed_at = models.DateTimeField(auto_now_add=True, editable=False)
+    # One apply pass at a time per item: a worker holds this lease while it applies.
+    apply_lease_until = models.DateTimeField(null=True, blank=True, editable=False)
+    # App-consistent bookmarks asked of the agent and not yet seen as recovery points:
+    # [{"id", "label", "positions": {disk index: journal seq}, "requested_at"}].
+    pending_bookmarks = models.JSONField(default=list, blank=True, editable=False)
+    last_app_consistent_request_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["name"]
@@ -57,6 +63,9 @@ class ReplicaDisk(models.Model):
     label = models.CharField(max_length=120, blank=True)
     capacity_bytes = models.BigIntegerField()
     storage_name = models.CharField(max_length=255, help_text="Name of the replica disk in target storage.")
+    # Where the mobility agent reads the source disk, and its write-filter journal if any.
+    source_path = models.CharField(max_length=1000, blank=True)
+    journal_dir = models.CharField(max_length=1000, blank=True)
 
     class Meta:
         ordering = ["item", "index"]
@@ -85,3 +94,22 @@ class RecoveryPoint(models.Model):
 
     def __str__(self) -> str:
         return f"{self.item} @ {self.time:%Y-%m-%d %H:%M:%S} ({self.get_type_display()})"
+
+
+class MobilityAgent(TimeStampedModel):
+    """A mobility agent registered with the configuration server, beside one machine's disks."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    vault = models.ForeignKey("vault.Vault", on_delete=models.CASCADE, related_name="agents")
+    machine = models.OneToOneField("vault.DiscoveredMachine", on_delete=models.CASCADE, related_name="agent")
+    hostname = models.CharField(max_length=255)
+    version = models.CharField(max_length=40, blank=True)
+    # Installed by Lifeboat (the simulated site's push install) or by an admin by hand.
+    pushed = models.BooleanField(default=False, editable=False)
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_status = models.JSONField(default=dict, blank=True, editable=False)
+    # The disks the agent reported at registration: key, path, capacity.
+    disks = models.JSONField(default=list, blank=True, editable=False)
+
+    def __str__(self) -> str:
+        return f"agent on {self.hostname}"

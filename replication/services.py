@@ -58,3 +58,91 @@ def protected_item_test_failover_transition(*, item_id, to_state: str, operation
             operation=operation,
         )
     return item
+
+
+# --- operations ---------------------------------------------------------------------------
+
+from django.conf import settings  # noqa: E402
+
+from core.choices import JobType  # noqa: E402
+from core.exceptions import Conflict, ValidationFailed  # noqa: E402
+from core.jobs import job_create  # noqa: E402
+from vault.choices import Severity  # noqa: E402
+from vault.services import event_record  # noqa: E402
+
+ENABLE_STEPS = ["Check prerequisites", "Install the mobility agent", "Create replica disks", "Initial replication", "Start delta replication"]
+
+
+def protected_item_enable(*, vault, machine, policy, process_server, user=None):
+    """Protect a machine: the item row (ENABLING) and its enable-replication job, together."""
+    problems = []
+    if machine.vault_id != vault.pk or policy.vault_id != vault.pk or process_server.vault_id != vault.pk:
+        problems.append("The machine, policy and process server must all belong to this vault.")
+    if policy.is_failback:
+        problems.append("A failback policy cannot be used to enable replication; choose its replication policy.")
+    if machine.missing:
+        problems.append(f"{machine.name} was not found by the last discovery.")
+    if problems:
+        raise ValidationFailed(" ".join(problems))
+    with transaction.atomic():
+        if ProtectedItem.objects.select_for_update().filter(machine=machine).exists():
+            raise Conflict(f"{machine.name} is already protected.", code="already_protected")
+        item = ProtectedItem.objects.create(
+            vault=vault, machine=machine, policy=policy, process_server=process_server, name=machine.name
+        )
+        job = job_create(
+            job_type=JobType.ENABLE_REPLICATION, vault=vault, target_type="protected_item", target_id=str(item.pk),
+            target_name=item.name, steps=ENABLE_STEPS, created_by=user,
+        )
+        event_record(vault=vault, kind="enable_replication", message=f"Enabling replication of {item.name}.", protected_item=item)
+    return item, job
+
+
+def protected_item_enable_retry(*, item, user=None):
+    with transaction.atomic():
+        item = protected_item_transition(item_id=item.pk, to_state=ProtectionState.ENABLING, operation="retry enabling replication", last_error="")
+        job = job_create(
+            job_type=JobType.ENABLE_REPLICATION, vault=item.vault, target_type="protected_item", target_id=str(item.pk),
+            target_name=item.name, steps=ENABLE_STEPS, created_by=user,
+        )
+    return item, job
+
+
+def protected_item_disable(*, item, user=None):
+    """Stop replicating and remove the item and its replica data (as a job)."""
+    with transaction.atomic():
+        item = protected_item_transition(item_id=item.pk, to_state=ProtectionState.DISABLING, operation="disable replication")
+        job = job_create(
+            job_type=JobType.DISABLE_REPLICATION, vault=item.vault, target_type="protected_item", target_id=str(item.pk),
+            target_name=item.name, steps=["Stop replication", "Remove replica data", "Remove the item"], created_by=user,
+        )
+    return item, job
+
+
+def protected_item_resync(*, item, user=None):
+    """Resynchronize now (ASR's repairReplication): compare checksums, send what differs."""
+    with transaction.atomic():
+        item = protected_item_transition(
+            item_id=item.pk, to_state=ProtectionState.RESYNCING, operation="resynchronize",
+            from_states={ProtectionState.RESYNC_REQUIRED}, last_error="",
+        )
+        job = job_create(
+            job_type=JobType.RESYNC, vault=item.vault, target_type="protected_item", target_id=str(item.pk),
+            target_name=item.name, steps=["Start resynchronization", "Compare and send changed blocks", "Resume delta replication"],
+            created_by=user,
+        )
+    return item, job
+
+
+def protected_item_mark_resync_required(*, item, reason: str) -> bool:
+    """Data may have been lost in transit: the item needs resynchronization. Idempotent."""
+    try:
+        protected_item_transition(
+            item_id=item.pk, to_state=ProtectionState.RESYNC_REQUIRED, operation="mark for resynchronization",
+            from_states={ProtectionState.PROTECTED, ProtectionState.INITIAL_REPLICATION, ProtectionState.RESYNCING},
+            last_error=reason[:2000],
+        )
+    except InvalidTransition:
+        return False
+    event_record(vault=item.vault, kind="resync_required", message=f"{item.name} needs resynchronization: {reason}", severity=Severity.WARNING, protected_item=item)
+    return True

@@ -25,11 +25,115 @@ def item_detail(request, pk):
     item = get_object_or_404(
         ProtectedItem.objects.select_related("vault", "policy", "process_server", "machine"), pk=pk
     )
+    from replication.selectors import item_rpo_history, item_actions
+    from vault.forms import WorkloadForm
+    from vault.simulation import machine_workload
+
+    points = list(item.recovery_points.order_by("-time")[:50])
     context = {
         "vault": item.vault,
         "item": item,
         "disks": item.replica_disks.all(),
-        "points": item.recovery_points.order_by("-time")[:50],
+        "points": points,
         "events": item.events.order_by("-created_at")[:20],
+        "actions": item_actions(item=item),
+        "pending_apply": max(0, item.acked_seq - item.applied_seq),
     }
+    if not (request.htmx and not request.htmx.boosted):
+        context["rpo_history"] = item_rpo_history(item=item)
+        workload = machine_workload(machine=item.machine)
+        context["workload_form"] = WorkloadForm(initial=workload) if workload is not None else None
     return render_page(request, "replication/item_detail.html", context, partial="status")
+
+
+# --- operations ----------------------------------------------------------------------------
+
+from django.contrib import messages  # noqa: E402
+from django.core.exceptions import PermissionDenied  # noqa: E402
+from django.db import transaction  # noqa: E402
+from django.shortcuts import render  # noqa: E402
+from django.views.decorators.http import require_POST  # noqa: E402
+
+from core.exceptions import LifeboatError  # noqa: E402
+from replication import services  # noqa: E402
+from replication.forms import EnableReplicationForm  # noqa: E402
+
+
+def _require_admin(request) -> None:
+    if not request.user.is_staff:
+        raise PermissionDenied("Only administrators can change replication.")
+
+
+@login_required
+def enable_replication(request):
+    vault = current_vault(request)
+    if vault is None:
+        return redirect("portal:vault-create")
+    data = request.POST if request.method == "POST" else (request.GET if "source" in request.GET else None)
+    form = EnableReplicationForm(data, vault=vault)
+    if request.method == "POST":
+        _require_admin(request)
+        if form.is_valid():
+            started, failed = [], []
+            for machine in form.cleaned_data["machines"]:
+                try:
+                    with transaction.atomic():
+                        _, job = services.protected_item_enable(
+                            vault=vault, machine=machine, policy=form.cleaned_data["policy"],
+                            process_server=form.cleaned_data["process_server"], user=request.user,
+                        )
+                    started.append(machine.name)
+                except LifeboatError as exc:
+                    failed.append(f"{machine.name}: {exc.message}")
+            if started:
+                messages.success(request, f"Enabling replication of {', '.join(started)} (one job each).")
+            for f in failed:
+                messages.error(request, f)
+            return redirect("portal:items")
+    elif request.htmx and data is not None:
+        return render(request, "replication/enable.html#machines", {"form": form, "vault": vault})
+    from django.conf import settings
+
+    return render(request, "replication/enable.html", {"form": form, "vault": vault, "storage": settings.LIFEBOAT_STORAGE})
+
+
+@login_required
+@require_POST
+def item_action(request, pk, action):
+    _require_admin(request)
+    item = get_object_or_404(ProtectedItem, pk=pk)
+    operations = {
+        "resync": services.protected_item_resync,
+        "disable": services.protected_item_disable,
+        "retry": services.protected_item_enable_retry,
+    }
+    if action not in operations:
+        raise PermissionDenied("Unknown operation.")
+    try:
+        _, job = operations[action](item=item, user=request.user)
+    except LifeboatError as exc:
+        messages.error(request, exc.message)
+        return redirect("portal:item-detail", pk=pk)
+    return redirect("portal:job-detail", pk=job.pk)
+
+
+@login_required
+@require_POST
+def workload_update(request, pk):
+    """Change a simulated VM's write rate (the demo's churn control)."""
+    _require_admin(request)
+    from vault.simulation import machine_set_workload
+    from vault.forms import WorkloadForm
+
+    item = get_object_or_404(ProtectedItem.objects.select_related("machine", "machine__vcenter"), pk=pk)
+    form = WorkloadForm(request.POST)
+    if form.is_valid():
+        try:
+            machine_set_workload(machine=item.machine, **form.cleaned_data)
+            messages.success(request, "Simulated workload changed.")
+        except LifeboatError as exc:
+            messages.error(request, exc.message)
+    else:
+        for field, errors in form.errors.items():
+            messages.error(request, f"{field}: {'; '.join(errors)}")
+    return redirect("portal:item-detail", pk=pk)

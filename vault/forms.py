@@ -123,3 +123,15 @@ class VCenterForm(ServiceForm):
 
     def save(self, *, vault: Vault):
         return self.save_with(services.vcenter_create, vault=vault, **self.cleaned_data)
+
+
+class WorkloadForm(forms.Form):
+    rate_bytes_per_s = forms.IntegerField(min_value=0, max_value=2 * 1024**3, label="Write rate (bytes/s)")
+    write_size = forms.IntegerField(min_value=512, max_value=8 * 1024 * 1024, initial=65536, label="Write size (bytes)")
+    pattern = forms.ChoiceField(choices=[(p, p) for p in ("uniform", "hotspot", "sequential")])
+
+    def clean_write_size(self):
+        value = self.cleaned_data["write_size"]
+        if value % 512:
+            raise forms.ValidationError("Writes are whole 512-byte sectors.")
+        return value

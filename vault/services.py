@@ -229,13 +229,33 @@ def event_record(*, vault: Vault, kind: str, message: str, severity: str = Sever
 
 
 def alert_raise(*, vault: Vault, key: str, kind: str, message: str, severity: str = Severity.WARNING, **links) -> tuple[Alert, bool]:
-    """Raise the alert for ``key`` unless one is already active. Returns (alert, created)."""
+    """Raise the alert for ``key`` unless one is already active. Returns (alert, created).
+
+    A problem that comes back within the quiet period reopens its alert instead of raising a
+    new one, so a flapping condition is one alert and one e-mail, not one per sweep.
+    """
+    from django.conf import settings
+
     existing = Alert.objects.filter(vault=vault, key=key, state=AlertState.ACTIVE).first()
     if existing is not None:
         if existing.message != message or existing.severity != severity:
             existing.message, existing.severity = message, severity
             existing.save(update_fields=["message", "severity"])
         return existing, False
+    quiet_since = timezone.now() - timezone.timedelta(seconds=settings.LIFEBOAT_ALERT_QUIET_SECONDS)
+    recent = (
+        Alert.objects.filter(vault=vault, key=key, state=AlertState.RESOLVED, resolved_at__gte=quiet_since, emailed_end_at__isnull=True)
+        .order_by("-resolved_at")
+        .first()
+    )
+    if recent is not None:
+        recent.state, recent.resolved_at, recent.message, recent.severity = AlertState.ACTIVE, None, message, severity
+        try:
+            with transaction.atomic():
+                recent.save(update_fields=["state", "resolved_at", "message", "severity"])
+        except IntegrityError:
+            return Alert.objects.get(vault=vault, key=key, state=AlertState.ACTIVE), False
+        return recent, False
     try:
         with transaction.atomic():
             alert = Alert.objects.create(vault=vault, key=key, kind=kind, message=message, severity=severity, **links)

@@ -160,6 +160,7 @@ def alert_list(request):
 @login_required
 @require_POST
 def alert_acknowledge_view(request, pk):
+    _require_admin(request)
     alert = get_object_or_404(Alert, pk=pk)
     services.alert_acknowledge(alert=alert, user=request.user)
     if request.htmx:

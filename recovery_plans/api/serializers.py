@@ -35,9 +35,17 @@ class RecoveryPlanSerializer(serializers.ModelSerializer):
         model = RecoveryPlan
         fields = ["id", "vault", "name", "description", "groups", "created_at", "updated_at"]
         read_only_fields = ["id", "created_at", "updated_at"]
+        # A duplicate name is a conflict (409), checked in validate(), not a 400.
+        validators = []
 
     def validate(self, attrs):
         vault = attrs.get("vault") or getattr(self.instance, "vault", None)
+        name = attrs.get("name", getattr(self.instance, "name", None))
+        same_name = RecoveryPlan.objects.filter(vault=vault, name=name)
+        if self.instance is not None:
+            same_name = same_name.exclude(pk=self.instance.pk)
+        if same_name.exists():
+            raise Conflict(f"A recovery plan named '{name}' already exists in this vault.")
         groups = attrs.get("groups", [])
         orders = [g["order"] for g in groups]
         if len(orders) != len(set(orders)):

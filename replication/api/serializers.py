@@ -1,6 +1,7 @@
 from rest_framework import serializers
 
 from replication.models import ProtectedItem, RecoveryPoint, ReplicaDisk
+from vault.models import DiscoveredMachine, ProcessServer, ReplicationPolicy, Vault
 
 
 class ReplicaDiskSerializer(serializers.ModelSerializer):
@@ -33,3 +34,12 @@ class RecoveryPointSerializer(serializers.ModelSerializer):
         model = RecoveryPoint
         fields = ["id", "item", "point_id", "seq", "time", "type", "label", "created_at"]
         read_only_fields = fields
+
+
+class EnableReplicationSerializer(serializers.Serializer):
+    """What enabling replication of one machine needs (all in the same vault)."""
+
+    vault = serializers.PrimaryKeyRelatedField(queryset=Vault.objects.all())
+    machine = serializers.PrimaryKeyRelatedField(queryset=DiscoveredMachine.objects.all())
+    policy = serializers.PrimaryKeyRelatedField(queryset=ReplicationPolicy.objects.filter(is_failback=False))
+    process_server = serializers.PrimaryKeyRelatedField(queryset=ProcessServer.objects.all())

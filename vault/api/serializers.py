@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
+from core.exceptions import Conflict
 from vault import services
 from vault.choices import MAX_RETENTION_HOURS
 from vault.models import (
@@ -57,6 +58,8 @@ class PolicySerializer(serializers.ModelSerializer):
             "failback_policy", "created_at", "updated_at",
         ]
         read_only_fields = ["id", "is_failback", "failback_policy", "created_at", "updated_at"]
+        # A duplicate name is a conflict (409), checked in validate(), not a 400.
+        validators = []
 
     def get_fields(self):
         fields = super().get_fields()
@@ -67,6 +70,13 @@ class PolicySerializer(serializers.ModelSerializer):
     def validate(self, attrs):
         tier = attrs.get("storage_tier", getattr(self.instance, "storage_tier", "standard"))
         retention = attrs.get("recovery_point_retention_hours", getattr(self.instance, "recovery_point_retention_hours", 24))
+        vault = attrs.get("vault", getattr(self.instance, "vault", None))
+        name = attrs.get("name", getattr(self.instance, "name", None))
+        same_name = ReplicationPolicy.objects.filter(vault=vault, name=name)
+        if self.instance is not None:
+            same_name = same_name.exclude(pk=self.instance.pk)
+        if vault is not None and same_name.exists():
+            raise Conflict(f"A policy named '{name}' already exists in this vault.")
         limit = MAX_RETENTION_HOURS[tier]
         if retention > limit:
             raise serializers.ValidationError(
@@ -183,3 +193,14 @@ class AlertSerializer(serializers.ModelSerializer):
             "raised_at", "resolved_at", "acknowledged", "acknowledged_by", "acknowledged_at",
         ]
         read_only_fields = fields
+
+
+class WorkloadSerializer(serializers.Serializer):
+    rate_bytes_per_s = serializers.IntegerField(min_value=0, max_value=2 * 1024**3)
+    write_size = serializers.IntegerField(min_value=512, max_value=8 * 1024 * 1024)
+    pattern = serializers.ChoiceField(choices=["uniform", "hotspot", "sequential"])
+
+    def validate_write_size(self, value):
+        if value % 512:
+            raise serializers.ValidationError("Writes are whole 512-byte sectors.")
+        return value

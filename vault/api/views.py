@@ -61,6 +61,17 @@ class ProcessServerViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSe
     permission_classes = [ReadOrAdmin]
     filterset_class = filters.ProcessServerFilter
 
+    @extend_schema(request=None, responses={200: dict})
+    @action(detail=True, methods=["get"])
+    def configuration(self, request, pk=None):
+        """The process server's configuration file (keys included): administrators only."""
+        from core.exceptions import PermissionDenied
+        from replication.process_servers import process_server_config
+
+        if not request.user.is_staff:
+            raise PermissionDenied("Only administrators can read a process server's keys.")
+        return Response(process_server_config(server=self.get_object()))
+
 
 class MasterTargetServerViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
     queryset = MasterTargetServer.objects.all()
@@ -97,6 +108,17 @@ class MachineViewSet(viewsets.ReadOnlyModelViewSet):
     permission_classes = [ReadOrAdmin]
     filterset_class = filters.MachineFilter
     ordering_fields = ["name", "last_seen_at"]
+
+    @extend_schema(request=s.WorkloadSerializer, responses=s.WorkloadSerializer)
+    @action(detail=True, methods=["post"])
+    def workload(self, request, pk=None):
+        """Change how fast a simulated-site VM writes (the demo's churn); 400 for real machines."""
+        from vault.simulation import machine_set_workload
+
+        data = s.WorkloadSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        machine_set_workload(machine=self.get_object(), **data.validated_data)
+        return Response(data.validated_data)
 
 
 class EventViewSet(viewsets.ReadOnlyModelViewSet):

@@ -1,0 +1,13 @@
+"""Every periodic task, in one place. Crontab for anything of a minute or more."""
+from datetime import timedelta
+
+from celery.schedules import crontab
+
+BEAT_SCHEDULE = {
+    "apply-sweep": {"task": "replication.apply_sweep", "schedule": timedelta(seconds=5)},
+    "monitor": {"task": "replication.monitor", "schedule": timedelta(seconds=30)},
+    "reap-jobs": {"task": "core.reap_jobs", "schedule": crontab(minute="*")},
+    "rediscover": {"task": "vault.rediscover", "schedule": crontab(minute="*")},
+    "app-consistent": {"task": "replication.app_consistent_sweep", "schedule": crontab(minute="*")},
+    "offhours-resync": {"task": "replication.offhours_resync", "schedule": crontab(minute="*/5")},
+}

@@ -1,0 +1,154 @@
+"""The configuration server's side of the agent and process-server protocols.
+
+Agents register with the vault's passphrase and get a token (HMAC of ``agent:<id>`` under
+the vault's auth key); with it they fetch their assignment (the items to replicate, each
+with its item token for the process server), send heartbeats and report events. Process
+servers send heartbeats with the token of ``process-server:<id>``.
+"""
+from __future__ import annotations
+
+import logging
+
+from django.db import transaction
+from django.shortcuts import get_object_or_404
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import serializers
+from rest_framework.decorators import api_view, authentication_classes, permission_classes
+from rest_framework.permissions import AllowAny
+from rest_framework.response import Response
+
+from core.exceptions import NotFound, PermissionDenied, ValidationFailed
+from replication import agents as agent_services
+from replication.models import MobilityAgent
+from vault.models import ProcessServer, Vault
+
+logger = logging.getLogger(__name__)
+
+
+class DiskReport(serializers.Serializer):
+    key = serializers.IntegerField(min_value=0)
+    path = serializers.CharField(max_length=1000)
+    capacity_bytes = serializers.IntegerField(min_value=512)
+    label = serializers.CharField(max_length=120, required=False, allow_blank=True)
+
+    def validate_capacity_bytes(self, value):
+        if value % 512:
+            raise serializers.ValidationError("A disk's capacity is a whole number of 512-byte sectors.")
+        return value
+
+
+class MachineReport(serializers.Serializer):
+    name = serializers.CharField(max_length=255)
+    os = serializers.CharField(max_length=120, required=False, allow_blank=True)
+    instance_uuid = serializers.CharField(max_length=64, required=False)
+    disks = DiskReport(many=True, allow_empty=False, max_length=64)
+
+
+class RegisterSerializer(serializers.Serializer):
+    passphrase = serializers.CharField(max_length=256)
+    hostname = serializers.CharField(max_length=255)
+    vault = serializers.CharField(max_length=80, required=False, help_text="Vault name, when several share a server.")
+    version = serializers.CharField(max_length=40, required=False, allow_blank=True)
+    machine = MachineReport()
+
+
+class HeartbeatSerializer(serializers.Serializer):
+    items = serializers.ListField(child=serializers.DictField(), required=False, max_length=64)
+    version = serializers.CharField(max_length=40, required=False, allow_blank=True)
+
+
+class AgentEventSerializer(serializers.Serializer):
+    item_id = serializers.UUIDField()
+    kind = serializers.ChoiceField(choices=["resync_required", "resync_complete", "initial_progress", "error"])
+    message = serializers.CharField(max_length=2000, required=False, allow_blank=True)
+    progress = serializers.IntegerField(min_value=0, max_value=100, required=False)
+
+
+class PsHeartbeatSerializer(serializers.Serializer):
+    cpu_percent = serializers.FloatField(min_value=0, max_value=100, required=False)
+    memory_percent = serializers.FloatField(min_value=0, max_value=100, required=False)
+    cache_free_bytes = serializers.IntegerField(min_value=0, required=False)
+    cache_total_bytes = serializers.IntegerField(min_value=0, required=False)
+    pending_upload_bytes = serializers.IntegerField(min_value=0, required=False)
+    thumbprint = serializers.CharField(max_length=128, required=False, allow_blank=True)
+    items = serializers.DictField(child=serializers.DictField(), required=False, help_text="Per item id: acked_seq, uploaded_seq, pending_batches.")
+
+
+def _bearer(request) -> str:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        raise PermissionDenied("A Bearer token is required.", code="not_authenticated")
+    return header[len("Bearer "):].strip()
+
+
+def _agent(request, agent_id) -> MobilityAgent:
+    agent = MobilityAgent.objects.select_related("vault", "machine").filter(pk=agent_id).first()
+    if agent is None or not agent_services.agent_token_valid(agent=agent, token=_bearer(request)):
+        # One answer for both, so tokens cannot be used to probe for agent ids.
+        raise PermissionDenied("Unknown agent or wrong token.", code="bad_token")
+    return agent
+
+
+def _validated(serializer_class, request):
+    s = serializer_class(data=request.data)
+    s.is_valid(raise_exception=True)
+    return s.validated_data
+
+
+@extend_schema(request=RegisterSerializer, responses=inline_serializer("AgentRegistration", {"agent_id": serializers.UUIDField(), "token": serializers.CharField()}), tags=["agents"])
+@api_view(["POST"])
+@authentication_classes([])
+@permission_classes([AllowAny])
+def agent_register(request):
+    """A mobility agent joins the vault with its registration passphrase."""
+    data = _validated(RegisterSerializer, request)
+    vaults = Vault.objects.filter(name=data["vault"]) if data.get("vault") else Vault.objects.all()
+    vault = next((v for v in vaults if v.check_passphrase(data["passphrase"])), None)
+    if vault is None:
+        raise PermissionDenied("The registration passphrase is not that of any vault.", code="bad_passphrase")
+    agent, token = agent_services.agent_register(vault=vault, hostname=data["hostname"], machine=data["machine"], version=data.get("version", ""))
+    return Response({"agent_id": str(agent.pk), "token": token}, status=201)
+
+
+@extend_schema(request=None, responses=inline_serializer("AgentAssignment", {"items": serializers.ListField(child=serializers.DictField())}), tags=["agents"])
+@api_view(["GET"])
+@authentication_classes([])
+@permission_classes([AllowAny])
+def agent_assignment(request, agent_id):
+    """The items this agent replicates, with their process servers and item tokens."""
+    return Response(agent_services.agent_assignment(agent=_agent(request, agent_id)))
+
+
+@extend_schema(request=HeartbeatSerializer, responses=None, tags=["agents"])
+@api_view(["POST"])
+@authentication_classes([])
+@permission_classes([AllowAny])
+def agent_heartbeat(request, agent_id):
+    agent = _agent(request, agent_id)
+    agent_services.agent_heartbeat(agent=agent, report=_validated(HeartbeatSerializer, request))
+    return Response(status=204)
+
+
+@extend_schema(request=AgentEventSerializer, responses=None, tags=["agents"])
+@api_view(["POST"])
+@authentication_classes([])
+@permission_classes([AllowAny])
+def agent_event(request, agent_id):
+    agent = _agent(request, agent_id)
+    data = _validated(AgentEventSerializer, request)
+    agent_services.agent_event(agent=agent, **data)
+    return Response(status=204)
+
+
+@extend_schema(request=PsHeartbeatSerializer, responses=None, tags=["processServers"])
+@api_view(["POST"])
+@authentication_classes([])
+@permission_classes([AllowAny])
+def process_server_heartbeat(request, pk):
+    """A process server reports its health figures."""
+    server = ProcessServer.objects.select_related("vault").filter(pk=pk).first()
+    if server is None or not agent_services.process_server_token_valid(server=server, token=_bearer(request)):
+        raise PermissionDenied("Unknown process server or wrong token.", code="bad_token")
+    agent_services.process_server_heartbeat(server=server, report=_validated(PsHeartbeatSerializer, request))
+    return Response(status=204)

@@ -1,0 +1,158 @@
+"""The bridge from the portal's items to the data plane: storage, appliers, apply passes.
+
+An apply pass for one item runs under a lease on the item's row (compare-and-set of
+``apply_lease_until``), so two workers never apply one item at once, and a worker that dies
+holding it only delays the next pass by the lease's length.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timedelta, timezone as dt_timezone
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from replication.choices import ProtectionState as P
+from replication.choices import RecoveryPointType
+from replication.dataplane.apply import DiskSpec, ReplicaApplier
+from replication.dataplane.storage import open_storage
+from replication.models import ProtectedItem, RecoveryPoint
+from vault.choices import Severity
+from vault.services import alert_raise, event_record, vault_keys
+
+logger = logging.getLogger(__name__)
+
+APPLY_LEASE_SECONDS = 300
+_storage_lock = threading.Lock()
+_storage = None
+
+
+def storage():
+    """The target storage of this deployment (LIFEBOAT_STORAGE), opened once per process."""
+    global _storage
+    with _storage_lock:
+        if _storage is None:
+            _storage = open_storage(settings.LIFEBOAT_STORAGE)
+        return _storage
+
+
+def reset_storage() -> None:
+    global _storage
+    with _storage_lock:
+        _storage = None
+
+
+def applier_for(item: ProtectedItem) -> ReplicaApplier:
+    seal_key, _ = vault_keys(vault=item.vault)
+    disks = {d.index: DiskSpec(d.storage_name, d.capacity_bytes) for d in item.replica_disks.all()}
+    return ReplicaApplier(storage(), key=seal_key, item_id=item.pk, disks=disks)
+
+
+def _ns_to_dt(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, tz=dt_timezone.utc)
+
+
+def _lease(item_id) -> bool:
+    now = timezone.now()
+    return bool(
+        ProtectedItem.objects.filter(pk=item_id)
+        .filter(Q(apply_lease_until__isnull=True) | Q(apply_lease_until__lt=now))
+        .update(apply_lease_until=now + timedelta(seconds=APPLY_LEASE_SECONDS))
+    )
+
+
+def _release(item_id) -> None:
+    ProtectedItem.objects.filter(pk=item_id).update(apply_lease_until=None)
+
+
+def item_apply(*, item_id, max_batches: int | None = 64) -> dict | None:
+    """One apply pass: logs to replica, points mirrored, retention applied, state moved on.
+
+    Returns a summary, or None when another worker holds the item's lease.
+    """
+    if not _lease(item_id):
+        return None
+    try:
+        item = ProtectedItem.objects.select_related("vault", "policy").prefetch_related("replica_disks").get(pk=item_id)
+        if item.protection_state not in P.REPLICATING or not item.replica_disks.all():
+            return {"skipped": item.protection_state}
+        applier = applier_for(item)
+        result = applier.apply_pending(
+            crash_consistent_interval_s=item.policy.crash_consistent_frequency_seconds, max_batches=max_batches
+        )
+        retention_ns = item.policy.recovery_point_retention_hours * 3600 * 10**9
+        pruned = applier.prune_points(older_than_ns=time.time_ns() - retention_ns) if retention_ns else []
+        points_mirror(item=item, points=applier.list_points())
+        fields = {"applied_seq": result.applied_seq}
+        if result.errors:
+            err = result.errors[0]
+            fields["last_error"] = f"Replication data rejected: {err}"
+        ProtectedItem.objects.filter(pk=item.pk).update(**fields)
+        if result.errors:
+            for err in result.errors:
+                alert_raise(
+                    vault=item.vault, key=f"rejected:{item.pk}:{err.seq}", kind="replication_data_rejected",
+                    message=f"{item.name}: replication log {err.seq} was rejected ({err.reason}) and not applied: {err.message}",
+                    severity=Severity.CRITICAL, protected_item=item,
+                )
+            logger.warning("item %s: %s", item.pk, "; ".join(str(e) for e in result.errors))
+        if result.initial_copy_complete and item.protection_state == P.INITIAL_REPLICATION:
+            from replication.services import protected_item_transition
+
+            protected_item_transition(item_id=item.pk, to_state=P.PROTECTED, operation="finish initial replication",
+                                      initial_replication_progress=100)
+            event_record(vault=item.vault, kind="initial_replication_done", message=f"Initial replication of {item.name} is complete; delta replication goes on.", protected_item=item)
+        return {
+            "batches": result.batches_applied, "bytes": result.bytes_applied, "points": result.points_cut,
+            "pruned": len(pruned), "applied_seq": result.applied_seq, "more": result.more_pending,
+            "errors": [str(e) for e in result.errors],
+        }
+    finally:
+        _release(item_id)
+
+
+def points_mirror(*, item: ProtectedItem, points) -> None:
+    """Make the item's RecoveryPoint rows equal the data plane's list (the source of truth)."""
+    wanted = {p.point_id: p for p in points}
+    with transaction.atomic():
+        have = set(RecoveryPoint.objects.filter(item=item).values_list("point_id", flat=True))
+        RecoveryPoint.objects.filter(item=item).exclude(point_id__in=wanted.keys()).delete()
+        RecoveryPoint.objects.bulk_create([
+            RecoveryPoint(
+                item=item, point_id=p.point_id, seq=p.seq, time=_ns_to_dt(p.source_time_ns),
+                type=RecoveryPointType.APP_CONSISTENT if p.kind == "app_consistent" else RecoveryPointType.CRASH_CONSISTENT,
+                label=_label(p.label),
+            )
+            for pid, p in wanted.items() if pid not in have
+        ])
+        newest = max((p.source_time_ns for p in points), default=None)
+        fields = {"last_recovery_point_at": _ns_to_dt(newest) if newest else None}
+        seen = {p.label.get("id") for p in points if isinstance(p.label, dict)}
+        if item.pending_bookmarks and seen:
+            fields["pending_bookmarks"] = [b for b in item.pending_bookmarks if b.get("id") not in seen]
+        ProtectedItem.objects.filter(pk=item.pk).update(**fields)
+
+
+def _label(label) -> str:
+    if label is None:
+        return ""
+    if isinstance(label, dict):
+        return str(label.get("label") or label.get("id") or label)[:255]
+    return str(label)[:255]
+
+
+def disk_image_stream(*, item: ProtectedItem, point: RecoveryPoint, disk_index: int):
+    """(size, iterator of chunks) of a replica disk as of a recovery point."""
+    from core.exceptions import NotFound
+    from replication.dataplane.apply import PointNotFound
+
+    applier = applier_for(item)
+    try:
+        size = applier.disk_size_at(point.point_id, disk_index)
+    except PointNotFound:
+        raise NotFound("This recovery point has just been pruned by retention.") from None
+    return size, applier.iter_disk_image(point.point_id, disk_index)

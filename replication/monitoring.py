@@ -1,0 +1,168 @@
+"""Monitoring: RPO and health of every item, process-server health, in one pass each.
+
+RPO is now minus the source time of the item's newest recovery point, by the server's
+clock. Health is derived from RPO against the policy's threshold, resynchronization needs,
+agent silence and errors; each reason is a sentence the portal shows. Problems raise alerts
+(and e-mail through ``vault.notifications``); their end resolves them.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from replication.choices import ProtectionState as P
+from replication.models import ProtectedItem
+from vault.choices import Health, Severity
+from vault.models import ProcessServer
+from vault.services import alert_raise, alert_resolve
+
+# ASR's process-server thresholds: (warning, critical).
+PS_CPU = (80.0, 95.0)
+PS_MEMORY = (80.0, 95.0)
+PS_CACHE_FREE_PERCENT = (30.0, 25.0)  # free space below these
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def item_health(item: ProtectedItem, *, now) -> tuple[int | None, str, list[str]]:
+    """(rpo_seconds, health, reasons) of one item; no queries (policy is selected with it)."""
+    reasons: list[tuple[str, str]] = []
+    rpo = None
+    threshold = item.policy.rpo_threshold_minutes * 60
+    if item.last_recovery_point_at is not None:
+        rpo = max(0, int((now - item.last_recovery_point_at).total_seconds()))
+    replicating = item.protection_state in P.REPLICATING and item.protection_state != P.INITIAL_REPLICATION
+    if replicating and rpo is not None and rpo > threshold:
+        level = Health.CRITICAL if rpo > 2 * threshold else Health.WARNING
+        reasons.append((level, f"RPO {_minutes(rpo)} is above the policy's threshold of {_minutes(threshold)}."))
+    if item.protection_state == P.RESYNC_REQUIRED:
+        reasons.append((Health.WARNING, "Resynchronization is required: data may have been lost in transit."))
+    if item.protection_state == P.ENABLE_FAILED:
+        reasons.append((Health.CRITICAL, "Enabling protection failed; retry or disable replication."))
+    if item.protection_state in P.REPLICATING:
+        silence = settings.LIFEBOAT_HEARTBEAT_TIMEOUT
+        last = item.agent_last_heartbeat_at
+        if last is None or (now - last).total_seconds() > silence:
+            since = "never sent one" if last is None else f"silent for {_minutes((now - last).total_seconds())}"
+            if last is not None or (now - item.created_at).total_seconds() > silence:
+                reasons.append((Health.CRITICAL, f"The mobility agent has stopped sending heartbeats ({since})."))
+    if item.last_error:
+        reasons.append((Health.WARNING, item.last_error))
+    health = Health.HEALTHY
+    if any(level == Health.CRITICAL for level, _ in reasons):
+        health = Health.CRITICAL
+    elif reasons:
+        health = Health.WARNING
+    return rpo, health, [text for _, text in reasons]
+
+
+def items_monitor(*, now=None) -> dict:
+    """One pass over every item: RPO and health, then alerts for what changed."""
+    now = now or timezone.now()
+    items = list(ProtectedItem.objects.select_related("policy", "vault"))
+    active = _active_alert_keys()
+    changed = []
+    raised = resolved = 0
+    for item in items:
+        rpo, health, reasons = item_health(item, now=now)
+        if (rpo, health, reasons) != (item.rpo_seconds, item.health, item.health_reasons):
+            item.rpo_seconds, item.health, item.health_reasons = rpo, health, reasons
+            changed.append(item)
+        r, s = _item_alerts(item, active=active)
+        raised += r
+        resolved += s
+    ProtectedItem.objects.bulk_update(changed, ["rpo_seconds", "health", "health_reasons"], batch_size=500)
+    return {"items": len(items), "changed": len(changed), "alerts_raised": raised, "alerts_resolved": resolved}
+
+
+def _item_alerts(item: ProtectedItem, *, active: set[tuple[int, str]]) -> tuple[int, int]:
+    raised = resolved = 0
+    threshold = item.policy.rpo_threshold_minutes * 60
+    checks = [
+        (
+            f"rpo:{item.pk}", "rpo_exceeded",
+            item.rpo_seconds is not None and item.rpo_seconds > threshold and item.protection_state in (P.PROTECTED, P.RESYNC_REQUIRED, P.RESYNCING),
+            f"RPO of {item.name} is {_minutes(item.rpo_seconds or 0)}, above its threshold of {_minutes(threshold)}.",
+            f"RPO of {item.name} is back within its threshold ({_minutes(item.rpo_seconds or 0)}).",
+            Severity.WARNING,
+        ),
+        (
+            f"critical:{item.pk}", "item_critical", item.health == Health.CRITICAL,
+            f"{item.name} is critical: {' '.join(item.health_reasons)}",
+            f"{item.name} is no longer critical.",
+            Severity.CRITICAL,
+        ),
+        (
+            f"agent:{item.pk}", "agent_heartbeat_lost",
+            any("stopped sending heartbeats" in r for r in item.health_reasons),
+            f"The mobility agent of {item.name} has stopped sending heartbeats.",
+            f"The mobility agent of {item.name} is sending heartbeats again.",
+            Severity.CRITICAL,
+        ),
+    ]
+    for key, kind, problem, message, end_message, severity in checks:
+        is_open = (item.vault_id, key) in active
+        if problem and not is_open:
+            _, created = alert_raise(vault=item.vault, key=key, kind=kind, message=message, severity=severity, protected_item=item)
+            raised += created
+        elif not problem and is_open:
+            alert_resolve(vault=item.vault, key=key, message=end_message)
+            resolved += 1
+    return raised, resolved
+
+
+def _active_alert_keys() -> set[tuple[int, str]]:
+    """Every open alert's (vault, key), in one query: the sweep touches only what changes."""
+    from vault.models import Alert
+
+    return set(Alert.objects.filter(state="ACTIVE").values_list("vault_id", "key"))
+
+
+def process_server_health(ps: ProcessServer, *, now) -> tuple[str, list[str]]:
+    reasons: list[tuple[str, str]] = []
+    if ps.last_heartbeat_at is None or (now - ps.last_heartbeat_at).total_seconds() > settings.LIFEBOAT_HEARTBEAT_TIMEOUT:
+        if ps.last_heartbeat_at is not None or (now - ps.created_at).total_seconds() > settings.LIFEBOAT_HEARTBEAT_TIMEOUT:
+            reasons.append((Health.CRITICAL, "No heartbeat from the process server" + (
+                f" for {_minutes((now - ps.last_heartbeat_at).total_seconds())}." if ps.last_heartbeat_at else " yet.")))
+    for value, (warn, crit), what in ((ps.cpu_percent, PS_CPU, "CPU"), (ps.memory_percent, PS_MEMORY, "Memory")):
+        if value is not None and value >= crit:
+            reasons.append((Health.CRITICAL, f"{what} use is {value:.0f}% (critical above {crit:.0f}%)."))
+        elif value is not None and value >= warn:
+            reasons.append((Health.WARNING, f"{what} use is {value:.0f}% (warning above {warn:.0f}%)."))
+    if ps.cache_free_bytes is not None and ps.cache_total_bytes:
+        free = 100.0 * ps.cache_free_bytes / ps.cache_total_bytes
+        warn, crit = PS_CACHE_FREE_PERCENT
+        if free < crit:
+            reasons.append((Health.CRITICAL, f"Only {free:.0f}% of the cache volume is free (critical below {crit:.0f}%)."))
+        elif free < warn:
+            reasons.append((Health.WARNING, f"Only {free:.0f}% of the cache volume is free (warning below {warn:.0f}%)."))
+    health = Health.CRITICAL if any(l == Health.CRITICAL for l, _ in reasons) else Health.WARNING if reasons else Health.HEALTHY
+    return health, [t for _, t in reasons]
+
+
+def process_servers_monitor(*, now=None) -> dict:
+    now = now or timezone.now()
+    servers = list(ProcessServer.objects.select_related("vault"))
+    active = _active_alert_keys()
+    changed = []
+    for ps in servers:
+        health, reasons = process_server_health(ps, now=now)
+        if (health, reasons) != (ps.health, ps.health_reasons):
+            ps.health, ps.health_reasons = health, reasons
+            changed.append(ps)
+        key = f"ps:{ps.pk}"
+        if health == Health.HEALTHY:
+            if (ps.vault_id, key) in active:
+                alert_resolve(vault=ps.vault, key=key, message=f"Process server {ps.name} is healthy again.")
+        elif (ps.vault_id, key) not in active or ps in changed:
+            alert_raise(
+                vault=ps.vault, key=key, kind="process_server_unhealthy",
+                message=f"Process server {ps.name} is {health.label.lower()}: {' '.join(reasons)}",
+                severity=Severity.CRITICAL if health == Health.CRITICAL else Severity.WARNING, process_server=ps,
+            )
+    ProcessServer.objects.bulk_update(changed, ["health", "health_reasons"])
+    return {"process_servers": len(servers), "changed": len(changed)}

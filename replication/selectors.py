@@ -1,0 +1,41 @@
+"""Selectors of replication: functions that read."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.utils import timezone
+
+from replication.choices import ProtectionState as P
+from replication.models import ProtectedItem, RecoveryPoint
+
+
+def item_actions(*, item: ProtectedItem) -> list[tuple[str, str, str]]:
+    """(action, label, confirmation) the item's state allows, for the portal's buttons."""
+    actions = []
+    if item.protection_state == P.RESYNC_REQUIRED:
+        actions.append(("resync", "Resynchronize now", ""))
+    if item.protection_state == P.ENABLE_FAILED:
+        actions.append(("retry", "Retry enabling replication", ""))
+    if item.protection_state not in (P.DISABLING, P.FAILOVER_IN_PROGRESS, P.FAILED_OVER, P.REPROTECTING):
+        actions.append(("disable", "Disable replication", "Disable replication and delete this item's replica disks and recovery points?"))
+    return actions
+
+
+def item_rpo_history(*, item: ProtectedItem, hours: int = 6, now=None) -> list[dict]:
+    """RPO over time, derived from the recovery points: just before each point the RPO was
+    the gap since the previous one; right after it, the point's own lag behind its cut."""
+    now = now or timezone.now()
+    times = list(
+        RecoveryPoint.objects.filter(item=item, time__gte=now - timedelta(hours=hours))
+        .order_by("time").values_list("time", "created_at")
+    )
+    series = []
+    prev = None
+    for source_time, cut_at in times:
+        if prev is not None:
+            series.append({"t": cut_at.isoformat(), "rpo": round((cut_at - prev).total_seconds(), 1)})
+        series.append({"t": cut_at.isoformat(), "rpo": round(max(0.0, (cut_at - source_time).total_seconds()), 1)})
+        prev = source_time
+    if prev is not None:
+        series.append({"t": now.isoformat(), "rpo": round((now - prev).total_seconds(), 1)})
+    return series

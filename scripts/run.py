@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Run Lifeboat on one machine with the embedded defaults: web, worker, beat, a process
+server, the simulated VMware site's workload and its agents. Ctrl-C stops everything."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+DATA = Path(os.environ.get("LIFEBOAT_DATA_DIR", ROOT / "var")).resolve()
+
+env = dict(os.environ)
+env.setdefault("LIFEBOAT_DATA_DIR", str(DATA))
+env.setdefault("EMAIL_BACKEND", "django.core.mail.backends.filebased.EmailBackend")
+env.setdefault("EMAIL_FILE_PATH", str(DATA / "mail"))
+env.setdefault("PYTHONUNBUFFERED", "1")
+env.setdefault("LIFEBOAT_HEARTBEAT_TIMEOUT", "120")
+
+PROCESSES = {
+    "web": [PY, "-m", "gunicorn", "lifeboat.wsgi", "-b", "127.0.0.1:8000", "-w", "2", "--threads", "4", "--access-logfile", "-"],
+    "worker": [PY, "-m", "celery", "-A", "lifeboat", "worker", "-Q", "control,data,apply,maintenance", "--pool", "threads", "-c", "8", "--loglevel", "INFO"],
+    "beat": [PY, "-m", "celery", "-A", "lifeboat", "beat", "--loglevel", "INFO"],
+    "process-server": [PY, "-m", "replication.dataplane.process_server", "--config", str(DATA / "process-server-ps-01.json")],
+    "simsite": [PY, "-m", "vault.connectors.simsite", "--data-dir", str(DATA / "simsite")],
+    "agents": [PY, "-m", "replication.agent_host", "--site-dir", str(DATA / "simsite")],
+}
+
+
+def pump(name: str, proc: subprocess.Popen) -> None:
+    for line in proc.stdout:
+        sys.stdout.write(f"{name:>14} | {line}")
+
+
+def main() -> int:
+    procs: dict[str, subprocess.Popen] = {}
+    for name, cmd in PROCESSES.items():
+        procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        threading.Thread(target=pump, args=(name, procs[name]), daemon=True).start()
+    print("Lifeboat is starting: http://127.0.0.1:8000 (Ctrl-C stops it)", flush=True)
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    while not stopping:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                print(f"{name} exited with {proc.returncode}; stopping everything", flush=True)
+                stopping = True
+        time.sleep(0.5)
+    for proc in procs.values():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
