@@ -168,6 +168,28 @@ def last_seq(journal_dir: str) -> int:
     return _last_seq(journal_dir, list_segments(journal_dir))
 
 
+def end_position(journal_dir: str) -> tuple[int, tuple[int, int] | None]:
+    """(seq, (segment, end)) of the newest complete record, or (0, None) for an empty journal."""
+    for no in reversed(list_segments(journal_dir)):
+        path = os.path.join(journal_dir, f"{no:012d}.jnl")
+        last, end = None, 0
+        try:
+            with open(path, "rb") as f:
+                while True:
+                    head = f.read(RECORD.size)
+                    if len(head) < RECORD.size:
+                        break
+                    seq, _o, length, _c, _t = RECORD.unpack(head)
+                    if f.seek(length, os.SEEK_CUR) > os.fstat(f.fileno()).st_size:
+                        break
+                    last, end = seq, f.tell()
+        except FileNotFoundError:
+            continue
+        if last is not None:
+            return last, (no, end)
+    return 0, None
+
+
 def overflowed(journal_dir: str) -> bool:
     return os.path.exists(os.path.join(journal_dir, OVERFLOW))
 
