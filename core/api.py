@@ -70,3 +70,22 @@ def accepted_job(request, job, serializer_class) -> Response:
     body = serializer_class(job, context={"request": request}).data
     location = request.build_absolute_uri(reverse("api:job-detail", args=[job.id]))
     return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": location})
+
+
+def not_found_view(request, exception=None):
+    """404 for the whole site: JSON under /api/, the portal's page elsewhere."""
+    from django.http import JsonResponse
+    from django.views.defaults import page_not_found
+
+    if request.path.startswith("/api/"):
+        return JsonResponse(error_body("not_found", f"There is no API resource at {request.path}."), status=404)
+    return page_not_found(request, exception)
+
+
+def server_error_view(request):
+    from django.http import JsonResponse
+    from django.views.defaults import server_error
+
+    if request.path.startswith("/api/"):
+        return JsonResponse(error_body("server_error", "An unexpected error occurred; it has been logged."), status=500)
+    return server_error(request)

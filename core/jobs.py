@@ -246,7 +246,10 @@ def job_cancel(*, job_id, user=None) -> Job:
                 operation="cancel",
             )
     if cancelled_queued and handler and handler.on_failure:
-        handler.on_failure(job, job.error)
+        try:
+            handler.on_failure(job, job.error)
+        except Exception:
+            logger.exception("Failure hook of cancelled job %s failed", job.id)
     return job
 
 

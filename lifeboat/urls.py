@@ -12,3 +12,6 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("", include("lifeboat.portal_urls")),
 ]
+
+handler404 = "core.api.not_found_view"
+handler500 = "core.api.server_error_view"

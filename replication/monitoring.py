@@ -72,14 +72,14 @@ def items_monitor(*, now=None) -> dict:
         if (rpo, health, reasons) != (item.rpo_seconds, item.health, item.health_reasons):
             item.rpo_seconds, item.health, item.health_reasons = rpo, health, reasons
             changed.append(item)
-        r, s = _item_alerts(item, active=active)
+        r, s = _item_alerts(item, active=active, now=now)
         raised += r
         resolved += s
     ProtectedItem.objects.bulk_update(changed, ["rpo_seconds", "health", "health_reasons"], batch_size=500)
     return {"items": len(items), "changed": len(changed), "alerts_raised": raised, "alerts_resolved": resolved}
 
 
-def _item_alerts(item: ProtectedItem, *, active: set[tuple[int, str]]) -> tuple[int, int]:
+def _item_alerts(item: ProtectedItem, *, active: set[tuple[int, str]], now) -> tuple[int, int]:
     raised = resolved = 0
     threshold = item.policy.rpo_threshold_minutes * 60
     checks = [
@@ -107,10 +107,10 @@ def _item_alerts(item: ProtectedItem, *, active: set[tuple[int, str]]) -> tuple[
     for key, kind, problem, message, end_message, severity in checks:
         is_open = (item.vault_id, key) in active
         if problem and not is_open:
-            _, created = alert_raise(vault=item.vault, key=key, kind=kind, message=message, severity=severity, protected_item=item)
+            _, created = alert_raise(vault=item.vault, key=key, kind=kind, message=message, severity=severity, now=now, protected_item=item)
             raised += created
         elif not problem and is_open:
-            alert_resolve(vault=item.vault, key=key, message=end_message)
+            alert_resolve(vault=item.vault, key=key, message=end_message, now=now)
             resolved += 1
     return raised, resolved
 
@@ -157,12 +157,12 @@ def process_servers_monitor(*, now=None) -> dict:
         key = f"ps:{ps.pk}"
         if health == Health.HEALTHY:
             if (ps.vault_id, key) in active:
-                alert_resolve(vault=ps.vault, key=key, message=f"Process server {ps.name} is healthy again.")
+                alert_resolve(vault=ps.vault, key=key, message=f"Process server {ps.name} is healthy again.", now=now)
         elif (ps.vault_id, key) not in active or ps in changed:
             alert_raise(
                 vault=ps.vault, key=key, kind="process_server_unhealthy",
                 message=f"Process server {ps.name} is {health.label.lower()}: {' '.join(reasons)}",
-                severity=Severity.CRITICAL if health == Health.CRITICAL else Severity.WARNING, process_server=ps,
+                severity=Severity.CRITICAL if health == Health.CRITICAL else Severity.WARNING, now=now, process_server=ps,
             )
     ProcessServer.objects.bulk_update(changed, ["health", "health_reasons"])
     return {"process_servers": len(servers), "changed": len(changed)}

@@ -13,7 +13,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from core.choices import JobState, JobType
-from core.exceptions import Conflict
+from core.exceptions import Conflict, LifeboatError
 from core.jobs import JobContext, job_create, job_handler
 from core.models import Job
 from vault.choices import MachineSource, VCenterKind
@@ -23,6 +23,8 @@ from vault.services import vcenter_password
 logger = logging.getLogger(__name__)
 
 MACHINE_FIELDS = ("name", "power_state", "guest_os", "host", "datacenter", "cluster")
+# Rows per INSERT or UPDATE statement: an inventory of a thousand VMs takes one of each.
+BATCH = 1000
 
 
 def connector_for(vcenter: VCenter):
@@ -68,15 +70,22 @@ def _record_discovery_failure(job: Job, error: str) -> None:
 
 @job_handler(JobType.DISCOVERY, on_failure=_record_discovery_failure)
 def run_discovery(ctx: JobContext) -> dict:
+    from vault.connectors import ConnectorError
+
     vcenter = VCenter.objects.select_related("vault").get(pk=ctx.job.target_id)
     connector = connector_for(vcenter)
-    with ctx.step("Connect"):
-        connector.connect()
     try:
-        with ctx.step("Read inventory"):
-            inventory = connector.discover()
-    finally:
-        connector.close()
+        with ctx.step("Connect"):
+            connector.connect()
+        try:
+            with ctx.step("Read inventory"):
+                inventory = connector.discover()
+        finally:
+            connector.close()
+    except ConnectorError as exc:
+        # The connector's sentence is what the admin acts on (a wrong password, a host that
+        # cannot be reached, an untrusted certificate): not an "unexpected error".
+        raise LifeboatError(f"Discovery of {vcenter.name} failed: {str(exc).rstrip('.')}.") from None
     with ctx.step("Update machines"):
         summary = machines_upsert(vcenter=vcenter, vms=inventory.vms)
     VCenter.objects.filter(pk=vcenter.pk).update(last_discovery_at=timezone.now(), last_discovery_error="")
@@ -97,15 +106,17 @@ def machines_upsert(*, vcenter: VCenter, vms) -> dict:
             if machine is None:
                 new.append(DiscoveredMachine(vault_id=vcenter.vault_id, vcenter=vcenter, source=MachineSource.VCENTER,
                                              instance_uuid=vm.instance_uuid, last_seen_at=now, **values))
-            else:
+            elif machine.missing or any(getattr(machine, f) != v for f, v in values.items()):
                 for f, v in values.items():
                     setattr(machine, f, v)
-                machine.missing, machine.last_seen_at = False, now
+                machine.missing, machine.updated_at = False, now
                 changed.append(machine)
-        DiscoveredMachine.objects.bulk_create(new, batch_size=500)
-        DiscoveredMachine.objects.bulk_update(changed, [*MACHINE_FIELDS, "missing", "last_seen_at", "updated_at"], batch_size=500)
+        DiscoveredMachine.objects.bulk_create(new, batch_size=BATCH)
+        # Only what changed is rewritten; every machine seen is stamped in one statement.
+        DiscoveredMachine.objects.bulk_update(changed, [*MACHINE_FIELDS, "missing", "updated_at"], batch_size=BATCH)
+        DiscoveredMachine.objects.filter(vcenter=vcenter, instance_uuid__in=seen).update(last_seen_at=now)
         vanished = [m.pk for u, m in existing.items() if u not in seen and not m.missing]
-        DiscoveredMachine.objects.filter(pk__in=vanished).update(missing=True)
+        DiscoveredMachine.objects.filter(pk__in=vanished).update(missing=True, updated_at=now)
 
         by_uuid = {m.instance_uuid: m for m in DiscoveredMachine.objects.filter(vcenter=vcenter, instance_uuid__in=seen).only("id", "instance_uuid")}
         current = {(d.machine_id, d.key): d for d in DiscoveredDisk.objects.filter(machine__vcenter=vcenter, machine__instance_uuid__in=seen)}
@@ -122,8 +133,8 @@ def machines_upsert(*, vcenter: VCenter, vms) -> dict:
                     for f, v in values.items():
                         setattr(row, f, v)
                     disk_changed.append(row)
-        DiscoveredDisk.objects.bulk_create(disk_new, batch_size=1000)
-        DiscoveredDisk.objects.bulk_update(disk_changed, ["label", "capacity_bytes", "backing_file", "datastore"], batch_size=1000)
+        DiscoveredDisk.objects.bulk_create(disk_new, batch_size=BATCH)
+        DiscoveredDisk.objects.bulk_update(disk_changed, ["label", "capacity_bytes", "backing_file", "datastore"], batch_size=BATCH)
         gone = [d.pk for k, d in current.items() if k not in keep]
         DiscoveredDisk.objects.filter(pk__in=gone).delete()
     return {

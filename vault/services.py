@@ -228,11 +228,15 @@ def event_record(*, vault: Vault, kind: str, message: str, severity: str = Sever
     return Event.objects.create(vault=vault, kind=kind, message=message, severity=severity, **links)
 
 
-def alert_raise(*, vault: Vault, key: str, kind: str, message: str, severity: str = Severity.WARNING, **links) -> tuple[Alert, bool]:
+def alert_raise(
+    *, vault: Vault, key: str, kind: str, message: str, severity: str = Severity.WARNING, now=None, **links
+) -> tuple[Alert, bool]:
     """Raise the alert for ``key`` unless one is already active. Returns (alert, created).
 
     A problem that comes back within the quiet period reopens its alert instead of raising a
-    new one, so a flapping condition is one alert and one e-mail, not one per sweep.
+    new one, so a flapping condition is one alert and one e-mail, not one per sweep. ``now``
+    is the time the caller judged the problem at (a monitoring sweep's), the wall clock if
+    not given.
     """
     from django.conf import settings
 
@@ -242,7 +246,7 @@ def alert_raise(*, vault: Vault, key: str, kind: str, message: str, severity: st
             existing.message, existing.severity = message, severity
             existing.save(update_fields=["message", "severity"])
         return existing, False
-    quiet_since = timezone.now() - timezone.timedelta(seconds=settings.LIFEBOAT_ALERT_QUIET_SECONDS)
+    quiet_since = (now or timezone.now()) - timezone.timedelta(seconds=settings.LIFEBOAT_ALERT_QUIET_SECONDS)
     recent = (
         Alert.objects.filter(vault=vault, key=key, state=AlertState.RESOLVED, resolved_at__gte=quiet_since, emailed_end_at__isnull=True)
         .order_by("-resolved_at")
@@ -265,11 +269,13 @@ def alert_raise(*, vault: Vault, key: str, kind: str, message: str, severity: st
     return alert, True
 
 
-def alert_resolve(*, vault: Vault, key: str, message: str | None = None) -> Alert | None:
+def alert_resolve(*, vault: Vault, key: str, message: str | None = None, now=None) -> Alert | None:
+    """Resolve the active alert for ``key`` as of ``now`` (the wall clock if not given): the
+    quiet period before its "ended" e-mail counts from there."""
     alert = Alert.objects.filter(vault=vault, key=key, state=AlertState.ACTIVE).first()
     if alert is None:
         return None
-    alert.state, alert.resolved_at = AlertState.RESOLVED, timezone.now()
+    alert.state, alert.resolved_at = AlertState.RESOLVED, now or timezone.now()
     alert.save(update_fields=["state", "resolved_at"])
     if message:
         event_record(

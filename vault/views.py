@@ -10,6 +10,7 @@ from django.views.decorators.http import require_POST
 
 from core.exceptions import LifeboatError
 from core.portal import current_vault, render_page
+from replication.choices import ProtectionState
 from vault import selectors, services
 from vault.filters import AlertFilter
 from vault.forms import PolicyForm, VaultForm, VCenterForm
@@ -34,6 +35,8 @@ def overview(request):
     if setup:
         return setup
     context = {"vault": vault, **selectors.vault_overview(vault=vault)}
+    # Show each protection state by its label ("Initial replication in progress").
+    context["by_state"] = [(state, ProtectionState(state).label, n) for state, n in context["by_state"]]
     return render_page(request, "vault/overview.html", context, partial="live")
 
 

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 from django.http import StreamingHttpResponse
-from django.shortcuts import get_object_or_404
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import mixins, serializers, viewsets
+from rest_framework import mixins, viewsets
 from rest_framework.decorators import action
 
 from core.api import accepted_job
@@ -66,7 +66,7 @@ class RecoveryPointViewSet(viewsets.ReadOnlyModelViewSet):
     filterset_class = RecoveryPointFilter
 
     @extend_schema(
-        responses={(200, "application/octet-stream"): OpenApiResponse(response=serializers.CharField(), description="The disk's raw bytes as of the point.")},
+        responses={(200, "application/octet-stream"): OpenApiResponse(response=OpenApiTypes.BINARY, description="The disk's raw bytes as of the point.")},
     )
     @action(detail=True, methods=["get"], url_path=r"disks/(?P<disk>\d+)/image")
     def image(self, request, pk=None, disk=None):
