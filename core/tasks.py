@@ -1,6 +1,5 @@
 from celery import shared_task
 
-from core import queues
 from core.jobs import job_execute, jobs_reap
 
 
@@ -11,6 +10,6 @@ def run_job(job_id: str) -> None:
     job_execute(job_id=job_id)
 
 
-@shared_task(name="core.reap_jobs", ignore_result=True, queue=queues.MAINTENANCE)
+@shared_task(name="core.reap_jobs", ignore_result=True)
 def reap_jobs() -> int:
     return len(jobs_reap())

@@ -182,6 +182,16 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "control"
+# One queue per workload (core/queues.py). Jobs choose theirs when they are enqueued.
+CELERY_TASK_ROUTES = {
+    "replication.apply_item": {"queue": "apply"},
+    "replication.apply_sweep": {"queue": "maintenance"},
+    "replication.monitor": {"queue": "maintenance"},
+    "replication.offhours_resync": {"queue": "maintenance"},
+    "replication.app_consistent_sweep": {"queue": "maintenance"},
+    "core.reap_jobs": {"queue": "maintenance"},
+    "vault.rediscover": {"queue": "maintenance"},
+}
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False

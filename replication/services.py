@@ -84,8 +84,12 @@ def protected_item_enable(*, vault, machine, policy, process_server, user=None):
         problems.append(f"{machine.name} was not found by the last discovery.")
     if problems:
         raise ValidationFailed(" ".join(problems))
+    from vault.models import DiscoveredMachine
+
     with transaction.atomic():
-        if ProtectedItem.objects.select_for_update().filter(machine=machine).exists():
+        # The machine's row lock serializes two simultaneous requests for the same machine.
+        DiscoveredMachine.objects.select_for_update().get(pk=machine.pk)
+        if ProtectedItem.objects.filter(machine=machine).exists():
             raise Conflict(f"{machine.name} is already protected.", code="already_protected")
         item = ProtectedItem.objects.create(
             vault=vault, machine=machine, policy=policy, process_server=process_server, name=machine.name

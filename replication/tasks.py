@@ -10,17 +10,17 @@ from core import queues
 logger = logging.getLogger(__name__)
 
 
-@shared_task(name="replication.apply_item", ignore_result=True, acks_late=True, queue=queues.APPLY)
+@shared_task(name="replication.apply_item", ignore_result=True, acks_late=True)
 def apply_item(item_id: str) -> None:
     """Apply an item's pending logs. Idempotent (replays are harmless), hence acks_late."""
     from replication.engine import item_apply
 
     summary = item_apply(item_id=item_id)
     if summary and summary.get("more"):
-        apply_item.apply_async(args=[item_id], queue=queues.APPLY)
+        apply_item.apply_async(args=[item_id])
 
 
-@shared_task(name="replication.apply_sweep", ignore_result=True, queue=queues.MAINTENANCE)
+@shared_task(name="replication.apply_sweep", ignore_result=True)
 def apply_sweep() -> int:
     """Enqueue an apply pass for every item whose data flows (the beat runs this every few seconds)."""
     from replication.choices import ProtectionState as P
@@ -33,11 +33,11 @@ def apply_sweep() -> int:
         .values_list("pk", flat=True)
     )
     for pk in ids:
-        apply_item.apply_async(args=[str(pk)], queue=queues.APPLY)
+        apply_item.apply_async(args=[str(pk)])
     return len(ids)
 
 
-@shared_task(name="replication.monitor", ignore_result=True, queue=queues.MAINTENANCE)
+@shared_task(name="replication.monitor", ignore_result=True)
 def monitor() -> dict:
     """RPO and health of every item and process server, then alert e-mail that is due."""
     from replication.monitoring import items_monitor, process_servers_monitor
@@ -48,14 +48,14 @@ def monitor() -> dict:
     return result
 
 
-@shared_task(name="replication.offhours_resync", ignore_result=True, queue=queues.MAINTENANCE)
+@shared_task(name="replication.offhours_resync", ignore_result=True)
 def offhours_resync() -> int:
     from replication.scheduling import items_resync_in_offhours
 
     return items_resync_in_offhours()
 
 
-@shared_task(name="replication.app_consistent_sweep", ignore_result=True, queue=queues.MAINTENANCE)
+@shared_task(name="replication.app_consistent_sweep", ignore_result=True)
 def app_consistent_sweep() -> int:
     from replication.scheduling import items_app_consistent_due
 

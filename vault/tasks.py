@@ -1,10 +1,9 @@
 from celery import shared_task
 
-from core import queues
 from core.exceptions import Conflict
 
 
-@shared_task(name="vault.rediscover", ignore_result=True, queue=queues.MAINTENANCE)
+@shared_task(name="vault.rediscover", ignore_result=True)
 def rediscover() -> int:
     """Start discovery of every endpoint whose interval has passed."""
     from vault.discovery import vcenter_discover, vcenters_due_for_discovery
