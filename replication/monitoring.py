@@ -82,23 +82,26 @@ def items_monitor(*, now=None) -> dict:
 def _item_alerts(item: ProtectedItem, *, active: set[tuple[int, str]], now) -> tuple[int, int]:
     raised = resolved = 0
     threshold = item.policy.rpo_threshold_minutes * 60
+    rpo_reason = next((r for r in item.health_reasons if r.startswith("RPO ")), None)
+    agent_silent = any("stopped sending heartbeats" in r for r in item.health_reasons)
+    # Critical reasons that have an alert of their own are not alerted twice.
+    other_critical = item.health == Health.CRITICAL and not (rpo_reason and item.rpo_seconds and item.rpo_seconds > 2 * threshold) and not agent_silent
     checks = [
         (
             f"rpo:{item.pk}", "rpo_exceeded",
             item.rpo_seconds is not None and item.rpo_seconds > threshold and item.protection_state in (P.PROTECTED, P.RESYNC_REQUIRED, P.RESYNCING),
             f"RPO of {item.name} is {_minutes(item.rpo_seconds or 0)}, above its threshold of {_minutes(threshold)}.",
             f"RPO of {item.name} is back within its threshold ({_minutes(item.rpo_seconds or 0)}).",
-            Severity.WARNING,
+            Severity.CRITICAL if (item.rpo_seconds or 0) > 2 * threshold else Severity.WARNING,
         ),
         (
-            f"critical:{item.pk}", "item_critical", item.health == Health.CRITICAL,
+            f"critical:{item.pk}", "item_critical", other_critical,
             f"{item.name} is critical: {' '.join(item.health_reasons)}",
             f"{item.name} is no longer critical.",
             Severity.CRITICAL,
         ),
         (
-            f"agent:{item.pk}", "agent_heartbeat_lost",
-            any("stopped sending heartbeats" in r for r in item.health_reasons),
+            f"agent:{item.pk}", "agent_heartbeat_lost", agent_silent,
             f"The mobility agent of {item.name} has stopped sending heartbeats.",
             f"The mobility agent of {item.name} is sending heartbeats again.",
             Severity.CRITICAL,

@@ -10,6 +10,7 @@ import logging
 from datetime import timedelta
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from core.choices import JobState, JobType
@@ -85,7 +86,7 @@ def run_discovery(ctx: JobContext) -> dict:
     except ConnectorError as exc:
         # The connector's sentence is what the admin acts on (a wrong password, a host that
         # cannot be reached, an untrusted certificate): not an "unexpected error".
-        raise LifeboatError(f"Discovery of {vcenter.name} failed: {str(exc).rstrip('.')}.") from None
+        raise LifeboatError(f"{str(exc).rstrip('.')}.") from None
     with ctx.step("Update machines"):
         summary = machines_upsert(vcenter=vcenter, vms=inventory.vms)
     VCenter.objects.filter(pk=vcenter.pk).update(last_discovery_at=timezone.now(), last_discovery_error="")
@@ -96,7 +97,14 @@ def machines_upsert(*, vcenter: VCenter, vms) -> dict:
     """Upsert discovered VMs of one endpoint in a constant number of queries."""
     now = timezone.now()
     with transaction.atomic():
-        existing = {m.instance_uuid: m for m in DiscoveredMachine.objects.filter(vault=vcenter.vault_id, vcenter=vcenter)}
+        # This endpoint's machines, and any the vault already knows by the same UUID (a VM
+        # registered by its agent before its vCenter was added, or moved between endpoints):
+        # those are adopted, never duplicated.
+        uuids = [vm.instance_uuid for vm in vms]
+        existing = {
+            m.instance_uuid: m
+            for m in DiscoveredMachine.objects.filter(vault=vcenter.vault_id).filter(Q(vcenter=vcenter) | Q(instance_uuid__in=uuids))
+        }
         new, changed = [], []
         seen = set()
         for vm in vms:
@@ -106,16 +114,17 @@ def machines_upsert(*, vcenter: VCenter, vms) -> dict:
             if machine is None:
                 new.append(DiscoveredMachine(vault_id=vcenter.vault_id, vcenter=vcenter, source=MachineSource.VCENTER,
                                              instance_uuid=vm.instance_uuid, last_seen_at=now, **values))
-            elif machine.missing or any(getattr(machine, f) != v for f, v in values.items()):
+            elif machine.missing or machine.vcenter_id != vcenter.pk or any(getattr(machine, f) != v for f, v in values.items()):
                 for f, v in values.items():
                     setattr(machine, f, v)
                 machine.missing, machine.updated_at = False, now
+                machine.vcenter, machine.source = vcenter, MachineSource.VCENTER
                 changed.append(machine)
         DiscoveredMachine.objects.bulk_create(new, batch_size=BATCH)
         # Only what changed is rewritten; every machine seen is stamped in one statement.
-        DiscoveredMachine.objects.bulk_update(changed, [*MACHINE_FIELDS, "missing", "updated_at"], batch_size=BATCH)
+        DiscoveredMachine.objects.bulk_update(changed, [*MACHINE_FIELDS, "missing", "updated_at", "vcenter", "source"], batch_size=BATCH)
         DiscoveredMachine.objects.filter(vcenter=vcenter, instance_uuid__in=seen).update(last_seen_at=now)
-        vanished = [m.pk for u, m in existing.items() if u not in seen and not m.missing]
+        vanished = [m.pk for u, m in existing.items() if u not in seen and not m.missing and m.vcenter_id == vcenter.pk]
         DiscoveredMachine.objects.filter(pk__in=vanished).update(missing=True, updated_at=now)
 
         by_uuid = {m.instance_uuid: m for m in DiscoveredMachine.objects.filter(vcenter=vcenter, instance_uuid__in=seen).only("id", "instance_uuid")}
