@@ -1,0 +1,658 @@
+"""The apply engine: replication logs -> replica disks -> recovery points.
+
+``ReplicaApplier(storage, key=..., item_id=..., disks={index: DiskSpec(name, size)})``
+applies one protected item's logs (``logs/<item>/<seq:020d>.lbs``, sealed with context
+``"<item>:<seq>"``) to its replica disks in seq order and cuts recovery points. Its state
+lives in cache storage as ``replicas/<item>/state.json`` and is the source of truth for the
+item's recovery points; the Django side mirrors it with ``list_points()``.
+
+One apply pass (``apply_pending``):
+
+1. loads the state and finishes any operation a crash interrupted (see below);
+2. for each log after the applied seq, in order (stopping at a gap, at ``max_batches`` or at
+   the first bad log): fetch, unseal, decode and check it against the item and its disks
+   (all before writing a byte of it; this happens one or two logs ahead in a helper thread),
+   then write its records to the replica disks;
+3. after a batch, cuts a point if one is due (below): flushes the disks, records the point as
+   *pending* in the state (durably), snapshots every disk, then records the point as done;
+4. at the end (and every ``checkpoint_bytes`` of a long catch-up) flushes the written disks
+   once, saves the state with the new applied seq, and only then deletes the applied logs.
+
+**Recovery points.** None before the initial copy is complete (a batch flagged
+``FLAG_INITIAL_DONE`` applied). After that, at the boundary after each batch: an
+app-consistent point if the batch ends with a bookmark (its JSON label is the point's
+label); otherwise a crash-consistent point if at least the interval has passed in source
+time since the last point (or the source clock went back). Boundaries inside an initial
+copy or a resync pass (``FLAG_INITIAL`` without ``FLAG_INITIAL_DONE``, ``FLAG_RESYNC``)
+are not consistent and get no point; a bookmark there is counted in
+``ApplyResult.bookmarks_skipped``. The decision depends only on the logs and the state, so
+a replay makes the same points.
+
+**Crash safety.** Writes are absolute, so re-applying the logs after the durable applied seq
+gives the same bytes. Nothing is written past a pending point's seq until the point is
+done, so after a crash the retry deletes the snapshots the interrupted cut left (any snapshot
+of the item's disks no point refers to) and takes them again: a half-made point is never
+visible. Pruning records the snapshots it will delete in the state before deleting them, and
+deleting a replica marks the state first; both are finished by the next call.
+
+Calls for one item (apply, prune, delete) must not run at the same time: the caller holds the
+item's lock (one apply task per item). Reading points may happen anywhere.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Mapping
+
+from .batch import (
+    FLAG_INITIAL,
+    FLAG_INITIAL_DONE,
+    FLAG_RESYNC,
+    KIND_BOOKMARK,
+    KIND_WRITE,
+    MAX_DISKS,
+    SECTOR,
+    Batch,
+    MalformedBatch,
+    decode,
+)
+from .sealing import TamperedData, unseal
+from .storage import DiskNotFound, ObjectNotFound, Storage
+
+CRASH_CONSISTENT = "crash_consistent"
+APP_CONSISTENT = "app_consistent"
+POINT_KINDS = (CRASH_CONSISTENT, APP_CONSISTENT)
+
+DEFAULT_CHECKPOINT_BYTES = 1024 * 1024 * 1024
+DEFAULT_IMAGE_CHUNK = 4 * 1024 * 1024
+STATE_FORMAT = 1
+_PREFETCH = 2  # logs fetched and opened ahead of the one being written
+
+
+class ApplyStateError(Exception):
+    """The engine's state cannot be used (corrupt, or the replica is being deleted)."""
+
+
+class PointNotFound(LookupError):
+    """No such recovery point (or it has no snapshot of the requested disk)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSpec:
+    """A replica disk of the item: its storage name and size in bytes."""
+
+    name: str
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryPoint:
+    point_id: str
+    seq: int  # the last batch the point includes
+    source_time_ns: int  # that batch's source time
+    kind: str  # CRASH_CONSISTENT | APP_CONSISTENT
+    label: Any = field(hash=False)  # the bookmark's JSON label (app-consistent), else None
+    snapshots: dict[int, str] = field(hash=False)  # disk index -> snapshot id
+    created_ns: int = 0  # wall-clock time the point was cut
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "point_id": self.point_id,
+            "seq": self.seq,
+            "source_time_ns": self.source_time_ns,
+            "kind": self.kind,
+            "label": self.label,
+            "snapshots": {str(i): s for i, s in sorted(self.snapshots.items())},
+            "created_ns": self.created_ns,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "RecoveryPoint":
+        return cls(
+            point_id=d["point_id"],
+            seq=int(d["seq"]),
+            source_time_ns=int(d["source_time_ns"]),
+            kind=d["kind"],
+            label=d.get("label"),
+            snapshots={int(i): s for i, s in d.get("snapshots", {}).items()},
+            created_ns=int(d.get("created_ns", 0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyError:
+    """A log that was rejected and not applied."""
+
+    seq: int
+    key: str
+    reason: str  # 'tampered' (failed authentication), 'malformed', 'invalid' (wrong item/seq/disk)
+    message: str
+
+    def __str__(self) -> str:
+        return f"log {self.seq} ({self.key}) rejected, {self.reason}: {self.message}"
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    batches_applied: int = 0
+    bytes_applied: int = 0
+    new_points: list[RecoveryPoint] = field(default_factory=list)
+    applied_seq: int = 0
+    last_source_time_ns: int | None = None  # source time of the newest applied batch, ever
+    errors: list[ApplyError] = field(default_factory=list)
+    initial_copy_complete: bool = False
+    bookmarks_skipped: int = 0
+    waiting_for_seq: int | None = None  # set when a later log exists but this one does not yet
+    more_pending: bool = False  # stopped at max_batches with logs left
+
+    @property
+    def points_cut(self) -> int:
+        return len(self.new_points)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    applied_seq: int
+    applied_source_time_ns: int | None
+    initial_copy_complete: bool
+    point_count: int
+    latest_point: RecoveryPoint | None
+
+
+@dataclass(slots=True)
+class _State:
+    item_id: str
+    replica_id: str
+    disks: dict[int, DiskSpec] = field(default_factory=dict)
+    applied_seq: int = 0
+    applied_source_time_ns: int | None = None
+    initial_copy_complete: bool = False
+    last_point_source_time_ns: int | None = None
+    points: list[RecoveryPoint] = field(default_factory=list)
+    pending_point: RecoveryPoint | None = None
+    doomed_snapshots: list[tuple[str, str]] = field(default_factory=list)  # (disk name, snapshot id)
+    deleting: bool = False
+
+    def to_bytes(self) -> bytes:
+        d = {
+            "format": STATE_FORMAT,
+            "item_id": self.item_id,
+            "replica_id": self.replica_id,
+            "disks": {
+                str(i): {"name": s.name, "size_bytes": s.size_bytes} for i, s in sorted(self.disks.items())
+            },
+            "applied_seq": self.applied_seq,
+            "applied_source_time_ns": self.applied_source_time_ns,
+            "initial_copy_complete": self.initial_copy_complete,
+            "last_point_source_time_ns": self.last_point_source_time_ns,
+            "points": [p.to_json() for p in self.points],
+            "pending_point": self.pending_point.to_json() if self.pending_point else None,
+            "doomed_snapshots": [list(x) for x in self.doomed_snapshots],
+            "deleting": self.deleting,
+            "saved_ns": time.time_ns(),
+        }
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, where: str) -> "_State":
+        try:
+            d = json.loads(raw)
+            if d.get("format") != STATE_FORMAT:
+                raise ApplyStateError(f"{where}: unsupported state format {d.get('format')!r}")
+            return cls(
+                item_id=d["item_id"],
+                replica_id=d["replica_id"],
+                disks={int(i): DiskSpec(s["name"], int(s["size_bytes"])) for i, s in d["disks"].items()},
+                applied_seq=int(d["applied_seq"]),
+                applied_source_time_ns=d.get("applied_source_time_ns"),
+                initial_copy_complete=bool(d["initial_copy_complete"]),
+                last_point_source_time_ns=d.get("last_point_source_time_ns"),
+                points=[RecoveryPoint.from_json(p) for p in d["points"]],
+                pending_point=RecoveryPoint.from_json(d["pending_point"]) if d.get("pending_point") else None,
+                doomed_snapshots=[(str(a), str(b)) for a, b in d.get("doomed_snapshots", [])],
+                deleting=bool(d.get("deleting", False)),
+            )
+        except ApplyStateError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            raise ApplyStateError(
+                f"{where} is corrupt ({type(e).__name__}: {e}); refusing to guess"
+            ) from None
+
+
+@dataclass(slots=True)
+class _Opened:
+    seq: int
+    key: str
+    batch: Batch | None = None
+    error: ApplyError | None = None
+    label: Any = None
+    has_bookmark: bool = False
+
+
+class ReplicaApplier:
+    """Applies one protected item's replication logs to its replica disks (module docstring)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        key: bytes,
+        item_id: uuid.UUID | str,
+        disks: Mapping[int, DiskSpec | tuple[str, int]],
+        checkpoint_bytes: int = DEFAULT_CHECKPOINT_BYTES,
+    ):
+        self.storage = storage
+        self.key = key
+        self.item_id = str(uuid.UUID(str(item_id)))
+        self.disks: dict[int, DiskSpec] = {}
+        for index, spec in disks.items():
+            spec = spec if isinstance(spec, DiskSpec) else DiskSpec(*spec)
+            if not 0 <= int(index) < MAX_DISKS:
+                raise ValueError(f"disk index {index} is outside 0..{MAX_DISKS - 1}")
+            if spec.size_bytes <= 0 or spec.size_bytes % SECTOR:
+                raise ValueError(
+                    f"disk {index} ({spec.name}) size {spec.size_bytes} "
+                    f"is not a positive multiple of {SECTOR}"
+                )
+            self.disks[int(index)] = spec
+        names = [s.name for s in self.disks.values()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"replica disk names must be distinct, got {names}")
+        self.checkpoint_bytes = checkpoint_bytes
+        self.logs_prefix = f"logs/{self.item_id}/"
+        self.state_key = f"replicas/{self.item_id}/state.json"
+        self._disks_ready = False
+
+    def __repr__(self) -> str:
+        return f"ReplicaApplier(item={self.item_id}, storage={self.storage!r})"
+
+    # -- state ----------------------------------------------------------------------------
+    def _load_state(self, *, create: bool) -> _State | None:
+        try:
+            raw = self.storage.get_object(self.state_key)
+        except ObjectNotFound:
+            if not create:
+                return None
+            return _State(item_id=self.item_id, replica_id=uuid.uuid4().hex[:12])
+        st = _State.from_bytes(raw, self.state_key)
+        if st.item_id != self.item_id:
+            raise ApplyStateError(f"{self.state_key} belongs to item {st.item_id}, not {self.item_id}")
+        return st
+
+    def _save(self, st: _State) -> None:
+        self.storage.put_object(self.state_key, st.to_bytes())
+
+    def _ensure_disks(self, st: _State) -> None:
+        changed = False
+        for index, spec in sorted(self.disks.items()):
+            known = st.disks.get(index)
+            if known is not None and known.name != spec.name:
+                raise ApplyStateError(
+                    f"item {self.item_id} disk {index} is replicated to {known.name!r}, not {spec.name!r} "
+                    "(replica disks cannot be renamed)"
+                )
+            if not self._disks_ready:
+                if not self.storage.disk_exists(spec.name):
+                    self.storage.create_disk(spec.name, spec.size_bytes)
+                elif self.storage.disk_size(spec.name) != spec.size_bytes:
+                    self.storage.resize_disk(spec.name, spec.size_bytes)
+            if known != spec:
+                st.disks[index] = spec
+                changed = True
+        if changed:
+            self._save(st)
+        self._disks_ready = True
+
+    def _recover(self, st: _State, result: ApplyResult | None = None) -> None:
+        """Finish what a crash interrupted: snapshot deletions, then a pending point."""
+        if st.doomed_snapshots:
+            for name, sid in st.doomed_snapshots:
+                self.storage.delete_snapshot(name, sid)
+            st.doomed_snapshots = []
+            self._save(st)
+        if st.pending_point is not None:
+            if st.pending_point.seq != st.applied_seq:
+                raise ApplyStateError(
+                    f"{self.state_key}: pending point at seq {st.pending_point.seq} "
+                    f"but applied seq is {st.applied_seq}"
+                )
+            for index, spec in sorted(st.disks.items()):
+                keep = {p.snapshots.get(index) for p in st.points}
+                try:
+                    existing = self.storage.list_snapshots(spec.name)
+                except DiskNotFound:
+                    continue
+                for sid in existing:
+                    if sid not in keep:  # left by the interrupted cut
+                        self.storage.delete_snapshot(spec.name, sid)
+            point = self._finish_point(st)
+            if result is not None:
+                result.new_points.append(point)
+
+    # -- applying -------------------------------------------------------------------------
+    def apply_pending(
+        self,
+        *,
+        now_ns: int | None = None,
+        crash_consistent_interval_s: float,
+        max_batches: int | None = None,
+    ) -> ApplyResult:
+        """Apply the item's pending logs in order and cut the recovery points that are due.
+
+        ``now_ns`` is the wall-clock time recorded on points cut (default: now). Rejected
+        logs stop the pass and are reported in ``errors``; nothing of them is applied.
+        """
+        if crash_consistent_interval_s < 0:
+            raise ValueError("crash_consistent_interval_s must be 0 or more")
+        if max_batches is not None and max_batches < 0:
+            raise ValueError("max_batches must be 0 or more")
+        interval_ns = int(crash_consistent_interval_s * 1_000_000_000)
+        now = time.time_ns() if now_ns is None else now_ns
+        st = self._load_state(create=True)
+        assert st is not None
+        if st.deleting:
+            raise ApplyStateError(f"the replica of item {self.item_id} is being deleted")
+        self._ensure_disks(st)
+        result = ApplyResult()
+        self._recover(st, result)
+
+        stale, pending = self._scan_logs(st.applied_seq)
+        self._delete_logs(stale)  # applied by an earlier pass whose clean-up was cut short
+
+        expected = st.applied_seq + 1
+        runnable: list[tuple[int, str]] = []
+        for seq, key in pending:
+            if seq != expected:
+                result.waiting_for_seq = expected
+                break
+            runnable.append((seq, key))
+            expected += 1
+        if max_batches is not None and len(runnable) > max_batches:
+            runnable = runnable[:max_batches]
+            result.more_pending = True
+
+        done_keys: list[str] = []
+        dirty: set[str] = set()
+        unflushed = 0
+        if runnable:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"apply-{self.item_id[:8]}") as pool:
+                ahead: deque[Future[_Opened]] = deque()
+                todo = iter(runnable)
+
+                def refill() -> None:
+                    while len(ahead) < _PREFETCH + 1:
+                        nxt = next(todo, None)
+                        if nxt is None:
+                            return
+                        ahead.append(pool.submit(self._open, nxt[0], nxt[1], st.disks))
+
+                refill()
+                try:
+                    while ahead:
+                        opened = ahead.popleft().result()
+                        if opened.error is not None:
+                            result.errors.append(opened.error)
+                            result.more_pending = False
+                            break
+                        refill()
+                        batch = opened.batch
+                        assert batch is not None
+                        written = self._write(batch, st.disks, dirty)
+                        st.applied_seq = batch.seq
+                        st.applied_source_time_ns = batch.source_time_ns
+                        if batch.flags & FLAG_INITIAL_DONE:
+                            st.initial_copy_complete = True
+                        done_keys.append(opened.key)
+                        result.batches_applied += 1
+                        result.bytes_applied += written
+                        unflushed += written
+                        kind = self._point_due(st, batch, opened.has_bookmark, interval_ns)
+                        if opened.has_bookmark and kind != APP_CONSISTENT:
+                            result.bookmarks_skipped += 1
+                        if kind is not None:
+                            label = opened.label if kind == APP_CONSISTENT else None
+                            result.new_points.append(self._cut_point(st, kind, label, now, dirty, done_keys))
+                            unflushed = 0
+                        elif unflushed >= self.checkpoint_bytes:
+                            self._checkpoint(st, dirty, done_keys)
+                            unflushed = 0
+                finally:
+                    for f in ahead:
+                        f.cancel()
+        # On an exception nothing more is saved: the next pass replays from the durable seq.
+        if dirty or done_keys:
+            self._checkpoint(st, dirty, done_keys)
+
+        result.applied_seq = st.applied_seq
+        result.last_source_time_ns = st.applied_source_time_ns
+        result.initial_copy_complete = st.initial_copy_complete
+        return result
+
+    def _scan_logs(self, applied_seq: int) -> tuple[list[str], list[tuple[int, str]]]:
+        stale: list[str] = []
+        pending: list[tuple[int, str]] = []
+        for key in self.storage.list_objects(self.logs_prefix):
+            name = key[len(self.logs_prefix):]
+            if len(name) != 24 or not name.endswith(".lbs") or not name[:20].isdigit():
+                continue  # not a log (the process server writes only <seq:020d>.lbs here)
+            seq = int(name[:20])
+            if seq <= applied_seq:
+                stale.append(key)
+            else:
+                pending.append((seq, key))
+        pending.sort()
+        return stale, pending
+
+    def _open(self, seq: int, key: str, disks: Mapping[int, DiskSpec]) -> _Opened:
+        """Fetch, authenticate, decode and check one log without applying anything."""
+        out = _Opened(seq, key)
+
+        def reject(reason: str, message: str) -> _Opened:
+            out.error = ApplyError(seq, key, reason, message)
+            return out
+
+        try:
+            sealed = self.storage.get_object(key)
+        except ObjectNotFound:
+            return reject("missing", "the log disappeared from cache storage before it was applied")
+        try:
+            plain = unseal(sealed, key=self.key, context=f"{self.item_id}:{seq}".encode())
+        except TamperedData as e:
+            return reject("tampered", str(e))
+        del sealed
+        try:
+            batch = decode(plain)
+        except MalformedBatch as e:
+            return reject("malformed", str(e))
+        if str(batch.item_id) != self.item_id:
+            return reject("invalid", f"the batch belongs to item {batch.item_id}")
+        if batch.seq != seq:
+            return reject("invalid", f"the batch says seq {batch.seq} but is stored as log {seq}")
+        last = len(batch.records) - 1
+        for i, rec in enumerate(batch.records):
+            if rec.kind == KIND_WRITE:
+                spec = disks.get(rec.disk)
+                if spec is None:
+                    return reject(
+                        "invalid",
+                        f"record {i + 1} writes disk {rec.disk}; the item has disks {sorted(disks)}",
+                    )
+                if rec.offset + len(rec.data) > spec.size_bytes:
+                    return reject(
+                        "invalid",
+                        f"record {i + 1} writes disk {rec.disk} at {rec.offset}+{len(rec.data)}, past its "
+                        f"{spec.size_bytes} bytes (resize the replica first)",
+                    )
+            elif rec.kind == KIND_BOOKMARK:
+                if i != last:
+                    return reject("invalid", f"record {i + 1} is a bookmark but not the batch's last record")
+                try:
+                    out.label = json.loads(bytes(rec.data).decode("utf-8"))
+                except (UnicodeDecodeError, ValueError) as e:
+                    return reject("malformed", f"bookmark label is not UTF-8 JSON: {e}")
+                out.has_bookmark = True
+        out.batch = batch
+        return out
+
+    def _write(self, batch: Batch, disks: Mapping[int, DiskSpec], dirty: set[str]) -> int:
+        written = 0
+        write = self.storage.write_disk
+        for rec in batch.records:
+            if rec.kind == KIND_WRITE:
+                name = disks[rec.disk].name
+                write(name, rec.offset, rec.data)
+                dirty.add(name)
+                written += len(rec.data)
+        return written
+
+    @staticmethod
+    def _point_due(st: _State, batch: Batch, has_bookmark: bool, interval_ns: int) -> str | None:
+        if not st.initial_copy_complete:
+            return None
+        if batch.flags & FLAG_RESYNC:
+            return None
+        if batch.flags & FLAG_INITIAL and not batch.flags & FLAG_INITIAL_DONE:
+            return None
+        if has_bookmark:
+            return APP_CONSISTENT
+        last = st.last_point_source_time_ns
+        if last is None or batch.source_time_ns - last >= interval_ns or batch.source_time_ns < last:
+            return CRASH_CONSISTENT
+        return None
+
+    def _flush(self, dirty: set[str]) -> None:
+        for name in sorted(dirty):
+            self.storage.flush_disk(name)
+        dirty.clear()
+
+    def _checkpoint(self, st: _State, dirty: set[str], done_keys: list[str]) -> None:
+        self._flush(dirty)
+        self._save(st)
+        self._delete_logs(done_keys)
+        done_keys.clear()
+
+    def _delete_logs(self, keys: list[str]) -> None:
+        for key in keys:
+            self.storage.delete_object(key)
+
+    def _cut_point(
+        self, st: _State, kind: str, label: Any, now: int, dirty: set[str], done_keys: list[str]
+    ) -> RecoveryPoint:
+        st.pending_point = RecoveryPoint(
+            point_id=f"{st.replica_id}-{st.applied_seq:012d}",
+            seq=st.applied_seq,
+            source_time_ns=st.applied_source_time_ns or 0,
+            kind=kind,
+            label=label,
+            snapshots={},
+            created_ns=now,
+        )
+        self._checkpoint(st, dirty, done_keys)  # durable writes, then the pending point
+        return self._finish_point(st)
+
+    def _finish_point(self, st: _State) -> RecoveryPoint:
+        pending = st.pending_point
+        assert pending is not None
+        snapshots = {index: self.storage.snapshot_disk(spec.name) for index, spec in sorted(st.disks.items())}
+        point = replace(pending, snapshots=snapshots)
+        st.points.append(point)
+        st.last_point_source_time_ns = point.source_time_ns
+        st.pending_point = None
+        self._save(st)
+        return point
+
+    # -- points ---------------------------------------------------------------------------
+    def list_points(self) -> list[RecoveryPoint]:
+        """The item's recovery points, oldest first."""
+        st = self._load_state(create=False)
+        return list(st.points) if st else []
+
+    def get_point(self, point_id: str) -> RecoveryPoint:
+        for p in self.list_points():
+            if p.point_id == point_id:
+                return p
+        raise PointNotFound(f"item {self.item_id} has no recovery point {point_id!r}")
+
+    def status(self) -> ReplicaStatus:
+        st = self._load_state(create=False)
+        if st is None:
+            return ReplicaStatus(0, None, False, 0, None)
+        return ReplicaStatus(
+            st.applied_seq, st.applied_source_time_ns, st.initial_copy_complete, len(st.points),
+            st.points[-1] if st.points else None,
+        )
+
+    def prune_points(self, *, older_than_ns: int) -> list[RecoveryPoint]:
+        """Delete points whose source time is before ``older_than_ns`` (with their
+        snapshots), always keeping the newest point. Returns the deleted points."""
+        st = self._load_state(create=False)
+        if st is None:
+            return []
+        if st.deleting:
+            raise ApplyStateError(f"the replica of item {self.item_id} is being deleted")
+        self._recover(st)
+        if len(st.points) < 2:
+            return []
+        victims = [p for p in st.points[:-1] if p.source_time_ns < older_than_ns]
+        if not victims:
+            return []
+        gone = {p.point_id for p in victims}
+        st.points = [p for p in st.points if p.point_id not in gone]
+        st.doomed_snapshots = [
+            (st.disks[index].name, sid) for p in victims for index, sid in sorted(p.snapshots.items())
+        ]
+        self._save(st)  # the points are gone before their snapshots are
+        self._recover(st)
+        return victims
+
+    def delete_replica(self) -> None:
+        """Remove the item's replica disks (with every point), its logs and its state."""
+        st = self._load_state(create=False)
+        names = {s.name for s in self.disks.values()}
+        if st is not None:
+            names.update(s.name for s in st.disks.values())
+            if not st.deleting:
+                st.deleting = True
+                self._save(st)
+        for name in sorted(names):
+            self.storage.delete_disk(name)
+        self._delete_logs(self.storage.list_objects(self.logs_prefix))
+        self.storage.delete_object(self.state_key)
+        self._disks_ready = False
+
+    # -- reading a point ------------------------------------------------------------------
+    def _point_disk(self, point_id: str, disk_index: int) -> tuple[str, str]:
+        st = self._load_state(create=False)
+        for p in st.points if st else []:
+            if p.point_id == point_id:
+                sid = p.snapshots.get(disk_index)
+                if sid is None:
+                    raise PointNotFound(f"recovery point {point_id!r} has no disk {disk_index}")
+                assert st is not None
+                return st.disks[disk_index].name, sid
+        raise PointNotFound(f"item {self.item_id} has no recovery point {point_id!r}")
+
+    def disk_size_at(self, point_id: str, disk_index: int) -> int:
+        name, sid = self._point_disk(point_id, disk_index)
+        return self.storage.disk_size(name, snapshot=sid)
+
+    def read_disk_at(self, point_id: str, disk_index: int, offset: int, length: int) -> bytes:
+        """Bytes of a replica disk as of a recovery point."""
+        name, sid = self._point_disk(point_id, disk_index)
+        return self.storage.read_disk(name, offset, length, snapshot=sid)
+
+    def iter_disk_image(
+        self, point_id: str, disk_index: int, chunk: int = DEFAULT_IMAGE_CHUNK
+    ) -> Iterator[bytes]:
+        """The whole raw disk image as of a recovery point, in pieces of ``chunk`` bytes."""
+        name, sid = self._point_disk(point_id, disk_index)
+        return self.storage.iter_disk(name, snapshot=sid, chunk_bytes=chunk)

@@ -1,0 +1,963 @@
+"""Local-directory storage: cache objects as files, replica disks as copy-on-write chunks.
+
+Layout under ``root``::
+
+    objects/<key>                           one file per cache object
+    disks/<name>/disk.map                   the live disk's manifest
+    disks/<name>/chunks/<idx // 1024>/<idx>.<gen>
+                                            one file per chunk *version*
+    disks/<name>/snapshots/<id>.map         a snapshot's manifest (frozen copy of the map)
+    disks/<name>/snapshots/<id>.deleting    a snapshot being deleted (finished on next open)
+    disks/<name>/ALLOCATING                 present while chunk files may exist that no
+                                            durable manifest mentions (crash clean-up hint)
+    disks/.deleting-<name>-<token>/         a disk being deleted (finished on next open)
+
+Objects are written to a temporary file in the same directory, fsynced, renamed over the
+key's path and the directory fsynced, so a reader or a crash sees the old or the new object.
+
+**Disks and snapshots.** A disk is cut into fixed chunks of ``chunk_bytes`` (1 MiB by
+default). A manifest maps each chunk index to a *generation* (0: never written, reads as
+zeros); ``chunks/.../<idx>.<gen>`` holds that version's bytes, as a sparse file (only the
+written ranges take space). Generations come from a per-disk counter that only grows. A
+snapshot is a durable copy of the map plus ``next_gen`` at that moment: it pins exactly the
+chunk versions then current and costs a few bytes per chunk of metadata, not data. The
+*watermark* is the highest ``next_gen`` of any snapshot: a chunk version with a lower
+generation may be pinned, so a write to it first copies the chunk (only its allocated
+ranges, via SEEK_DATA/SEEK_HOLE) to a new generation and writes there (copy-on-write); a
+version at or above the watermark belongs to the live disk alone and is written in place
+with ``os.pwrite``. A write covering a whole chunk skips the copy. Pinned files are never
+opened for writing, which is what keeps every snapshot's bytes exact whatever happens.
+
+Because generations only grow and a chunk version, once replaced in the live map, never comes
+back, the snapshots pinning one version form a contiguous run in time. Deleting snapshot S
+therefore frees each of its chunk versions unless the next older surviving snapshot, or the
+next newer one (the live disk if S is the newest), has the same version: exactly the chunks
+no other snapshot or the live disk uses, found from two neighbours instead of all snapshots.
+
+**Why 1 MiB chunks.** Copy-on-write costs at most one chunk of copying per chunk first
+touched after a point (sparse-aware, so less for a sparsely written chunk); smaller chunks
+would mean more files (1 MiB is ~1 M files per fully written TiB, 1024 per directory) and a
+bigger map (8 bytes a chunk, compressed), larger ones more copying per small write. 1 MiB
+also matches the apply engine's write sizes, so a chunk copy is one sequential read and
+write. The size is fixed per disk when it is created (``chunk_bytes`` in the config).
+
+**Durability and crash safety.** Writes go to the page cache with ``os.pwrite`` (and
+``sync_file_range`` starts writing them back at once, so the later fsync has little to wait
+for); ``flush_disk`` fsyncs the touched chunk files and new directory entries, then (if the
+map changed) replaces ``disk.map`` by write-temp-fsync-rename. ``snapshot_disk`` flushes,
+rewrites ``disk.map``, then writes the snapshot manifest the same way; the in-memory
+watermark moves at once, so no later write can touch a pinned file. After a crash, the
+durable ``disk.map`` is the disk as of the last flush (later writes may be lost or partly
+present; the apply engine replays them, writes being absolute).
+Chunk versions created after the last durable map are found through ``ALLOCATING`` (written
+and fsynced before the first new chunk file after each flush) and deleted on open; a
+snapshot deletion is a rename to ``.deleting`` first, then frees chunks, then removes the
+manifest, and an interrupted one is finished on open.
+
+One process writes a disk at a time (the apply engine of its item holds the item's lock);
+other processes may read snapshots, and the writer may move from process to process. Every
+change to the live map, and every new snapshot, rewrites ``disk.map`` with a new random
+token *before* it takes effect; a handle with nothing unflushed compares tokens before each
+use and reloads on a mismatch, so a long-lived handle never writes with a stale map or
+watermark (a deleted snapshot only lowers the watermark, so a stale one is merely cautious;
+reading a snapshot checks that its manifest still exists).
+"""
+from __future__ import annotations
+
+import array
+import ctypes
+import ctypes.util
+import errno
+import os
+import re
+import secrets
+import shutil
+import struct
+import sys
+import threading
+import time
+import zlib
+from typing import Iterator
+
+from .base import (
+    DiskExists,
+    DiskNotFound,
+    InvalidRequest,
+    ObjectNotFound,
+    SnapshotNotFound,
+    Storage,
+    StorageError,
+    check_disk_name,
+    check_disk_size,
+    check_key,
+    check_prefix,
+    check_read,
+    check_write,
+)
+
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+SHARD = 1024  # chunk files per directory
+MAP_MAGIC = b"LBDM"
+MAP_VERSION = 1
+# magic | version u8 | kind u8 (0 live, 1 snapshot) | reserved u16 | chunk_bytes u32
+# | size u64 | next_gen u64 | created_ns u64 | token u64 | chunk count u32 | body length u32
+# followed by the zlib-compressed generations (u64 each) and a crc32 of everything before.
+MAP_HEADER = struct.Struct("<4sBBHIQQQQII")
+KIND_LIVE = 0
+KIND_SNAPSHOT = 1
+_SNAP_ID = re.compile(r"^[0-9]{20}$")
+_CHUNK_FILE = re.compile(r"^([0-9]+)\.([0-9]+)$")
+_MAX_OPEN = 256
+
+
+def _load_sync_file_range():
+    """Linux's sync_file_range(2), to start writing a chunk back while the apply engine
+    decodes the next batch, so that the fsync at flush time has little left to wait for."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages in the range, do not wait
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a hint: errors are harmless
+
+
+def _fsync_all(fds: list[int]) -> None:
+    # Serially: fsyncing in parallel threads measured no faster here (the device is the
+    # limit), and _start_writeback already moved most of the waiting out of this call.
+    for fd in fds:
+        os.fsync(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: str) -> None:
+    """Create ``path`` and any missing parents, fsyncing each new entry's parent."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    _makedirs_durable(parent)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise StorageError(f"{path} exists and is not a directory") from None
+        return
+    _fsync_dir(parent)
+
+
+def _write_all(fd: int, data: memoryview, offset: int | None = None) -> None:
+    pos = 0
+    total = len(data)
+    while pos < total:
+        if offset is None:
+            n = os.write(fd, data[pos:])
+        else:
+            n = os.pwrite(fd, data[pos:], offset + pos)
+        pos += n
+
+
+def _atomic_write(path: str, data: bytes | bytearray | memoryview) -> None:
+    """Write-temp-fsync-rename-fsync(dir): ``path`` holds the old bytes or the new ones."""
+    directory, base = os.path.split(path)
+    tmp = os.path.join(directory, f".tmp-{base}-{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, memoryview(data).cast("B"))
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quiet(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _unlink_quiet(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _allocated(st: os.stat_result) -> int:
+    return st.st_blocks * 512
+
+
+# ----------------------------------------------------------------------------------------
+# manifests
+
+
+class _Map:
+    """A disk's chunk map: size, chunk size, generation per chunk, next generation."""
+
+    __slots__ = ("chunk_bytes", "size", "next_gen", "created_ns", "token", "gens")
+
+    def __init__(
+        self, chunk_bytes: int, size: int, next_gen: int, created_ns: int, gens: array.array, token: int = 0
+    ):
+        self.chunk_bytes = chunk_bytes
+        self.size = size
+        self.next_gen = next_gen
+        self.created_ns = created_ns
+        self.token = token  # random, new on every write of a live manifest (see refresh)
+        self.gens = gens
+
+    def encode(self, kind: int) -> bytes:
+        raw = self.gens if sys.byteorder == "little" else _swapped(self.gens)
+        body = zlib.compress(raw.tobytes(), 1)
+        head = MAP_HEADER.pack(
+            MAP_MAGIC, MAP_VERSION, kind, 0, self.chunk_bytes, self.size, self.next_gen,
+            self.created_ns, self.token, len(self.gens), len(body),
+        )
+        return head + body + struct.pack("<I", zlib.crc32(body, zlib.crc32(head)))
+
+    @classmethod
+    def decode(cls, buf: bytes, path: str) -> "_Map":
+        if len(buf) < MAP_HEADER.size + 4:
+            raise StorageError(f"disk manifest {path} is truncated")
+        magic, version, _kind, _r, chunk_bytes, size, next_gen, created_ns, token, count, body_len = (
+            MAP_HEADER.unpack_from(buf, 0)
+        )
+        if magic != MAP_MAGIC or version != MAP_VERSION:
+            raise StorageError(f"{path} is not a Lifeboat disk manifest")
+        end = MAP_HEADER.size + body_len
+        if len(buf) != end + 4:
+            raise StorageError(f"disk manifest {path} has the wrong length")
+        (crc,) = struct.unpack_from("<I", buf, end)
+        if crc != zlib.crc32(buf[MAP_HEADER.size:end], zlib.crc32(buf[: MAP_HEADER.size])):
+            raise StorageError(f"disk manifest {path} fails its checksum")
+        gens = array.array("Q")
+        gens.frombytes(zlib.decompress(buf[MAP_HEADER.size:end]))
+        if sys.byteorder != "little":
+            gens.byteswap()
+        if len(gens) != count or count != -(-size // chunk_bytes):
+            raise StorageError(f"disk manifest {path} has an inconsistent chunk count")
+        return cls(chunk_bytes, size, next_gen, created_ns, gens, token)
+
+    @classmethod
+    def read(cls, path: str) -> "_Map":
+        with open(path, "rb") as f:
+            return cls.decode(f.read(), path)
+
+    @staticmethod
+    def read_header(path: str) -> tuple[int, int]:
+        """(next_gen, token) without reading the map."""
+        with open(path, "rb") as f:
+            head = f.read(MAP_HEADER.size)
+        if len(head) < MAP_HEADER.size or head[:4] != MAP_MAGIC:
+            raise StorageError(f"{path} is not a Lifeboat disk manifest")
+        fields = MAP_HEADER.unpack(head)
+        return fields[6], fields[8]
+
+    def extent(self, idx: int) -> int:
+        """Bytes of chunk ``idx`` inside the disk."""
+        return min(self.chunk_bytes, self.size - idx * self.chunk_bytes)
+
+
+def _swapped(a: array.array) -> array.array:
+    b = array.array(a.typecode, a)
+    b.byteswap()
+    return b
+
+
+# ----------------------------------------------------------------------------------------
+# one disk
+
+
+class _Disk:
+    def __init__(self, storage: "LocalStorage", name: str, path: str):
+        self.storage = storage
+        self.name = name
+        self.path = path
+        self.map_path = os.path.join(path, "disk.map")
+        self.chunks_dir = os.path.join(path, "chunks")
+        self.snaps_dir = os.path.join(path, "snapshots")
+        self.marker = os.path.join(path, "ALLOCATING")
+        self.fds: dict[int, int] = {}  # chunk index -> fd of its current (live) version
+        self.dirty_chunks: set[int] = set()
+        self.dirty_dirs: set[str] = set()
+        self.map_dirty = False
+        self.allocating = False
+        self.snap_maps: dict[str, _Map] = {}
+        self.load()
+
+    # -- loading and recovery -------------------------------------------------------------
+    def load(self) -> None:
+        """Read the durable state. Changes nothing on disk: readers in other processes may
+        run while the disk's writer works, so clean-up is left to ``recover``."""
+        self.close_fds()
+        try:
+            self.map = _Map.read(self.map_path)
+        except FileNotFoundError:
+            raise DiskNotFound(f"disk {self.name!r} does not exist") from None
+        self.snap_maps.clear()
+        self.allocating = False  # whether *this* handle wrote the marker
+        self.dirty_chunks.clear()
+        self.dirty_dirs.clear()
+        self.map_dirty = False
+        self.snap_next_gen: dict[str, int] = {}
+        self.last_snap_id = 0
+        for sid, deleting in self._snapshot_files():
+            try:
+                next_gen, _token = _Map.read_header(self._snap_path(sid, deleting))
+            except FileNotFoundError:  # deleted meanwhile by the writer (we are a reader)
+                continue
+            self.snap_next_gen[sid] = next_gen
+            self.map.next_gen = max(self.map.next_gen, next_gen)
+            self.last_snap_id = max(self.last_snap_id, int(sid))
+        self.watermark = max(self.snap_next_gen.values(), default=0)
+        self.recovered = False
+
+    def recover(self) -> None:
+        """Finish what a writer that died left behind: a snapshot deletion, chunk versions no
+        durable manifest mentions. Only the disk's one writer may run this, before writing."""
+        for sid, deleting in self._snapshot_files():
+            if deleting:
+                self._finish_snapshot_delete(sid)
+        if os.path.exists(self.marker):
+            self._collect_orphans()
+        self.allocating = False
+        self.recovered = True
+
+    def _snapshot_files(self) -> list[tuple[str, bool]]:
+        out = []
+        try:
+            names = os.listdir(self.snaps_dir)
+        except FileNotFoundError:
+            return out
+        for n in names:
+            sid, _, ext = n.partition(".")
+            if _SNAP_ID.match(sid) and ext in ("map", "deleting"):
+                out.append((sid, ext == "deleting"))
+        out.sort()
+        return out
+
+    def _snap_path(self, sid: str, deleting: bool = False) -> str:
+        return os.path.join(self.snaps_dir, f"{sid}.{'deleting' if deleting else 'map'}")
+
+    def _collect_orphans(self) -> None:
+        """Delete chunk files neither the durable live map nor any snapshot refers to (left
+        by a crash between creating them and the next durable manifest)."""
+        referenced: set[tuple[int, int]] = {(i, g) for i, g in enumerate(self.map.gens) if g}
+        highest = self.map.next_gen - 1
+        for sid in self.snapshot_ids():
+            m = self.snapshot_map(sid)
+            referenced.update((i, g) for i, g in enumerate(m.gens) if g)
+        touched = set()
+        for shard in self._listdir(self.chunks_dir):
+            shard_dir = os.path.join(self.chunks_dir, shard)
+            for fname in self._listdir(shard_dir):
+                m = _CHUNK_FILE.match(fname)
+                if not m:
+                    if fname.startswith(".tmp-"):
+                        _unlink_quiet(os.path.join(shard_dir, fname))
+                    continue
+                idx, gen = int(m.group(1)), int(m.group(2))
+                highest = max(highest, gen)
+                if (idx, gen) not in referenced:
+                    _unlink_quiet(os.path.join(shard_dir, fname))
+                    touched.add(shard_dir)
+        for d in touched:
+            _fsync_dir(d)
+        self.map.next_gen = max(self.map.next_gen, highest + 1)
+        _unlink_quiet(self.marker)
+        self.allocating = False
+
+    @staticmethod
+    def _listdir(path: str) -> list[str]:
+        try:
+            return os.listdir(path)
+        except FileNotFoundError:
+            return []
+
+    def refresh(self, *, for_write: bool) -> None:
+        """Reload what another process changed since this handle loaded, unless this handle
+        has unflushed writes (then it is the disk's one writer and up to date).
+
+        Every change to the live map, and every new snapshot, first rewrites ``disk.map``
+        with a new random token, so a token equal to ours means our map and watermark are
+        current. Before writing, the writer also finishes what a dead writer left: an
+        ``ALLOCATING`` marker it did not write itself means orphans to collect."""
+        if self.dirty_chunks or self.map_dirty:
+            return
+        try:
+            _next_gen, token = _Map.read_header(self.map_path)
+        except FileNotFoundError:
+            self.close_fds()
+            raise DiskNotFound(f"disk {self.name!r} does not exist") from None
+        if token != self.map.token:
+            self.load()
+        if for_write and (not self.recovered or (not self.allocating and os.path.exists(self.marker))):
+            self.recover()
+
+    # -- chunk files ----------------------------------------------------------------------
+    def chunk_path(self, idx: int, gen: int) -> str:
+        return os.path.join(self.chunks_dir, str(idx // SHARD), f"{idx}.{gen}")
+
+    def close_fds(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def _live_fd(self, idx: int) -> int:
+        fd = self.fds.get(idx)
+        if fd is None:
+            if len(self.fds) >= _MAX_OPEN:
+                old_idx = next(iter(self.fds))
+                os.close(self.fds.pop(old_idx))  # unflushed data stays in the page cache
+            gen = self.map.gens[idx]
+            try:
+                fd = os.open(self.chunk_path(idx, gen), os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise StorageError(
+                    f"disk {self.name!r}: chunk {idx} version {gen} is missing from {self.chunks_dir}"
+                ) from None
+            self.fds[idx] = fd
+        return fd
+
+    def _mark_allocating(self) -> None:
+        if not self.allocating:
+            fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            os.close(fd)
+            _fsync_dir(self.path)
+            self.allocating = True
+
+    def _writable_fd(self, idx: int, whole_chunk: bool) -> int:
+        gen = self.map.gens[idx]
+        if gen and gen >= self.watermark:
+            return self._live_fd(idx)  # this version belongs to the live disk alone
+        self._mark_allocating()
+        new_gen = self.map.next_gen
+        self.map.next_gen += 1
+        shard_dir = os.path.dirname(self.chunk_path(idx, new_gen))
+        if shard_dir not in self.dirty_dirs and not os.path.isdir(shard_dir):
+            _makedirs_durable(shard_dir)
+        path = self.chunk_path(idx, new_gen)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            raise StorageError(
+                f"disk {self.name!r}: chunk file {path} already exists (corrupt generation counter)"
+            ) from None
+        try:
+            if gen and not whole_chunk:
+                _copy_sparse(self.chunk_path(idx, gen), fd)
+                _start_writeback(fd, 0, 0)  # 0 length: to the end of the file
+        except BaseException:
+            os.close(fd)
+            _unlink_quiet(path)
+            raise
+        old = self.fds.pop(idx, None)
+        if old is not None:
+            os.close(old)
+        if len(self.fds) >= _MAX_OPEN:
+            os.close(self.fds.pop(next(iter(self.fds))))
+        self.fds[idx] = fd
+        self.map.gens[idx] = new_gen
+        self.map_dirty = True
+        self.dirty_dirs.add(shard_dir)
+        return fd
+
+    # -- I/O ------------------------------------------------------------------------------
+    def write(self, offset: int, data: memoryview) -> None:
+        cb = self.map.chunk_bytes
+        total = len(data)
+        pos = 0
+        while pos < total:
+            at = offset + pos
+            idx, within = divmod(at, cb)
+            take = min(cb - within, total - pos)
+            fd = self._writable_fd(idx, within == 0 and take >= self.map.extent(idx))
+            _write_all(fd, data[pos : pos + take], within)
+            _start_writeback(fd, within, take)
+            self.dirty_chunks.add(idx)
+            pos += take
+
+    def read(self, m: _Map, offset: int, length: int, live: bool) -> bytes:
+        cb = m.chunk_bytes
+        pieces: list[bytes] = []
+        pos = 0
+        while pos < length:
+            at = offset + pos
+            idx, within = divmod(at, cb)
+            take = min(cb - within, length - pos)
+            gen = m.gens[idx]
+            if not gen:
+                pieces.append(bytes(take))
+            else:
+                if live:
+                    piece = os.pread(self._live_fd(idx), take, within)
+                else:
+                    piece = self._read_pinned(idx, gen, take, within)
+                if len(piece) < take:  # past the end of a sparse or shortened chunk file
+                    piece += bytes(take - len(piece))
+                pieces.append(piece)
+            pos += take
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _read_pinned(self, idx: int, gen: int, take: int, within: int) -> bytes:
+        try:
+            fd = os.open(self.chunk_path(idx, gen), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StorageError(
+                f"disk {self.name!r}: chunk {idx} version {gen} is missing from {self.chunks_dir}"
+            ) from None
+        try:
+            out = []
+            got = 0
+            while got < take:
+                piece = os.pread(fd, take - got, within + got)
+                if not piece:
+                    break
+                out.append(piece)
+                got += len(piece)
+            return out[0] if len(out) == 1 else b"".join(out)
+        finally:
+            os.close(fd)
+
+    def flush(self) -> None:
+        fds: list[int] = []
+        opened: list[int] = []
+        try:
+            for idx in self.dirty_chunks:
+                fd = self.fds.get(idx)
+                if fd is None:  # its descriptor was recycled; the data is in the page cache
+                    fd = os.open(self.chunk_path(idx, self.map.gens[idx]), os.O_RDONLY | os.O_CLOEXEC)
+                    opened.append(fd)
+                fds.append(fd)
+            _fsync_all(fds)
+        finally:
+            for fd in opened:
+                os.close(fd)
+        self.dirty_chunks.clear()
+        for d in self.dirty_dirs:
+            _fsync_dir(d)
+        self.dirty_dirs.clear()
+        if self.map_dirty:
+            self.write_map()
+        if self.allocating:
+            _unlink_quiet(self.marker)  # a lost unlink only costs an orphan scan on open
+            self.allocating = False
+
+    def write_map(self) -> None:
+        self.map.token = int.from_bytes(os.urandom(8), "little")
+        _atomic_write(self.map_path, self.map.encode(KIND_LIVE))
+        self.map_dirty = False
+
+    # -- snapshots ------------------------------------------------------------------------
+    def snapshot_ids(self) -> list[str]:
+        return [sid for sid, deleting in self._snapshot_files() if not deleting]
+
+    def snapshot_map(self, sid: str) -> _Map:
+        m = self.snap_maps.get(sid)
+        if m is not None and not os.path.exists(self._snap_path(sid)):  # deleted elsewhere
+            self.snap_maps.pop(sid, None)
+            m = None
+        if m is None:
+            if not _SNAP_ID.match(sid or ""):
+                raise SnapshotNotFound(f"disk {self.name!r} has no snapshot {sid!r}")
+            try:
+                m = _Map.read(self._snap_path(sid))
+            except FileNotFoundError:
+                raise SnapshotNotFound(f"disk {self.name!r} has no snapshot {sid!r}") from None
+            if len(self.snap_maps) > 64:
+                self.snap_maps.pop(next(iter(self.snap_maps)))
+            self.snap_maps[sid] = m
+        return m
+
+    def snapshot(self) -> str:
+        # Rewrite the live manifest (new token) before the snapshot exists, so that any other
+        # handle reloads, and learns the new watermark, before it could write again.
+        self.map_dirty = True
+        self.flush()
+        os.makedirs(self.snaps_dir, exist_ok=True)
+        sid_num = max(self.last_snap_id + 1, time.time_ns())
+        sid = f"{sid_num:020d}"
+        snap = _Map(self.map.chunk_bytes, self.map.size, self.map.next_gen, time.time_ns(),
+                    array.array("Q", self.map.gens))
+        _atomic_write(self._snap_path(sid), snap.encode(KIND_SNAPSHOT))
+        # From here on every current chunk version is pinned: writes copy before writing.
+        self.snap_next_gen[sid] = self.map.next_gen
+        self.watermark = max(self.watermark, self.map.next_gen)
+        self.last_snap_id = sid_num
+        self.snap_maps[sid] = snap
+        return sid
+
+    def delete_snapshot(self, sid: str) -> None:
+        if not _SNAP_ID.match(sid or ""):
+            return
+        self.flush()  # the live map we compare against must be the durable one
+        path = self._snap_path(sid)
+        try:
+            os.rename(path, self._snap_path(sid, deleting=True))
+        except FileNotFoundError:
+            return
+        _fsync_dir(self.snaps_dir)
+        self.snap_maps.pop(sid, None)
+        self._finish_snapshot_delete(sid)
+
+    def _finish_snapshot_delete(self, sid: str) -> None:
+        doomed_path = self._snap_path(sid, deleting=True)
+        doomed = _Map.read(doomed_path)
+        others = self.snapshot_ids()
+        older = [s for s in others if s < sid]
+        newer = [s for s in others if s > sid]
+        before = self.snapshot_map(older[-1]).gens if older else None
+        after = self.snapshot_map(newer[0]).gens if newer else self.map.gens
+        touched = set()
+        for idx, gen in enumerate(doomed.gens):
+            if not gen:
+                continue
+            if before is not None and idx < len(before) and before[idx] == gen:
+                continue
+            if idx < len(after) and after[idx] == gen:
+                continue
+            path = self.chunk_path(idx, gen)
+            if _unlink_quiet(path):
+                touched.add(os.path.dirname(path))
+        for d in touched:
+            _fsync_dir(d)
+        os.unlink(doomed_path)
+        _fsync_dir(self.snaps_dir)
+        # Versions only the deleted snapshot pinned are gone, so the watermark may drop.
+        self.snap_next_gen.pop(sid, None)
+        self.watermark = max(self.snap_next_gen.values(), default=0)
+
+    # -- resize ---------------------------------------------------------------------------
+    def resize(self, size: int) -> None:
+        self.flush()
+        m = self.map
+        if size == m.size:
+            return
+        cb = m.chunk_bytes
+        new_count = -(-size // cb)
+        if size > m.size:
+            m.gens.extend(array.array("Q", bytes(8 * (new_count - len(m.gens)))))
+            m.size = size
+            self.map_dirty = True
+            self.flush()
+            return
+        # Shrinking. Chunk files dropped below may outlive a crash: the marker finds them.
+        self._mark_allocating()
+        last = new_count - 1
+        keep = size - last * cb
+        if keep < cb and m.gens[last]:
+            # Cut the tail of the new last chunk so that a later grow reads zeros there
+            # (copying it first if a snapshot pins it).
+            fd = self._writable_fd(last, whole_chunk=False)
+            if os.fstat(fd).st_size > keep:
+                os.ftruncate(fd, keep)
+            self.dirty_chunks.add(last)
+        # A live chunk version is pinned iff the newest snapshot has it (pins are contiguous).
+        ids = self.snapshot_ids()
+        pinned = self.snapshot_map(ids[-1]).gens if ids else array.array("Q")
+        freed = []
+        for idx in range(new_count, len(m.gens)):
+            gen = m.gens[idx]
+            if gen and not (idx < len(pinned) and pinned[idx] == gen):
+                freed.append(self.chunk_path(idx, gen))
+            fd = self.fds.pop(idx, None)
+            if fd is not None:
+                os.close(fd)
+            self.dirty_chunks.discard(idx)
+        del m.gens[new_count:]
+        m.size = size
+        self.map_dirty = True
+        self.allocating = False  # keep the marker on disk until the files are gone
+        self.flush()
+        touched = {os.path.dirname(p) for p in freed if _unlink_quiet(p)}
+        for d in touched:
+            _fsync_dir(d)
+        _unlink_quiet(self.marker)
+
+    def used_bytes(self) -> int:
+        return _tree_allocated(self.path)
+
+
+def _tree_allocated(path: str) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += _allocated(os.stat(os.path.join(dirpath, f)))
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def _copy_sparse(src_path: str, dst_fd: int) -> None:
+    """Copy a chunk file into ``dst_fd``, only its allocated ranges (holes stay holes)."""
+    try:
+        src = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise StorageError(f"chunk file {src_path} is missing") from None
+    try:
+        size = os.fstat(src).st_size
+        os.ftruncate(dst_fd, size)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(src, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break  # only a hole remains
+                raise
+            end = os.lseek(src, start, os.SEEK_HOLE)
+            _copy_range(src, dst_fd, start, end - start)
+            pos = end
+    finally:
+        os.close(src)
+
+
+def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(src, dst, length - done, offset + done, offset + done)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            n = 0
+        if n == 0:
+            data = os.pread(src, min(length - done, 1 << 20), offset + done)
+            if not data:
+                raise StorageError("chunk file shrank while being copied")
+            _write_all(dst, memoryview(data), offset + done)
+            n = len(data)
+        done += n
+
+
+# ----------------------------------------------------------------------------------------
+# the storage
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        if chunk_bytes <= 0 or chunk_bytes % 4096:
+            raise InvalidRequest("chunk_bytes must be a positive multiple of 4096")
+        self.root = os.path.abspath(root)
+        self.chunk_bytes = chunk_bytes
+        self.objects_root = os.path.join(self.root, "objects")
+        self.disks_root = os.path.join(self.root, "disks")
+        _makedirs_durable(self.objects_root)
+        _makedirs_durable(self.disks_root)
+        self._disks: dict[str, _Disk] = {}
+        self._lock = threading.RLock()
+        for n in os.listdir(self.disks_root):
+            if n.startswith(".deleting-"):  # a disk deletion a crash interrupted
+                shutil.rmtree(os.path.join(self.disks_root, n), ignore_errors=True)
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({self.root!r})"
+
+    # -- objects --------------------------------------------------------------------------
+    def _object_path(self, key: str) -> str:
+        return os.path.join(self.objects_root, *check_key(key).split("/"))
+
+    def put_object(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        path = self._object_path(key)
+        if os.path.isdir(path):
+            raise InvalidRequest(f"object key {key!r} is a prefix of other keys here")
+        parent = os.path.dirname(path)
+        try:
+            _makedirs_durable(parent)
+        except (StorageError, NotADirectoryError):
+            raise InvalidRequest(f"object key {key!r} lies under an existing object") from None
+        _atomic_write(path, data)
+
+    def get_object(self, key: str) -> bytes:
+        path = self._object_path(key)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"no object {key!r}") from None
+
+    def list_objects(self, prefix: str = "") -> list[str]:
+        check_prefix(prefix)
+        base = prefix.rpartition("/")[0]
+        start = os.path.join(self.objects_root, *base.split("/")) if base else self.objects_root
+        keys: list[str] = []
+
+        def walk(directory: str, rel: str) -> None:
+            try:
+                entries = list(os.scandir(directory))
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                key = f"{rel}{e.name}"
+                if e.is_dir(follow_symlinks=False):
+                    if key.startswith(prefix) or prefix.startswith(key + "/"):
+                        walk(e.path, key + "/")
+                elif key.startswith(prefix):
+                    keys.append(key)
+
+        walk(start, f"{base}/" if base else "")
+        keys.sort()
+        return keys
+
+    def delete_object(self, key: str) -> None:
+        path = self._object_path(key)
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except IsADirectoryError:
+            raise InvalidRequest(f"{key!r} is a prefix of other keys, not an object") from None
+        _fsync_dir(os.path.dirname(path))
+
+    # -- disks ----------------------------------------------------------------------------
+    def _disk_path(self, name: str) -> str:
+        return os.path.join(self.disks_root, check_disk_name(name))
+
+    def _disk(self, name: str, *, for_write: bool = False) -> _Disk:
+        """The disk's handle, current; ``for_write`` for anything that changes the disk."""
+        d = self._disks.get(name)
+        if d is None:
+            d = _Disk(self, name, self._disk_path(name))
+            self._disks[name] = d
+        try:
+            d.refresh(for_write=for_write)
+        except DiskNotFound:
+            self._disks.pop(name, None)
+            raise
+        return d
+
+    def disk_exists(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self._disk_path(name), "disk.map"))
+
+    def create_disk(self, name: str, size_bytes: int) -> None:
+        check_disk_size(size_bytes)
+        path = self._disk_path(name)
+        with self._lock:
+            if os.path.exists(os.path.join(path, "disk.map")):
+                raise DiskExists(f"disk {name!r} already exists")
+            if os.path.isdir(path):  # the remains of a creation a crash interrupted
+                shutil.rmtree(path)
+            _makedirs_durable(os.path.join(path, "chunks"))
+            _makedirs_durable(os.path.join(path, "snapshots"))
+            count = -(-size_bytes // self.chunk_bytes)
+            m = _Map(self.chunk_bytes, size_bytes, 1, time.time_ns(), array.array("Q", bytes(8 * count)),
+                     int.from_bytes(os.urandom(8), "little"))
+            _atomic_write(os.path.join(path, "disk.map"), m.encode(KIND_LIVE))
+            self._disks.pop(name, None)
+
+    def disk_size(self, name: str, *, snapshot: str | None = None) -> int:
+        with self._lock:
+            d = self._disk(name)
+            return d.snapshot_map(snapshot).size if snapshot is not None else d.map.size
+
+    def resize_disk(self, name: str, size_bytes: int) -> None:
+        check_disk_size(size_bytes)
+        with self._lock:
+            self._disk(name, for_write=True).resize(size_bytes)
+
+    def write_disk(self, name: str, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        with self._lock:
+            d = self._disk(name, for_write=True)
+            check_write(name, offset, len(view), d.map.size)
+            if view:
+                d.write(offset, view)
+
+    def flush_disk(self, name: str) -> None:
+        with self._lock:
+            self._disk(name, for_write=True).flush()
+
+    def read_disk(self, name: str, offset: int, length: int, *, snapshot: str | None = None) -> bytes:
+        with self._lock:
+            d = self._disk(name)
+            m = d.snapshot_map(snapshot) if snapshot is not None else d.map
+            check_read(name if snapshot is None else f"{name}@{snapshot}", offset, length, m.size)
+            if not length:
+                return b""
+            return d.read(m, offset, length, live=snapshot is None)
+
+    def delete_disk(self, name: str) -> None:
+        path = self._disk_path(name)
+        with self._lock:
+            d = self._disks.pop(name, None)
+            if d is not None:
+                d.close_fds()
+            if not os.path.isdir(path):
+                return
+            doomed = os.path.join(self.disks_root, f".deleting-{name}-{secrets.token_hex(4)}")
+            os.rename(path, doomed)
+            _fsync_dir(self.disks_root)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    # -- snapshots ------------------------------------------------------------------------
+    def snapshot_disk(self, name: str) -> str:
+        with self._lock:
+            return self._disk(name, for_write=True).snapshot()
+
+    def delete_snapshot(self, name: str, snapshot_id: str) -> None:
+        with self._lock:
+            try:
+                d = self._disk(name, for_write=True)
+            except DiskNotFound:
+                return
+            d.delete_snapshot(snapshot_id)
+
+    def list_snapshots(self, name: str) -> list[str]:
+        with self._lock:
+            return self._disk(name).snapshot_ids()
+
+    # -- accounting -----------------------------------------------------------------------
+    def used_bytes(self, prefix: str = "") -> int:
+        check_prefix(prefix)
+        total = 0
+        with self._lock:
+            for key in self.list_objects(prefix):
+                try:
+                    total += _allocated(os.stat(self._object_path(key)))
+                except FileNotFoundError:
+                    pass
+            for n in sorted(os.listdir(self.disks_root)):
+                if n.startswith(".") or not n.startswith(prefix):
+                    continue
+                total += _tree_allocated(os.path.join(self.disks_root, n))
+        return total
+
+    def chunk_files(self, name: str) -> Iterator[str]:
+        """Paths of every chunk version file of a disk (for tests and diagnostics)."""
+        base = os.path.join(self._disk_path(name), "chunks")
+        for dirpath, _dirs, files in os.walk(base):
+            for f in files:
+                if _CHUNK_FILE.match(f):
+                    yield os.path.join(dirpath, f)
+
+    def close(self) -> None:
+        with self._lock:
+            for d in self._disks.values():
+                d.close_fds()
+            self._disks.clear()
