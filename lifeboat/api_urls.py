@@ -7,7 +7,8 @@ from replication.api import agents
 from replication.api.views import ProtectedItemViewSet, RecoveryPointViewSet
 from vault.api import views as v
 
-router = DefaultRouter(trailing_slash="/?")  # with or without a trailing slash
+router = DefaultRouter()
+router.trailing_slash = "/?"  # every route answers with or without a trailing slash
 router.register("vaults", v.VaultViewSet)
 router.register("configurationServers", v.ConfigurationServerViewSet)
 router.register("processServers", v.ProcessServerViewSet)
