@@ -40,10 +40,12 @@ class JournalRecord:
 
 
 class WriteFilter:
-    def __init__(self, disk_path: str, journal_dir: str, *, cap_bytes: int = DEFAULT_CAP_BYTES) -> None:
+    def __init__(self, disk_path: str, journal_dir: str, *, cap_bytes: int = DEFAULT_CAP_BYTES,
+                 segment_bytes: int = SEGMENT_BYTES) -> None:
         self.disk_path = disk_path
         self.journal_dir = journal_dir
         self.cap_bytes = cap_bytes
+        self.segment_bytes = segment_bytes
         os.makedirs(journal_dir, exist_ok=True)
         self._lock = threading.Lock()
         self._disk = open(disk_path, "r+b")
@@ -66,14 +68,22 @@ class WriteFilter:
             self._disk.write(data)
             self._disk.flush()
             if self.overflowed:
+                if self._segment is not None:
+                    # Journaling resumes in a fresh segment, so that the agent can drop this
+                    # one (all of it stale once the resync starts) like any other.
+                    self._segment.close()
+                    self._segment = None
                 return
             need = RECORD.size + len(data)
             if self._journal_bytes + need > self.cap_bytes:
                 self._journal_bytes = journal_bytes(self.journal_dir)
                 if self._journal_bytes + need > self.cap_bytes:
                     open(os.path.join(self.journal_dir, OVERFLOW), "w").close()
+                    if self._segment is not None:
+                        self._segment.close()
+                        self._segment = None
                     return
-            if self._segment is None or self._segment_size >= SEGMENT_BYTES:
+            if self._segment is None or self._segment_size >= self.segment_bytes:
                 self._roll()
             self._seq += 1
             rec = RECORD.pack(self._seq, offset, len(data), zlib.crc32(data), time.time_ns())
@@ -168,26 +178,51 @@ def last_seq(journal_dir: str) -> int:
     return _last_seq(journal_dir, list_segments(journal_dir))
 
 
-def end_position(journal_dir: str) -> tuple[int, tuple[int, int] | None]:
-    """(seq, (segment, end)) of the newest complete record, or (0, None) for an empty journal."""
-    for no in reversed(list_segments(journal_dir)):
-        path = os.path.join(journal_dir, f"{no:012d}.jnl")
-        last, end = None, 0
-        try:
-            with open(path, "rb") as f:
-                while True:
-                    head = f.read(RECORD.size)
-                    if len(head) < RECORD.size:
-                        break
-                    seq, _o, length, _c, _t = RECORD.unpack(head)
-                    if f.seek(length, os.SEEK_CUR) > os.fstat(f.fileno()).st_size:
-                        break
-                    last, end = seq, f.tell()
-        except FileNotFoundError:
-            continue
-        if last is not None:
-            return last, (no, end)
+def end_position(
+    journal_dir: str, *, start: tuple[int, tuple[int, int] | None] | None = None
+) -> tuple[int, tuple[int, int] | None]:
+    """(seq, (segment, end)) of the newest complete record, or (0, None) for an empty journal.
+
+    With ``start`` (an earlier answer) only what was appended since is read, which is what
+    makes frequent polling cheap; if its segment is gone, the whole journal is read.
+    """
+    segments = list_segments(journal_dir)
+    if start is not None and start[1] is not None and start[1][0] in segments:
+        last, pos = start[0], start[1]
+        for no in segments:
+            if no < pos[0]:
+                continue
+            path = os.path.join(journal_dir, f"{no:012d}.jnl")
+            found = _scan_segment(path, pos[1] if no == pos[0] else 0)
+            if found is not None:
+                last, pos = found[0], (no, found[1])
+        return last, pos
+    for no in reversed(segments):
+        found = _scan_segment(os.path.join(journal_dir, f"{no:012d}.jnl"), 0)
+        if found is not None:
+            return found[0], (no, found[1])
     return 0, None
+
+
+def _scan_segment(path: str, offset: int) -> tuple[int, int] | None:
+    """(seq, end) of the last complete record header+data after ``offset``, if any."""
+    last = None
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(offset)
+            while True:
+                head = f.read(RECORD.size)
+                if len(head) < RECORD.size:
+                    break
+                seq, _o, length, _c, _t = RECORD.unpack(head)
+                end = f.seek(length, os.SEEK_CUR)
+                if end > size:
+                    break
+                last = (seq, end)
+    except FileNotFoundError:
+        return None
+    return last
 
 
 def overflowed(journal_dir: str) -> bool:

@@ -1,0 +1,272 @@
+"""HTTP(S) for the agent, on the standard library alone.
+
+* ``ProcessServerClient``: batches to the process server over HTTPS. The process server's
+  certificate is self-signed, so it is not checked against a CA: the agent pins it by the
+  SHA-256 thumbprint of its DER form (given in the assignment) and refuses the connection,
+  before sending anything, if the thumbprint differs.
+* ``JsonClient``: JSON calls to the configuration server (HTTPS with CA checks, a CA file,
+  or a pinned thumbprint; plain HTTP only if the URL says so).
+* ``RetryPolicy``: bounded retries with exponential backoff and full jitter.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import json
+import random
+import socket
+import ssl
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+COALESCE_BYTES = 256 * 1024  # small pieces are gathered into sends of about this size
+
+
+class TransportError(Exception):
+    """A call failed; ``transient`` says whether trying again later may help."""
+
+    def __init__(self, message: str, *, transient: bool, status: int | None = None, body: dict | None = None):
+        super().__init__(message)
+        self.transient = transient
+        self.status = status
+        self.body = body or {}
+
+
+class PinMismatch(TransportError):
+    def __init__(self, message: str):
+        super().__init__(message, transient=False)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 8
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        """Full jitter: uniform in [0, min(max_delay, base * 2**attempt)]."""
+        return random.uniform(0, min(self.max_delay, self.base_delay * (2 ** min(attempt, 30))))
+
+    def run(self, call: Callable[[], Any], *, sleep: Callable[[float], Any] = time.sleep) -> Any:
+        """Run ``call`` until it succeeds, fails permanently or runs out of attempts."""
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except TransportError as e:
+                attempt += 1
+                if not e.transient or attempt >= self.max_attempts:
+                    raise
+                sleep(self.delay(attempt))
+
+
+def normalize_thumbprint(value: str) -> str:
+    cleaned = value.replace(":", "").replace(" ", "").strip().lower()
+    if len(cleaned) != 64 or any(c not in "0123456789abcdef" for c in cleaned):
+        raise ValueError(f"{value!r} is not a SHA-256 thumbprint (64 hex digits)")
+    return cleaned
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, *, thumbprint: str, timeout: float) -> None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # trust comes from the pinned thumbprint below
+        super().__init__(host, port, timeout=timeout, context=ctx)
+        self._thumbprint = thumbprint
+
+    def connect(self) -> None:
+        super().connect()
+        der = self.sock.getpeercert(binary_form=True) or b""
+        seen = hashlib.sha256(der).hexdigest()
+        if not hmac.compare_digest(seen, self._thumbprint):
+            self.sock.close()
+            self.sock = None
+            raise PinMismatch(
+                f"{self.host}:{self.port} presented a certificate with thumbprint {seen}, "
+                f"not the pinned {self._thumbprint}; refusing to send"
+            )
+
+
+def _split_url(url: str) -> tuple[str, str, int, str]:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+
+
+@dataclass(frozen=True)
+class BatchAnswer:
+    """The process server's answer to a batch: ``outcome`` is "acked", "replayed" or "gap"."""
+
+    outcome: str
+    acked_seq: int
+    message: str = ""
+
+
+class ProcessServerClient:
+    """One keep-alive HTTPS connection to a process server (use one per concurrent sender)."""
+
+    def __init__(self, url: str, *, thumbprint: str, timeout: float = 60.0) -> None:
+        scheme, self.host, self.port, self.base = _split_url(url)
+        if scheme != "https":
+            raise ValueError(f"the process server must be reached over https, not {url!r}")
+        self.thumbprint = normalize_thumbprint(thumbprint)
+        self.timeout = timeout
+        self._conn: _PinnedHTTPSConnection | None = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def send_batch(self, *, item_id: uuid.UUID, token: str, seq: int, parts: Iterable[bytes | memoryview],
+                   size: int) -> BatchAnswer:
+        """POST one batch once; raises TransportError (transient or not) on failure."""
+        if self._conn is None:
+            self._conn = _PinnedHTTPSConnection(self.host, self.port, thumbprint=self.thumbprint,
+                                                timeout=self.timeout)
+        conn = self._conn
+        try:
+            conn.putrequest("POST", f"{self.base}/v1/items/{item_id}/batches", skip_accept_encoding=True)
+            conn.putheader("Authorization", f"Bearer {token}")
+            conn.putheader("Content-Type", "application/vnd.lifeboat.batch")
+            conn.putheader("Content-Length", str(size))
+            conn.putheader("X-Lifeboat-Seq", str(seq))
+            conn.endheaders()
+            _send_parts(conn, parts)
+            resp = conn.getresponse()
+            raw = resp.read()
+            status = resp.status
+            if resp.will_close:
+                self.close()
+        except PinMismatch:
+            self.close()
+            raise
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            raise TransportError(f"sending batch {seq} to {self.host}:{self.port} failed: {e!r}",
+                                 transient=True) from None
+        body = _json_or_empty(raw)
+        err = body.get("error") if isinstance(body.get("error"), dict) else {}
+        detail = err.get("message") or raw[:200].decode("utf-8", "replace")
+        message = f"process server answered {status} {err.get('code', '')}: {detail}"
+        if status == 200:
+            return BatchAnswer("acked", int(body["acked_seq"]))
+        if status == 409 and err.get("code") == "replayed_batch":
+            return BatchAnswer("replayed", int(body["acked_seq"]), message)
+        if status == 409 and err.get("code") == "sequence_gap":
+            return BatchAnswer("gap", int(body["acked_seq"]), message)
+        transient = status in (408, 429) or status >= 500
+        raise TransportError(message, transient=transient, status=status, body=body)
+
+    def item_state(self, *, item_id: uuid.UUID, token: str) -> int:
+        """The seq the process server last acknowledged for the item."""
+        if self._conn is None:
+            self._conn = _PinnedHTTPSConnection(self.host, self.port, thumbprint=self.thumbprint,
+                                                timeout=self.timeout)
+        try:
+            self._conn.request("GET", f"{self.base}/v1/items/{item_id}",
+                               headers={"Authorization": f"Bearer {token}"})
+            resp = self._conn.getresponse()
+            raw = resp.read()
+            if resp.will_close:
+                self.close()
+        except PinMismatch:
+            self.close()
+            raise
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            raise TransportError(f"asking {self.host}:{self.port} for item {item_id} failed: {e!r}",
+                                 transient=True) from None
+        body = _json_or_empty(raw)
+        if resp.status != 200:
+            raise TransportError(f"process server answered {resp.status}: {body or raw[:200]!r}",
+                                 transient=resp.status >= 500, status=resp.status, body=body)
+        return int(body["acked_seq"])
+
+
+def _send_parts(conn: http.client.HTTPConnection, parts: Iterable[bytes | memoryview]) -> None:
+    pending: list[bytes | memoryview] = []
+    pending_bytes = 0
+    for part in parts:
+        n = len(part)
+        if n >= COALESCE_BYTES // 4:
+            if pending:
+                conn.send(b"".join(pending))
+                pending, pending_bytes = [], 0
+            conn.send(part)
+            continue
+        pending.append(part)
+        pending_bytes += n
+        if pending_bytes >= COALESCE_BYTES:
+            conn.send(b"".join(pending))
+            pending, pending_bytes = [], 0
+    if pending:
+        conn.send(b"".join(pending))
+
+
+def _json_or_empty(raw: bytes) -> dict:
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class JsonClient:
+    """JSON over HTTP(S) to the configuration server."""
+
+    def __init__(self, base_url: str, *, ca_file: str | None = None, thumbprint: str | None = None,
+                 timeout: float = 30.0) -> None:
+        self.scheme, self.host, self.port, self.base = _split_url(base_url)
+        self.ca_file = ca_file
+        self.thumbprint = normalize_thumbprint(thumbprint) if thumbprint else None
+        self.timeout = timeout
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self.scheme == "http":
+            return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        if self.thumbprint:
+            return _PinnedHTTPSConnection(self.host, self.port, thumbprint=self.thumbprint, timeout=self.timeout)
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=ctx)
+
+    def call(self, method: str, path: str, *, body: dict | None = None, token: str | None = None) -> dict:
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        conn = self._connection()
+        try:
+            conn.request(method, self.base + path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except PinMismatch:
+            raise
+        except (OSError, http.client.HTTPException) as e:
+            raise TransportError(f"{method} {path} to the configuration server failed: {e!r}",
+                                 transient=True) from None
+        finally:
+            conn.close()
+        parsed = _json_or_empty(raw)
+        if 200 <= resp.status < 300:
+            return parsed
+        err = parsed.get("error") if isinstance(parsed.get("error"), dict) else {}
+        detail = err.get("message") or parsed.get("detail") or raw[:200].decode("utf-8", "replace")
+        raise TransportError(f"{method} {path}: configuration server answered {resp.status}: {detail}",
+                             transient=resp.status in (408, 429) or resp.status >= 500,
+                             status=resp.status, body=parsed)
+
+
+def resolve_host() -> str:
+    return socket.gethostname()

@@ -1,0 +1,519 @@
+"""The mobility agent against a real process server process and real local storage.
+
+The configuration server is the one stand-in (``ConfigServerStub``, a test double of its
+agent API; the Django side has its own tests and needs a database these tests do not).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from mobility import filter as journal
+from mobility import wire
+from mobility.agent import Agent, AgentError, DiskAssignment, ItemAssignment, load_item_state, write_request
+from mobility.blockmap import BlockMap, changed_blocks
+from mobility.filter import WriteFilter
+from mobility.transport import RetryPolicy, TransportError
+from replication.dataplane import batch as batch_format
+
+try:
+    from tests.dataplane.fixtures_ps import (  # noqa: F401 - fixtures
+        MiB, AnswerDroppingProxy, assignment_for, config_server, https_request, make_disk, replay, sha256_file,
+        start_ps, stored_batches, stored_seqs, vault, wait_for, zero_image,
+    )
+except ImportError:  # tests/dataplane imported as a rootdir-less directory
+    from fixtures_ps import (  # type: ignore[no-redef]  # noqa: F401
+        MiB, AnswerDroppingProxy, assignment_for, config_server, https_request, make_disk, replay, sha256_file,
+        start_ps, stored_batches, stored_seqs, vault, wait_for, zero_image,
+    )
+
+BLOCK = 64 * 1024
+FAST_RETRY = RetryPolicy(max_attempts=3, base_delay=0.05, max_delay=0.2)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def small_agent(state_dir, items, **kw) -> Agent:
+    kw.setdefault("block_bytes", BLOCK)
+    kw.setdefault("batch_bytes", 1 * MiB)
+    kw.setdefault("retry", FAST_RETRY)
+    kw.setdefault("scan_interval", 3600)
+    return Agent(state_dir=str(state_dir), assignment=items, **kw)
+
+
+def item_for(ps, vault, item_id, disks) -> ItemAssignment:
+    return ItemAssignment.from_dict(assignment_for(ps, vault, item_id, disks))
+
+
+def uploaded(ps, vault, item_id, acked_seq):
+    storage = ps.storage()
+    wait_for(lambda: len(stored_seqs(storage, item_id)) >= acked_seq, timeout=60, what="uploads")
+    batches = stored_batches(storage, item_id, vault.seal_key)
+    assert [b.seq for b in batches] == list(range(1, acked_seq + 1)), "stored logs are not exactly 1..acked"
+    return batches
+
+
+def assert_replica_matches(tmp_path, batches, disks: dict[int, str]):
+    images = {i: zero_image(str(tmp_path / f"replica-{i}.img"), os.path.getsize(p)) for i, p in disks.items()}
+    replay(batches, images)
+    for i, p in disks.items():
+        assert sha256_file(images[i]) == sha256_file(p), f"replica of disk {i} differs from the source"
+
+
+def random_writes(wf: WriteFilter, size: int, n: int, rng: random.Random, *, max_len: int = 16 * 1024):
+    for _ in range(n):
+        length = 512 * rng.randint(1, max_len // 512)
+        offset = 512 * rng.randrange(0, (size - length) // 512)
+        wf.write(offset, rng.randbytes(length))
+
+
+def test_agent_encoder_is_the_batch_format():
+    for name in ("MAGIC", "VERSION", "SECTOR", "KIND_WRITE", "KIND_BOOKMARK", "FLAG_INITIAL", "FLAG_INITIAL_DONE",
+                 "FLAG_RESYNC", "MAX_BATCH_BYTES", "MAX_BOOKMARK_BYTES", "MAX_DISKS"):
+        assert getattr(wire, name) == getattr(batch_format, name), name
+    assert wire.HEADER.format == batch_format.HEADER.format and wire.RECORD.format == batch_format.RECORD.format
+    rng = random.Random(3)
+    for _ in range(50):
+        item_id = uuid.uuid4()
+        recs = [(batch_format.KIND_WRITE, rng.randint(0, 5), 512 * rng.randint(0, 100), rng.randbytes(512 * rng.randint(1, 4)))
+                for _ in range(rng.randint(0, 6))]
+        if rng.random() < 0.5:
+            recs.append((batch_format.KIND_BOOKMARK, 0, 0, b'{"id":"x"}'))
+        flags = rng.choice([0, 1, 3, 4])
+        ours = wire.encode(item_id=item_id, seq=rng.randint(1, 99), source_time_ns=rng.randint(0, 2**60),
+                           records=[wire.Record(*r) for r in recs], flags=flags)
+        theirs = batch_format.encode(item_id=item_id, seq=ours.seq, source_time_ns=batch_format.peek_header(
+            b"".join(ours.parts))[2], records=[batch_format.Record(*r) for r in recs], flags=flags)
+        assert b"".join(ours.parts) == theirs and ours.size == len(theirs)
+
+
+def test_registration_assignment_and_heartbeat(tmp_path, config_server):
+    stub = config_server(tls_dir=str(tmp_path / "stub-tls"))
+    stub.items = [{"item_id": str(uuid.uuid4()), "item_token": "t", "process_server_url": "https://127.0.0.1:9443",
+                   "process_server_thumbprint": "ab" * 32,
+                   "disks": [{"index": 0, "key": "2000", "path": "/dev/sdb", "journal_dir": None}]}]
+    machine = {"name": "vm-01", "os": "Linux", "disks": [{"key": 2000, "path": "/dev/sdb", "capacity_bytes": 1 << 30}]}
+    state = tmp_path / "agent"
+    agent = Agent(state_dir=str(state), config_url=stub.url, passphrase=stub.passphrase, machine=machine,
+                  hostname="host-01", config_thumbprint=stub.thumbprint, retry=FAST_RETRY)
+    assert agent.register() == stub.agent_id
+    assert stub.registrations == [{"passphrase": stub.passphrase, "hostname": "host-01", "machine": machine,
+                                   "version": "1.0"}]
+    creds = state / "credentials.json"
+    assert stat.S_IMODE(os.stat(creds).st_mode) == 0o600
+    assert json.loads(creds.read_text())["token"] == stub.token
+    assert Agent(state_dir=str(state), config_url=stub.url, config_thumbprint=stub.thumbprint).register() == stub.agent_id
+    assert len(stub.registrations) == 1  # kept, not registered twice
+
+    items = agent.fetch_assignment()
+    assert [str(i.item_id) for i in items] == [stub.items[0]["item_id"]]
+    assert items[0].disks[0] == DiskAssignment(0, "2000", "/dev/sdb", None)
+    get = [c for c in stub.calls if c[0] == "GET"][-1]
+    assert get[1] == f"/api/v1/agents/{stub.agent_id}/assignment" and get[2]["Authorization"] == f"Bearer {stub.token}"
+    assert stat.S_IMODE(os.stat(state / "assignment.json").st_mode) == 0o600
+
+    agent.send_heartbeat()
+    beat = stub.heartbeats[-1]
+    assert beat["version"] == "1.0" and beat["items"][0]["item_id"] == stub.items[0]["item_id"]
+    assert {"phase", "backlog_bytes", "acked_seq", "progress"} <= set(beat["items"][0])
+
+
+def test_registration_refusal_is_clear(tmp_path, config_server):
+    stub = config_server()
+    agent = Agent(state_dir=str(tmp_path / "a"), config_url=stub.url, passphrase="wrong",
+                  machine={"name": "x", "disks": []}, retry=FAST_RETRY)
+    with pytest.raises(TransportError, match="passphrase is not that of any vault") as e:
+        agent.register()
+    assert not e.value.transient
+    assert not os.path.exists(tmp_path / "a" / "credentials.json")
+
+
+def test_initial_and_delta_replication_is_byte_exact(tmp_path, start_ps, vault):
+    """Writes keep coming during the initial copy: the journal from the start of protection
+    follows the copy, and the replica ends equal to the source."""
+    ps = start_ps()
+    size = 12 * MiB
+    d0 = make_disk(str(tmp_path / "d0.img"), size, seed=1)
+    d1 = make_disk(str(tmp_path / "d1.img"), 4 * MiB, seed=2)
+    wf = WriteFilter(d0, str(tmp_path / "j0"))
+    item_id = uuid.uuid4()
+    agent = small_agent(tmp_path / "agent", [item_for(ps, vault, item_id, [(0, d0, str(tmp_path / "j0")),
+                                                                          (1, d1, None)])])
+    stop = threading.Event()
+    rng = random.Random(7)
+
+    def writer():
+        while not stop.is_set():
+            random_writes(wf, size, 5, rng)
+            time.sleep(0.005)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        agent.run_once()
+    finally:
+        stop.set()
+        t.join()
+    random_writes(wf, size, 200, rng)
+    status = agent.replicate_until_caught_up(timeout=120)[str(item_id)]
+    assert (status["phase"], status["backlog_bytes"], status["progress"]) == ("delta", 0, 1.0)
+    batches = uploaded(ps, vault, item_id, status["acked_seq"])
+    flags = [b.flags for b in batches]
+    done = flags.index(batch_format.FLAG_INITIAL | batch_format.FLAG_INITIAL_DONE)
+    assert all(f == batch_format.FLAG_INITIAL for f in flags[:done]) and all(f == 0 for f in flags[done + 1:])
+    copy_bytes = sum(len(r.data) for b in batches[:done + 1] for r in b.records if r.kind == batch_format.KIND_WRITE)
+    assert copy_bytes >= size + 4 * MiB  # every block of both disks was copied
+    assert_replica_matches(tmp_path, batches, {0: d0, 1: d1})
+    assert journal.journal_bytes(str(tmp_path / "j0")) <= journal.SEGMENT_BYTES + 64 * 1024  # acked segments dropped
+    agent.close()
+
+
+def test_bookmark_is_the_last_record_after_every_earlier_write(tmp_path, start_ps, vault):
+    ps = start_ps()
+    size = 4 * MiB
+    disk = make_disk(str(tmp_path / "d.img"), size)
+    jdir = str(tmp_path / "j")
+    wf = WriteFilter(disk, jdir)
+    item_id = uuid.uuid4()
+    agent = small_agent(tmp_path / "agent", [item_for(ps, vault, item_id, [(0, disk, jdir)])])
+    agent.replicate_until_caught_up(timeout=60)
+    rng = random.Random(1)
+    random_writes(wf, size, 150, rng)
+    bookmark_id = agent.request_bookmark(item_id, "sql-quiesced")
+    random_writes(wf, size, 150, rng)  # after the bookmark
+    write_request(str(tmp_path / "agent"), "bookmark", str(item_id), "from the command line")
+    status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
+    batches = uploaded(ps, vault, item_id, status["acked_seq"])
+    marked = [(i, b) for i, b in enumerate(batches) for r in b.records if r.kind == batch_format.KIND_BOOKMARK]
+    assert len(marked) == 2
+    for _i, b in marked:
+        assert b.records[-1].kind == batch_format.KIND_BOOKMARK
+        assert sum(r.kind == batch_format.KIND_BOOKMARK for r in b.records) == 1
+    first_at, first = marked[0]
+    label = json.loads(bytes(first.records[-1].data))
+    assert (label["id"], label["label"]) == (bookmark_id, "sql-quiesced")
+    assert json.loads(bytes(marked[1][1].records[-1].data))["label"] == "from the command line"
+    # exactly the journaled writes up to the request come before the first bookmark
+    writes_before = sum(1 for b in batches[: first_at + 1] if not b.flags for r in b.records
+                        if r.kind == batch_format.KIND_WRITE)
+    assert writes_before == 150
+    assert_replica_matches(tmp_path, batches, {0: disk})
+    agent.close()
+
+
+def test_assigned_bookmarks_are_taken_once(tmp_path, start_ps, vault, config_server):
+    ps = start_ps()
+    disk = make_disk(str(tmp_path / "d.img"), 2 * MiB)
+    jdir = str(tmp_path / "j")
+    wf = WriteFilter(disk, jdir)
+    item_id = uuid.uuid4()
+    stub = config_server()
+    stub.items = [assignment_for(ps, vault, item_id, [(0, disk, jdir)])]
+    agent = Agent(state_dir=str(tmp_path / "agent"), config_url=stub.url, passphrase=stub.passphrase,
+                  machine={"name": "vm", "disks": []}, block_bytes=BLOCK, batch_bytes=MiB, retry=FAST_RETRY,
+                  assignment_interval=0)
+    agent.register()
+    agent.replicate_until_caught_up(timeout=60)
+    random_writes(wf, 2 * MiB, 20, random.Random(2))
+    # the configuration server quiesced the VM and noted where the journal stood
+    stub.items[0]["bookmarks"] = [{"id": "b-1", "label": "hourly", "positions": {"0": journal.last_seq(jdir)}}]
+    random_writes(wf, 2 * MiB, 20, random.Random(3))
+    for _ in range(3):  # it keeps listing the bookmark until the recovery point exists
+        status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
+    batches = uploaded(ps, vault, item_id, status["acked_seq"])
+    labels = [json.loads(bytes(r.data)) for b in batches for r in b.records if r.kind == batch_format.KIND_BOOKMARK]
+    assert [(x["id"], x["label"]) for x in labels] == [("b-1", "hourly")]
+    at = next(i for i, b in enumerate(batches) if b.records and b.records[-1].kind == batch_format.KIND_BOOKMARK)
+    after_initial = next(i for i, b in enumerate(batches) if b.flags & batch_format.FLAG_INITIAL_DONE) + 1
+    assert sum(len(b.records) for b in batches[after_initial : at + 1]) == 20 + 1  # the writes before it, then it
+    agent.close()
+
+
+def test_checksum_scan_finds_exactly_the_changed_blocks(tmp_path, start_ps, vault):
+    ps = start_ps()
+    size = 4 * MiB
+    disk = make_disk(str(tmp_path / "d.img"), size, seed=4)
+    item_id = uuid.uuid4()
+    agent = small_agent(tmp_path / "agent", [item_for(ps, vault, item_id, [(0, disk, None)])])
+    first = agent.replicate_until_caught_up(timeout=60)[str(item_id)]["acked_seq"]
+    with open(disk, "r+b") as f:
+        for block in (3, 17, 60):
+            f.seek(block * BLOCK + 1024)
+            f.write(os.urandom(4096))
+        f.seek(9 * BLOCK)
+        same = f.read(BLOCK)
+        f.seek(9 * BLOCK)
+        f.write(same)  # rewritten with identical bytes: not a change
+    bmap = BlockMap(str(tmp_path / "agent" / "items" / str(item_id) / "blockmap-0.bin"), blocks=size // BLOCK)
+    assert changed_blocks(disk, bmap, block_bytes=BLOCK) == [3, 17, 60]
+    status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
+    batches = uploaded(ps, vault, item_id, status["acked_seq"])
+    sent = [(r.disk, r.offset, len(r.data)) for b in batches[first:] for r in b.records]
+    assert sent == [(0, 3 * BLOCK, BLOCK), (0, 17 * BLOCK, BLOCK), (0, 60 * BLOCK, BLOCK)]
+    assert_replica_matches(tmp_path, batches, {0: disk})
+    agent.close()
+
+
+def test_journal_overflow_is_reported_and_a_resync_repairs_the_replica(tmp_path, start_ps, vault, config_server):
+    ps = start_ps()
+    size = 4 * MiB
+    disk = make_disk(str(tmp_path / "d.img"), size, seed=5)
+    jdir = str(tmp_path / "j")
+    item_id = uuid.uuid4()
+    stub = config_server()
+    stub.items = [assignment_for(ps, vault, item_id, [(0, disk, jdir)])]
+    wf = WriteFilter(disk, jdir, cap_bytes=256 * 1024, segment_bytes=32 * 1024)
+    agent = Agent(state_dir=str(tmp_path / "agent"), config_url=stub.url, passphrase=stub.passphrase,
+                  machine={"name": "vm", "disks": []}, block_bytes=BLOCK, batch_bytes=MiB, retry=FAST_RETRY,
+                  assignment_interval=0)
+    agent.register()
+    acked = agent.replicate_until_caught_up(timeout=60)[str(item_id)]["acked_seq"]
+    touched = set()
+    rng = random.Random(9)
+    for _ in range(120):  # 120 x 4 KiB: well over the 256 KiB journal cap
+        block = rng.randrange(size // BLOCK)
+        wf.write(block * BLOCK + 4096 * rng.randrange(BLOCK // 4096), rng.randbytes(4096))
+        touched.add(block)
+    assert journal.overflowed(jdir)
+    for _ in range(2):
+        status = agent.run_once()[str(item_id)]
+        assert status["phase"] == "resync_required" and "overflowed" in status["resync_reason"]
+        assert status["acked_seq"] == acked  # nothing is shipped while the item waits for its resync
+    [event] = stub.events_of("resync_required")  # reported once
+    assert event["item_id"] == str(item_id) and "overflowed" in event["message"]
+
+    stub.items[0]["resync"] = True  # the configuration server moves the item to RESYNCING
+    status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
+    assert status["phase"] == "delta" and not journal.overflowed(jdir)
+    batches = uploaded(ps, vault, item_id, status["acked_seq"])
+    resync = [b for b in batches[acked:] if b.flags & batch_format.FLAG_RESYNC]
+    assert resync, "no batch flagged FLAG_RESYNC"
+    assert sorted(r.offset // BLOCK for b in resync for r in b.records) == sorted(touched)  # only what changed
+    assert_replica_matches(tmp_path, batches, {0: disk})
+    wait_for(lambda: stub.events_of("resync_complete"), timeout=10, what="resync_complete")
+
+    # the flag may stay up until the configuration server has seen the resync through:
+    # it is not taken twice; journaling and delta replication go on
+    random_writes(wf, size, 10, rng, max_len=8192)
+    status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
+    batches = uploaded(ps, vault, item_id, status["acked_seq"])
+    assert sum(1 for b in batches if b.flags & batch_format.FLAG_RESYNC) == len(resync)
+    assert_replica_matches(tmp_path, batches, {0: disk})
+    agent.close()
+
+
+def test_a_lost_ack_is_resent_without_duplicating_data(tmp_path, start_ps, vault):
+    ps = start_ps()
+    proxy = AnswerDroppingProxy(ps.port)
+    try:
+        disk = make_disk(str(tmp_path / "d.img"), 6 * MiB)
+        item_id = uuid.uuid4()
+        raw = assignment_for(ps, vault, item_id, [(0, disk, None)])
+        raw["process_server_url"] = f"https://127.0.0.1:{proxy.port}"
+        agent = small_agent(tmp_path / "agent", [ItemAssignment.from_dict(raw)], window=1)
+        proxy.armed = 2
+        status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
+        assert proxy.dropped == 2
+        batches = uploaded(ps, vault, item_id, status["acked_seq"])  # 1..acked, each exactly once
+        assert sum(len(r.data) for b in batches for r in b.records) == 6 * MiB
+        assert_replica_matches(tmp_path, batches, {0: disk})
+        agent.close()
+    finally:
+        proxy.close()
+
+
+def test_a_planned_batch_is_resent_by_a_restarted_agent(tmp_path, start_ps, vault):
+    """The process server goes away with a batch planned; the agent process is replaced;
+    the new one resends the same seq with the same bytes and the backlog drains."""
+    ps = start_ps()
+    size = 2 * MiB
+    disk = make_disk(str(tmp_path / "d.img"), size)
+    jdir = str(tmp_path / "j")
+    wf = WriteFilter(disk, jdir)
+    item_id = uuid.uuid4()
+    items = [item_for(ps, vault, item_id, [(0, disk, jdir)])]
+    agent = small_agent(tmp_path / "agent", items)
+    acked = agent.replicate_until_caught_up(timeout=60)[str(item_id)]["acked_seq"]
+    random_writes(wf, size, 100, random.Random(5))
+    ps.kill()
+    status = agent.run_once()[str(item_id)]
+    assert "failed" in status["last_error"] and status["backlog_bytes"] > 0
+    state = load_item_state(str(tmp_path / "agent"), item_id)
+    assert [p["seq"] for p in state["inflight"]] == [acked + 1]
+    agent.close()
+
+    ps.start()
+    items = [item_for(ps, vault, item_id, [(0, disk, jdir)])]
+    agent = small_agent(tmp_path / "agent", items)
+    status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
+    assert status["backlog_bytes"] == 0
+    batches = uploaded(ps, vault, item_id, status["acked_seq"])
+    assert_replica_matches(tmp_path, batches, {0: disk})
+    agent.close()
+
+
+def test_a_process_server_with_another_certificate_is_refused(tmp_path, start_ps, vault):
+    ps = start_ps()
+    disk = make_disk(str(tmp_path / "d.img"), 1 * MiB)
+    item_id = uuid.uuid4()
+    raw = assignment_for(ps, vault, item_id, [(0, disk, None)])
+    raw["process_server_thumbprint"] = "0" * 64
+    agent = small_agent(tmp_path / "agent", [ItemAssignment.from_dict(raw)])
+    status = agent.run_once()[str(item_id)]
+    assert "thumbprint" in status["last_error"] and "refusing" in status["last_error"]
+    answer = https_request(ps.port, "GET", f"/v1/items/{item_id}",
+                           headers={"Authorization": f"Bearer {vault.item_token(item_id)}"})
+    assert answer.body["acked_seq"] == 0
+    agent.close()
+
+
+def test_retries_are_bounded_with_jittered_backoff():
+    policy = RetryPolicy(max_attempts=5, base_delay=0.1, max_delay=0.5)
+    delays = [policy.delay(a) for a in range(1, 200)]
+    assert all(0 <= d <= 0.5 for d in delays)
+    assert len({round(d, 6) for d in delays}) > 150  # jittered, not a fixed schedule
+    assert max(policy.delay(1) for _ in range(200)) <= 0.2  # grows from base * 2
+
+    slept, calls = [], []
+
+    def flaky():
+        calls.append(1)
+        raise TransportError("connection refused", transient=True)
+
+    with pytest.raises(TransportError):
+        policy.run(flaky, sleep=slept.append)
+    assert len(calls) == 5 and len(slept) == 4
+
+    calls.clear()
+
+    def refused():
+        calls.append(1)
+        raise TransportError("403 forbidden", transient=False)
+
+    with pytest.raises(TransportError):
+        policy.run(refused, sleep=slept.append)
+    assert len(calls) == 1  # a permanent error is not retried
+
+
+def test_agent_rejects_an_unusable_setup(tmp_path):
+    with pytest.raises(AgentError):
+        Agent(state_dir=str(tmp_path), block_bytes=1000)
+    with pytest.raises(AgentError, match="malformed"):
+        ItemAssignment.from_dict({"item_id": "not a uuid"})
+
+
+def test_command_line_registers_and_queues_requests(tmp_path, config_server):
+    stub = config_server()
+    disk = make_disk(str(tmp_path / "d.img"), 1 * MiB)
+    state = str(tmp_path / "agent")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mobility", *a], capture_output=True, text=True,  # noqa: E731
+                                    timeout=60, cwd=ROOT)
+    out = run("register", "--state-dir", state, "--config-url", stub.url, "--passphrase", stub.passphrase,
+              "--instance-uuid", "4201-aa", "--disk", f"0={disk}")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == stub.agent_id
+    assert stub.registrations[0]["machine"]["disks"] == [{"key": 0, "path": disk, "capacity_bytes": MiB}]
+    assert stub.registrations[0]["machine"]["instance_uuid"] == "4201-aa"
+    item = str(uuid.uuid4())
+    out = run("bookmark", "--state-dir", state, "--item", item, "--label", "pre-upgrade")
+    assert out.returncode == 0 and os.path.exists(out.stdout.strip())
+    out = run("status", "--state-dir", state)
+    assert out.returncode == 0 and json.loads(out.stdout) == []
+    bad = run("register", "--state-dir", state, "--config-url", stub.url, "--passphrase", "x", "--disk", "zero")
+    assert bad.returncode == 1 and "KEY=PATH" in bad.stderr
+
+
+def test_write_filter_journal_positions_and_overflow(tmp_path):
+    disk = make_disk(str(tmp_path / "d.img"), 1 * MiB)
+    jdir = str(tmp_path / "j")
+    wf = WriteFilter(disk, jdir, cap_bytes=64 * 1024, segment_bytes=8 * 1024)
+    for n in range(10):
+        wf.write(4096 * n, bytes([n]) * 2048)
+    records = list(journal.read_journal(jdir))
+    assert [r.seq for r in records] == list(range(1, 11))
+    assert len(journal.list_segments(jdir)) > 1
+    # resuming at a record's position gives exactly the records after it
+    fifth = records[4]
+    assert [r.seq for r in journal.read_journal(jdir, after_seq=5, position=(fifth.segment, fifth.end))] == list(
+        range(6, 11))
+    assert journal.end_position(jdir) == (10, (records[-1].segment, records[-1].end))
+    assert journal.end_position(jdir, start=(5, (fifth.segment, fifth.end))) == journal.end_position(jdir)
+    assert journal.backlog_bytes(jdir, (records[-1].segment, records[-1].end)) == 0
+    journal.drop_segments_through(jdir, acked_seq=10)
+    assert len(journal.list_segments(jdir)) == 1  # the newest stays: the filter may append to it
+    for n in range(40):  # past the cap
+        wf.write(0, b"x" * 4096)
+    assert journal.overflowed(jdir)
+    last = journal.last_seq(jdir)
+    wf.write(0, b"y" * 512)  # not journaled while overflowed, but on the disk
+    assert journal.last_seq(jdir) == last
+    with open(disk, "rb") as f:
+        assert f.read(512) == b"y" * 512
+    journal.drop_segments_through(jdir, acked_seq=last)
+    journal.clear_overflow(jdir)
+    wf.write(512, b"z" * 512)  # journaling resumes in a fresh segment, with the next seq
+    assert [r.seq for r in journal.read_journal(jdir, after_seq=last)] == [last + 1]
+    journal.drop_segments_through(jdir, acked_seq=last + 1)
+    assert journal.journal_bytes(jdir) < 2048  # the stale segment could go
+    wf.close()
+    reopened = WriteFilter(disk, jdir)  # a restarted filter continues the seqs
+    reopened.write(0, b"w" * 512)
+    assert journal.last_seq(jdir) == last + 2
+    reopened.close()
+
+
+def test_unaligned_writes_are_shipped_as_whole_sectors(tmp_path, start_ps, vault):
+    ps = start_ps()
+    disk = make_disk(str(tmp_path / "d.img"), 1 * MiB)
+    jdir = str(tmp_path / "j")
+    wf = WriteFilter(disk, jdir)
+    item_id = uuid.uuid4()
+    agent = small_agent(tmp_path / "agent", [item_for(ps, vault, item_id, [(0, disk, jdir)])])
+    agent.replicate_until_caught_up(timeout=60)
+    wf.write(100, b"a" * 1000)
+    wf.write(70000, b"b" * 3)
+    status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
+    batches = uploaded(ps, vault, item_id, status["acked_seq"])
+    last = [(r.offset, len(r.data)) for r in batches[-1].records]
+    assert last == [(0, 1536), (69632, 512)]
+    assert_replica_matches(tmp_path, batches, {0: disk})
+    agent.close()
+
+
+def test_overflow_during_the_initial_copy_starts_it_over(tmp_path, start_ps, vault):
+    ps = start_ps()
+    proxy = AnswerDroppingProxy(ps.port)
+    try:
+        size = 8 * MiB
+        disk = make_disk(str(tmp_path / "d.img"), size)
+        jdir = str(tmp_path / "j")
+        wf = WriteFilter(disk, jdir, cap_bytes=128 * 1024, segment_bytes=16 * 1024)
+        item_id = uuid.uuid4()
+        raw = assignment_for(ps, vault, item_id, [(0, disk, jdir)])
+        raw["process_server_url"] = f"https://127.0.0.1:{proxy.port}"
+        agent = small_agent(tmp_path / "agent", [ItemAssignment.from_dict(raw)], auto_resync=True, window=1)
+        proxy.armed = 10**6  # the network loses every answer to a batch: the copy stops early
+        status = agent.run_once()[str(item_id)]
+        assert status["phase"] == "initial" and status["last_error"]
+        assert load_item_state(str(tmp_path / "agent"), item_id)["cursor"] != [1, 0]  # in the middle of it
+        random_writes(wf, size, 60, random.Random(8), max_len=8192)  # more than the journal holds
+        assert journal.overflowed(jdir)
+        proxy.armed = 0
+        status = agent.run_once()[str(item_id)]
+        assert status["phase"] == "resync_required" and "overflowed" in status["resync_reason"]
+        status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
+        batches = uploaded(ps, vault, item_id, status["acked_seq"])
+        done = [b.seq for b in batches if b.flags & batch_format.FLAG_INITIAL_DONE]
+        assert len(done) == 1 and not any(b.flags & batch_format.FLAG_RESYNC for b in batches)
+        assert_replica_matches(tmp_path, batches, {0: disk})
+        agent.close()
+    finally:
+        proxy.close()

@@ -1,0 +1,390 @@
+"""The process server, run as a real process: protocol, durability, memory bound."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import uuid
+
+import psutil
+import pytest
+
+from replication.dataplane import batch as batch_format
+from replication.dataplane import process_server, sealing
+from replication.dataplane.auth import STATUS_SUBJECT, issue_token, verify_token
+
+try:
+    from tests.dataplane.fixtures_ps import (  # noqa: F401 - fixtures
+        MiB, https_request, make_batch, post_batch, start_ps, stored_batches, stored_seqs, vault, wait_for,
+    )
+except ImportError:  # tests/dataplane imported as a rootdir-less directory
+    from fixtures_ps import (  # type: ignore[no-redef]  # noqa: F401
+        MiB, https_request, make_batch, post_batch, start_ps, stored_batches, stored_seqs, vault, wait_for,
+    )
+
+
+def item_state(ps, vault, item_id) -> int:
+    answer = https_request(ps.port, "GET", f"/v1/items/{item_id}",
+                           headers={"Authorization": f"Bearer {vault.item_token(item_id)}"})
+    assert answer.status == 200, answer
+    return answer.body["acked_seq"]
+
+
+def stored_snapshot(ps, vault, item_id) -> dict:
+    """Everything stored about an item: cached files, storage objects (hashes), acked seq."""
+    cache = {}
+    items_dir = os.path.join(ps.config["cache_dir"], "items")
+    for dirpath, _dirs, files in os.walk(items_dir):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                cache[os.path.relpath(path, items_dir)] = hashlib.sha256(f.read()).hexdigest()
+    storage = ps.storage()
+    objects = {k: hashlib.sha256(storage.get_object(k)).hexdigest() for k in storage.list_objects("logs/")}
+    return {"cache": cache, "objects": objects, "acked": item_state(ps, vault, item_id)}
+
+
+def test_health_and_authenticated_status(start_ps, vault):
+    ps = start_ps()
+    health = https_request(ps.port, "GET", "/v1/health")
+    assert health.status == 200 and health.body["status"] == "ok" and health.body["version"]
+
+    assert https_request(ps.port, "GET", "/v1/status").status == 401
+    wrong = issue_token(os.urandom(32), STATUS_SUBJECT)
+    assert https_request(ps.port, "GET", "/v1/status", headers={"Authorization": f"Bearer {wrong}"}).status == 401
+    # an item token is not a status token
+    item_token = vault.item_token(uuid.uuid4())
+    assert https_request(ps.port, "GET", "/v1/status", headers={"Authorization": f"Bearer {item_token}"}).status == 401
+
+    item_id = uuid.uuid4()
+    assert post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, 1)).status == 200
+    status = https_request(ps.port, "GET", "/v1/status",
+                           headers={"Authorization": f"Bearer {issue_token(vault.auth_key, STATUS_SUBJECT)}"})
+    assert status.status == 200
+    figures = status.body
+    for key in ("cache_free_bytes", "pending_upload_bytes", "pending_upload_count", "cpu_percent",
+                "memory_rss_bytes", "items"):
+        assert key in figures, key
+    assert figures["items"][str(item_id)]["acked_seq"] == 1
+    assert 0 < figures["memory_rss_bytes"] < 256 * MiB
+
+
+def test_tokens_are_bound_to_key_and_subject():
+    key = os.urandom(32)
+    token = issue_token(key, "item:a")
+    assert verify_token(key, token, "item:a")
+    assert not verify_token(key, token, "item:b")
+    assert not verify_token(os.urandom(32), token, "item:a")
+    assert not verify_token(key, token[:-1], "item:a")
+    assert not verify_token(key, "lb1.\u00e9", "item:a")
+    assert issue_token(key, "item:a") == token  # deterministic: the configuration server re-issues it
+
+
+def test_accepted_batches_are_sealed_into_storage_in_order(start_ps, vault):
+    ps = start_ps()
+    item_id = uuid.uuid4()
+    bodies = [make_batch(item_id, seq, flags=batch_format.FLAG_INITIAL if seq < 3 else 0) for seq in (1, 2, 3)]
+    for seq, body in enumerate(bodies, 1):
+        answer = post_batch(ps, item_id, vault.item_token(item_id), body)
+        assert (answer.status, answer.body) == (200, {"acked_seq": seq})
+    storage = ps.storage()
+    wait_for(lambda: stored_seqs(storage, item_id) == [1, 2, 3], timeout=30, what="uploads")
+    for seq, body in enumerate(bodies, 1):
+        sealed = storage.get_object(f"logs/{item_id}/{seq:020d}.lbs")
+        assert sealing.unseal(sealed, key=vault.seal_key, context=f"{item_id}:{seq}".encode()) == body
+        # sealed for its own position: moved to another seq it no longer opens
+        with pytest.raises(sealing.TamperedData):
+            sealing.unseal(sealed, key=vault.seal_key, context=f"{item_id}:{seq + 1}".encode())
+    # the cache is emptied once the batches are in storage
+    wait_for(lambda: not [n for n in os.listdir(os.path.join(ps.config["cache_dir"], "items", str(item_id)))
+                          if n.endswith(".lbb")], timeout=10, what="cache clean-up")
+
+
+def _bad_cases(vault, item_id, other_id):
+    good2 = make_batch(item_id, 2)
+    tampered = bytearray(good2)
+    tampered[-100] ^= 0x40  # one bit of record data
+    return [
+        ("malformed", dict(token=vault.item_token(item_id), body=os.urandom(5000)), 400, "malformed_batch", "magic"),
+        ("truncated", dict(token=vault.item_token(item_id), body=good2[:-700]), 400, "malformed_batch", "truncated"),
+        ("tampered", dict(token=vault.item_token(item_id), body=bytes(tampered)), 400, "malformed_batch", "checksum"),
+        ("oversized", dict(token=vault.item_token(item_id), body=b"x", send_body=False,
+                           content_length=batch_format.MAX_BATCH_BYTES + 1), 413, "batch_too_large", "limit"),
+        ("no token", dict(token=None, body=good2), 401, "unauthenticated", "Bearer"),
+        ("wrong token", dict(token=issue_token(os.urandom(32), f"item:{item_id}"), body=good2), 403, "forbidden",
+         "not valid"),
+        ("other item's token", dict(token=vault.item_token(other_id), body=good2), 403, "forbidden", "not valid"),
+        ("batch of another item", dict(token=vault.item_token(item_id), body=make_batch(other_id, 2)), 400,
+         "item_mismatch", str(other_id)),
+        ("replayed", dict(token=vault.item_token(item_id), body=make_batch(item_id, 1, rng=random.Random(99))), 409,
+         "replayed_batch", "already"),
+        ("gap", dict(token=vault.item_token(item_id), body=make_batch(item_id, 3)), 409, "sequence_gap",
+         "does not follow"),
+    ]
+
+
+def test_bad_batches_are_refused_clearly_and_touch_nothing(start_ps, vault):
+    ps = start_ps()
+    item_id, other_id = uuid.uuid4(), uuid.uuid4()
+    assert post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, 1)).status == 200
+    storage = ps.storage()
+    wait_for(lambda: stored_seqs(storage, item_id) == [1], timeout=30, what="the first upload")
+    before = stored_snapshot(ps, vault, item_id)
+    for name, kw, status, code, words in _bad_cases(vault, item_id, other_id):
+        answer = post_batch(ps, item_id, **kw)
+        assert answer.status == status, (name, answer)
+        assert answer.body["error"]["code"] == code, (name, answer.body)
+        assert words in answer.body["error"]["message"], (name, answer.body)
+        if status == 409:
+            assert answer.body["acked_seq"] == 1, name
+        assert stored_snapshot(ps, vault, item_id) == before, f"{name} changed what is stored"
+    assert not os.listdir(os.path.join(ps.config["cache_dir"], "tmp"))  # no temp file left behind
+    assert f"refused a batch for item {item_id}" in ps.log()  # the wrong-item attempt is logged
+    # the stream goes on where it was
+    assert post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, 2)).body == {"acked_seq": 2}
+
+
+def test_a_body_cut_short_by_the_client_is_dropped(start_ps, vault):
+    import socket
+    import ssl
+
+    ps = start_ps()
+    item_id = uuid.uuid4()
+    body = make_batch(item_id, 1, records=64, size=64 * 1024)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", ps.port), timeout=30)) as s:
+        # announce the whole batch, send half of it, hang up
+        s.sendall((f"POST /v1/items/{item_id}/batches HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                   f"Authorization: Bearer {vault.item_token(item_id)}\r\n\r\n").encode())
+        s.sendall(body[: len(body) // 2])
+        wait_for(lambda: os.listdir(os.path.join(ps.config["cache_dir"], "tmp")), timeout=10,
+                 what="the body to start arriving")
+    wait_for(lambda: not os.listdir(os.path.join(ps.config["cache_dir"], "tmp")), timeout=10, what="temp clean-up")
+    assert item_state(ps, vault, item_id) == 0
+    assert post_batch(ps, item_id, vault.item_token(item_id), body).body == {"acked_seq": 1}
+
+
+def test_other_requests_are_refused(start_ps, vault):
+    ps = start_ps()
+    item_id = uuid.uuid4()
+    token = {"Authorization": f"Bearer {vault.item_token(item_id)}"}
+    assert https_request(ps.port, "GET", "/v1/nothing").status == 404
+    assert https_request(ps.port, "POST", "/v1/items/not-a-uuid/batches", headers=token, body=b"x").status == 404
+    assert https_request(ps.port, "PUT", f"/v1/items/{item_id}/batches", headers=token, body=b"x").status == 405
+    chunked = https_request(ps.port, "POST", f"/v1/items/{item_id}/batches",
+                            headers={**token, "Transfer-Encoding": "chunked"}, body=b"0\r\n\r\n",
+                            content_length=None, send_body=False)
+    assert chunked.status == 411
+
+
+def test_stream_validator_judges_exactly_like_decode():
+    rng = random.Random(11)
+    item_id = uuid.uuid4()
+    for case in range(1500):
+        recs = []
+        for _ in range(rng.randint(0, 5)):
+            if rng.random() < 0.2:
+                recs.append(batch_format.Record(batch_format.KIND_BOOKMARK, 0, 0, b'{"l":1}'[: rng.randint(0, 7)]))
+            else:
+                recs.append(batch_format.Record(batch_format.KIND_WRITE, rng.randint(0, 3), 512 * rng.randint(0, 99),
+                                                rng.randbytes(512 * rng.randint(1, 3))))
+        buf = bytearray(batch_format.encode(item_id=item_id, seq=rng.randint(1, 9), source_time_ns=1,
+                                            records=recs, flags=rng.choice([0, 1, 3, 4])))
+        mutation = rng.random()
+        if mutation < 0.3:
+            buf = buf[: rng.randint(0, len(buf))]
+        elif mutation < 0.6:
+            buf[rng.randrange(len(buf))] ^= 1 << rng.randrange(8)
+        elif mutation < 0.7:
+            buf += rng.randbytes(rng.randint(1, 40))
+        data = bytes(buf)
+        try:
+            decoded = batch_format.decode(data)
+            expected = "ok"
+        except batch_format.MalformedBatch as e:
+            expected = str(e)
+        validator = batch_format.StreamValidator()
+        try:
+            pos = 0
+            while pos < len(data):
+                step = rng.randint(1, 900)
+                validator.feed(data[pos : pos + step])
+                pos += step
+            info = validator.finish()
+            got = "ok"
+            assert (info.item_id, info.seq, info.flags, info.record_count, info.size) == (
+                decoded.item_id, decoded.seq, decoded.flags, len(decoded.records), len(data))
+        except batch_format.MalformedBatch as e:
+            got = str(e)
+        assert got == expected, (case, got, expected)
+
+
+def test_acknowledged_batches_survive_sigkill(start_ps, vault, tmp_path):
+    """Acks come only after the batch is durable: SIGKILL right after them loses nothing."""
+    item_id = uuid.uuid4()
+    storage_root = tmp_path / "ps-storage"
+    # Uploads fail (an object sits where the logs directory must go), so the acknowledged
+    # batches are still only in the cache when the server is killed.
+    (storage_root / "objects").mkdir(parents=True)
+    (storage_root / "objects" / "logs").write_bytes(b"in the way")
+    ps = start_ps()
+    bodies = {seq: make_batch(item_id, seq, records=8, size=32 * 1024) for seq in range(1, 13)}
+    for seq, body in bodies.items():
+        assert post_batch(ps, item_id, vault.item_token(item_id), body).body == {"acked_seq": seq}
+    ps.kill()
+    cached = sorted(n for n in os.listdir(tmp_path / "ps-cache" / "items" / str(item_id)) if n.endswith(".lbb"))
+    assert len(cached) == 12  # nothing reached storage before the kill
+    (storage_root / "objects" / "logs").unlink()
+    ps.start()
+    assert item_state(ps, vault, item_id) == 12
+    storage = ps.storage()
+    wait_for(lambda: stored_seqs(storage, item_id) == list(range(1, 13)), timeout=60, what="uploads after restart")
+    for b in stored_batches(storage, item_id, vault.seal_key):
+        assert batch_format.encode(item_id=b.item_id, seq=b.seq, source_time_ns=b.source_time_ns,
+                                   records=b.records, flags=b.flags) == bodies[b.seq]
+    # a batch resent after the crash is recognised, not stored twice
+    answer = post_batch(ps, item_id, vault.item_token(item_id), bodies[12])
+    assert (answer.status, answer.body["error"]["code"], answer.body["acked_seq"]) == (409, "replayed_batch", 12)
+
+
+def test_memory_stays_bounded_under_a_large_backlog(start_ps, vault):
+    """Four senders push 768 MiB of maximum-size batches (three times the 256 MiB memory
+    bound, six times the 128 MiB cache cap) while the server uploads."""
+    ps = start_ps(max_cache_bytes=128 * MiB)
+    proc = psutil.Process(ps.pid)
+    payload = random.Random(5).randbytes(batch_format.MAX_BATCH_BYTES - 4096)
+    peak = {"rss": 0, "pending": 0, "refused": 0}
+    done = threading.Event()
+    status_token = issue_token(vault.auth_key, STATUS_SUBJECT)
+
+    def watch():
+        while not done.is_set():
+            peak["rss"] = max(peak["rss"], proc.memory_info().rss)
+            done.wait(0.02)
+
+    def push(n: int):
+        item_id = uuid.uuid4()
+        seq = 1
+        while seq <= 6:
+            body = batch_format.encode(item_id=item_id, seq=seq, source_time_ns=1, records=[
+                batch_format.Record(batch_format.KIND_WRITE, 0, 0, memoryview(payload)[: len(payload) // 512 * 512])])
+            answer = post_batch(ps, item_id, vault.item_token(item_id), body, timeout=120)
+            if answer.status == 503:
+                assert answer.body["error"]["code"] == "cache_full"
+                peak["refused"] += 1
+                done.wait(0.2)
+                continue
+            assert answer.body == {"acked_seq": seq}
+            seq += 1
+            st = https_request(ps.port, "GET", "/v1/status", headers={"Authorization": f"Bearer {status_token}"})
+            peak["pending"] = max(peak["pending"], st.body["pending_upload_bytes"])
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    senders = [threading.Thread(target=push, args=(n,)) for n in range(4)]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(timeout=240)
+    assert not any(t.is_alive() for t in senders)
+    storage = ps.storage()
+    wait_for(lambda: len(storage.list_objects("logs/")) == 24, timeout=120, what="the backlog's upload")
+    done.set()
+    watcher.join()
+    print(f"process server peak RSS {peak['rss'] / MiB:.0f} MiB, peak cached {peak['pending'] / MiB:.0f} MiB, refused {peak['refused']}")
+    assert peak["rss"] < 256 * MiB, f"process server peaked at {peak['rss'] / MiB:.0f} MiB"
+    assert peak["pending"] <= 128 * MiB  # the cache cap held: senders were told to come back later
+
+
+def test_several_process_servers_run_side_by_side(start_ps, vault):
+    a, b = start_ps(name="ps-a"), start_ps(name="ps-b")
+    assert a.port != b.port and a.thumbprint != b.thumbprint
+    item_id = uuid.uuid4()
+    body = make_batch(item_id, 1)
+    assert post_batch(a, item_id, vault.item_token(item_id), body).status == 200
+    assert post_batch(b, item_id, vault.item_token(item_id), body).status == 200
+    wait_for(lambda: stored_seqs(a.storage(), item_id) == [1] and stored_seqs(b.storage(), item_id) == [1],
+             timeout=30, what="uploads on both servers")
+
+
+def test_heartbeat_reports_to_the_configuration_server(start_ps, vault):
+    """The report goes to a plain HTTP listener standing in for the configuration server."""
+    import http.server
+
+    received = []
+
+    class Report(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *_a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.append((self.path, self.headers.get("Authorization"), body))
+            self.send_response(204)
+            self.end_headers()
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Report)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        ps = start_ps(report_url=f"http://127.0.0.1:{httpd.server_address[1]}/api/v1/processServers/7/heartbeat",
+                      report_token="ps-secret", report_interval=0.2)
+        wait_for(lambda: received, timeout=20, what="a heartbeat")
+        path, auth, body = received[0]
+        assert path == "/api/v1/processServers/7/heartbeat" and auth == "Bearer ps-secret"
+        assert body["thumbprint"] == ps.thumbprint
+        for key in ("cpu_percent", "memory_percent", "cache_free_bytes", "cache_total_bytes", "pending_upload_bytes",
+                    "items"):
+            assert key in body, key
+    finally:
+        httpd.shutdown()
+
+
+def test_certificate_is_kept_and_its_thumbprint_printed(start_ps, tmp_path):
+    ps = start_ps()
+    first = ps.thumbprint
+    key_path = tmp_path / "ps-cache" / "tls" / "key.pem"
+    assert oct(os.stat(key_path).st_mode & 0o777) == "0o600"
+    ps.stop()
+    out = subprocess.run([sys.executable, "-m", "replication.dataplane.process_server", "--config",
+                          str(tmp_path / "ps.json"), "--print-thumbprint"], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == first
+    ps.start()
+    assert ps.thumbprint == first
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"seal_key": base64.b64encode(b"short").decode()}, "'seal_key' must be 32 bytes"),
+    ({"auth_key": "not base64!"}, "'auth_key' is not valid base64"),
+    ({"listen": "nowhere"}, "'listen' must be HOST:PORT"),
+    ({"cache_dir": None}, "'cache_dir' is required"),
+    ({"storage": {"kind": "tape"}}, "'storage'"),
+])
+def test_bad_configuration_is_refused_with_its_reason(tmp_path, vault, change, words):
+    try:
+        from tests.dataplane.fixtures_ps import ps_config
+    except ImportError:
+        from fixtures_ps import ps_config  # type: ignore[no-redef]
+    cfg = ps_config(tmp_path, vault)
+    cfg.update(change)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(cfg))
+    out = subprocess.run([sys.executable, "-m", "replication.dataplane.process_server", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 2
+    assert words in out.stderr, out.stderr
+
+
+def test_object_names_and_contexts_are_the_contract():
+    item_id = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    assert process_server.object_key(item_id, 42) == f"logs/{item_id}/00000000000000000042.lbs"
+    assert process_server.seal_context(item_id, 42) == f"{item_id}:42".encode()
