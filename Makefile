@@ -3,7 +3,7 @@
 #   make test   installs what the tests need and runs the whole suite (PostgreSQL + Redis)
 
 SHELL := /bin/bash
-PYTHON ?= $(shell command -v python3.13 2>/dev/null || command -v python3.12 2>/dev/null || ls -d $$HOME/.pyenv/versions/3.1[23]*/bin/python3 2>/dev/null | tail -1)
+PYTHON ?= $(shell bash scripts/find-python.sh)
 VENV := .venv
 PY := $(VENV)/bin/python
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/lifeboat
@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 .PHONY: install peers run test bench check clean
 
 $(VENV)/.installed: requirements.txt
-	@if [ -z "$(PYTHON)" ]; then echo "Lifeboat needs Python 3.12 or newer (Django 6): none found." >&2; exit 1; fi
+	@if [ -z "$(PYTHON)" ]; then bash scripts/find-python.sh; exit 1; fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt

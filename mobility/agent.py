@@ -68,6 +68,8 @@ AGENT_VERSION = "1.0"
 BLOCK_BYTES = 1024 * 1024
 BATCH_BYTES = 8 * 1024 * 1024
 MAX_DELAY = 1.0
+TICK_INTERVAL = 5.0  # an idle item sends an empty batch this often (0: never)
+TICK_MARGIN_NS = 1_000_000_000
 
 PHASE_INITIAL = "initial"
 PHASE_DELTA = "delta"
@@ -254,6 +256,7 @@ class _ItemRunner:
         self.fds: dict[int, int] = {}
         self.sender = _Sender(item, window=agent.window, retry=agent.retry, timeout=agent.io_timeout)
         self.last_error = ""
+        self._last_batch_at = time.monotonic()
         self.sent_batches = 0
         self.sent_bytes = 0
         self._next_reset_check = 0.0
@@ -652,8 +655,21 @@ class _ItemRunner:
                 st["catch_up_until"] = until = None
             yield self._journal_batch(picked, None, flags=last)
 
+    def _tick_due(self) -> bool:
+        """An idle item still proves its freshness: when every disk is journaled, nothing is
+        in flight and nothing was sent for ``tick_interval``, an empty batch says "the
+        source is fully shipped up to here", so recovery points (and RPO) keep up with time."""
+        st = self.state
+        return (self.agent.tick_interval > 0 and st["phase"] == PHASE_DELTA and not self.scanned
+                and not st["inflight"] and not st["bookmarks"]
+                and time.monotonic() - self._last_batch_at >= self.agent.tick_interval)
+
     def _journal_batches(self, *, flush: bool) -> Iterator[_Built]:
         st = self.state
+        # Writes journaled before this moment are behind the horizon read just below; the
+        # margin covers a writer caught between taking a record's time and appending it.
+        drained_ns = time.time_ns() - TICK_MARGIN_NS
+        first_round = True
         # one pass ships what was journaled when it began: a busy writer cannot keep it going
         horizon = {}
         for d in self.journaled:
@@ -682,12 +698,17 @@ class _ItemRunner:
                 self.save()
                 continue
             if not picked and attach is None:
+                if first_round and self._tick_due():
+                    self._last_batch_at = time.monotonic()
+                    yield self._journal_batch([], None, tick_ns=drained_ns)
                 return
+            first_round = False
             oldest = min((r.time_ns for _d, r in picked), default=time.time_ns())
             if (attach is None and not flush and not self._gathered_full
                     and time.time_ns() - oldest < self.agent.max_delay * 1e9):
                 st["journal_planned"], st["journal_planned_pos"] = before
                 return
+            self._last_batch_at = time.monotonic()
             yield self._journal_batch(picked, attach)
 
     def _gather(self, limits: dict[int, int | None]) -> list[tuple[DiskAssignment, journal.JournalRecord]]:
@@ -737,7 +758,8 @@ class _ItemRunner:
         return all(bookmark["positions"].get(k, 0) >= v for k, v in since.items()) if bookmark.get("positions") \
             else True
 
-    def _journal_batch(self, picked, bookmark: dict | None, *, flags: int = 0, seq: int | None = None) -> _Built:
+    def _journal_batch(self, picked, bookmark: dict | None, *, flags: int = 0, seq: int | None = None,
+                       tick_ns: int | None = None) -> _Built:
         st = self.state
         seq = st["next_seq"] if seq is None else seq
         records: list[wire.Record] = []
@@ -754,6 +776,9 @@ class _ItemRunner:
             r[1], r[2], r[3] = rec.seq, rec.segment, rec.end
             t_ns = max(t_ns, rec.time_ns)
         plan: dict[str, Any] = {"seq": seq, "kind": "journal", "ranges": ranges, "flags": flags}
+        if tick_ns is not None:
+            plan["tick_ns"] = tick_ns
+            t_ns = max(t_ns, tick_ns)
         if bookmark is not None:
             records.append(wire.Record(wire.KIND_BOOKMARK, 0, 0, _bookmark_label(bookmark)))
             plan["bookmark"] = bookmark
@@ -824,7 +849,8 @@ class _ItemRunner:
                                    f"batch {seq} are gone", full=False)
             picked.append([(disk, r) for r in recs])
         merged = list(heapq.merge(*picked, key=lambda x: x[1].time_ns))
-        built = self._journal_batch(merged, plan.get("bookmark"), flags=plan.get("flags", 0), seq=seq)
+        built = self._journal_batch(merged, plan.get("bookmark"), flags=plan.get("flags", 0), seq=seq,
+                                    tick_ns=plan.get("tick_ns"))
         built.plan = plan
         return built
 
@@ -1062,6 +1088,7 @@ class Agent:
         block_bytes: int = BLOCK_BYTES,
         batch_bytes: int = BATCH_BYTES,
         max_delay: float = MAX_DELAY,
+        tick_interval: float = TICK_INTERVAL,
         window: int = 3,
         retry: RetryPolicy | None = None,
         io_timeout: float = 60.0,
@@ -1083,6 +1110,7 @@ class Agent:
         self.block_bytes = block_bytes
         self.batch_bytes = batch_bytes
         self.max_delay = max_delay
+        self.tick_interval = tick_interval
         self.window = max(1, window)
         self.retry = retry or RetryPolicy()
         self.io_timeout = io_timeout

@@ -91,6 +91,9 @@ class ServerConfig:
     max_connections: int = 64
     seal_level: int = 1
     io_timeout: float = 60.0
+    # Ingest bandwidth this server accepts (bytes/s, 0 = as fast as it can): a sized
+    # capacity, as a real process server has; churn above it builds backlog at the agents.
+    max_ingest_bytes_per_s: int = 0
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ServerConfig":
@@ -135,6 +138,7 @@ class ServerConfig:
             ("max_connections", int),
             ("seal_level", int),
             ("io_timeout", float),
+            ("max_ingest_bytes_per_s", int),
         ):
             if raw.get(name) is not None:
                 try:
@@ -408,9 +412,22 @@ class ProcessServer:
 
     # -- ingest
 
+    def _throttle(self, length: int) -> None:
+        """Hold a batch until the ingest budget (max_ingest_bytes_per_s) has room for it."""
+        rate = self.config.max_ingest_bytes_per_s
+        if rate <= 0:
+            return
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, getattr(self, "_ingest_free_at", now))
+            self._ingest_free_at = start + length / rate
+        if start > now:
+            time.sleep(start - now)
+
     def receive_batch(self, handler: "_Handler", item_id: uuid.UUID, length: int) -> int:
         """Stream, validate and durably cache one batch; returns the acked seq or raises _Reject."""
         cfg = self.config
+        self._throttle(length)
         with self.lock:
             full = self.pending_bytes + self.reserved_bytes + length > cfg.max_cache_bytes
         if full or shutil.disk_usage(self.cache_dir).free < length + DISK_FREE_MARGIN:
@@ -668,7 +685,9 @@ class ProcessServer:
         }
 
     def _report_loop(self) -> None:
-        while not self.stopping.wait(self.config.report_interval):
+        first = True  # report at once on start: the vault learns the certificate to pin
+        while first or not self.stopping.wait(self.config.report_interval):
+            first = False
             try:
                 body = json.dumps({"thumbprint": self.thumbprint, "url": self.url, **self.status()}).encode()
                 req = urllib.request.Request(self.config.report_url, data=body, method="POST",

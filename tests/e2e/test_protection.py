@@ -83,6 +83,13 @@ def test_protect_replicate_points_are_byte_exact_then_disable(site, api):
                      timeout=60, message="a crash-consistent point after more writes")
         writer.set()
         writer.thread.join(timeout=10)
+        # An idle VM keeps getting recovery points (its agent's empty batches prove that
+        # everything up to their time is shipped), so its RPO does not climb while it idles.
+        from django.utils import timezone
+
+        idle_since = timezone.now()
+        wait_for(lambda: RecoveryPoint.objects.filter(item=item, type="crash_consistent", time__gte=idle_since).exists(),
+                 timeout=60, message="a recovery point while the VM is idle")
 
         points = {p.point_id: p for p in RecoveryPoint.objects.filter(item=item)}
         assert len(points) >= 6

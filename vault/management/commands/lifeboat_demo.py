@@ -61,6 +61,8 @@ class Command(BaseCommand):
         vault = Vault.objects.filter(name="demo-vault").first() or services.vault_create(
             name="demo-vault", passphrase=creds["vault_passphrase"], description="The embedded demo.",
             alert_emails=["dr-team@localhost"],
+            # The demo's off-hours window is the whole day, so a needed resync runs on its own.
+            off_hours_start="00:00", off_hours_end="00:00",
         )
         policy = ReplicationPolicy.objects.filter(vault=vault, name="demo-policy").first() or services.policy_create(
             vault=vault, name="demo-policy", storage_tier="standard", rpo_threshold_minutes=2,
@@ -70,7 +72,11 @@ class Command(BaseCommand):
             vault=vault, name="ps-01", host="127.0.0.1", data_port=int(os.environ.get("LIFEBOAT_PS_PORT", "9443")),
         )
         ps_config = data / "process-server-ps-01.json"
-        ps_config.write_text(json.dumps(process_server_config(server=ps), indent=2))
+        config = process_server_config(server=ps)
+        # The demo's process server is sized for 16 MiB/s, so raising a VM's churn above it
+        # visibly builds a backlog and RPO climbs; lowering it drains the backlog.
+        config.update(max_ingest_bytes_per_s=16 * MiB, report_interval=10)
+        ps_config.write_text(json.dumps(config, indent=2))
         os.chmod(ps_config, 0o600)
 
         site_dir = data / "simsite"
