@@ -96,6 +96,13 @@ def test_protect_replicate_points_are_byte_exact_then_disable(site, api):
         for point_id, shas in expected.items():
             for disk, sha in shas.items():
                 assert _image_sha(api, points[point_id], disk) == sha, f"disk {disk} at point {point_id} differs from the source"
+        # The same through the management command, to a file.
+        from django.core.management import call_command
+
+        first_id, first_shas = next(iter(expected.items()))
+        out = site.tmp / "disk1.img"
+        call_command("export_disk_image", str(points[first_id].pk), "1", str(out))
+        assert sha256_file(str(out)) == first_shas[1]
 
         # RPO is measured from the newest point by the server's clock.
         from replication.monitoring import items_monitor
