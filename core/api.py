@@ -68,7 +68,8 @@ def accepted_job(request, job, serializer_class) -> Response:
     from django.urls import reverse
 
     body = serializer_class(job, context={"request": request}).data
-    location = request.build_absolute_uri(reverse("api:job-detail", args=[job.id]))
+    path = reverse("api:job-detail", args=[job.id])
+    location = request.build_absolute_uri(path if path.endswith("/") else path + "/")
     return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": location})
 
 
