@@ -198,13 +198,22 @@ def _agent_phase(item: ProtectedItem) -> dict:
     return {}
 
 
+def _resync_sent(item: ProtectedItem, *, since) -> bool:
+    """The agent reported its resynchronization pass complete (a short pass can begin and
+    end between two heartbeats)."""
+    from vault.models import Event
+
+    return Event.objects.filter(protected_item=item, kind="resync_sent", created_at__gte=since).exists()
+
+
 @job_handler(JobType.RESYNC, queue=queues.DATA, on_failure=_resync_failed)
 def run_resync(ctx: JobContext) -> dict:
     item = _item(ctx)
     with ctx.step("Start resynchronization"):
         # RESYNCING puts "resync" in the agent's assignment; wait until the agent takes it.
         started = time.monotonic()
-        while _agent_phase(item).get("phase") not in ("resync",) and time.monotonic() - started < 120:
+        while (_agent_phase(item).get("phase") != "resync" and not _resync_sent(item, since=ctx.job.started_at)
+               and time.monotonic() - started < 120):
             item.refresh_from_db(fields=["protection_state"])
             if item.protection_state != P.RESYNCING:
                 raise LifeboatError(f"{item.name} left resynchronization ({item.get_protection_state_display().lower()}).")

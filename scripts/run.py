@@ -21,6 +21,7 @@ env.setdefault("EMAIL_BACKEND", "django.core.mail.backends.filebased.EmailBacken
 env.setdefault("EMAIL_FILE_PATH", str(DATA / "mail"))
 env.setdefault("PYTHONUNBUFFERED", "1")
 env.setdefault("LIFEBOAT_HEARTBEAT_TIMEOUT", "120")
+env.setdefault("LIFEBOAT_ALERT_QUIET_SECONDS", "120")
 
 PROCESSES = {
     "web": [PY, "-m", "gunicorn", "lifeboat.wsgi", "-b", "127.0.0.1:8000", "-w", "2", "--threads", "4", "--access-logfile", "-"],

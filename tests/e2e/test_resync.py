@@ -1,0 +1,61 @@
+"""Resynchronization end to end: an item marked as needing it (as when data was lost in
+transit) is resynchronized on request, returns to Protected, and stays byte-exact."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from core.choices import JobState
+from core.models import Job
+from replication.models import ProtectedItem, RecoveryPoint
+from tests.conftest import wait_for
+from tests.e2e.harness import MiB, Site, process_server, sha256_file
+
+pytestmark = pytest.mark.timeout(600)
+
+VMS = [{"name": "resync-e2e", "disks": [4 * MiB], "workload": {"rate_bytes_per_s": MiB, "write_size": 32 * 1024, "pattern": "uniform"}}]
+
+
+@pytest.fixture
+def site(tmp_path, live_server, celery_worker):
+    s = Site(tmp=tmp_path, live_url=live_server.url, vms=VMS)
+    yield s
+    s.close()
+
+
+def test_resync_on_request_then_protected_and_byte_exact(site, api):
+    from replication.scheduling import protected_item_app_consistent_snapshot
+    from replication.services import protected_item_mark_resync_required
+
+    machine = site.vault.machines.get(name="resync-e2e")
+    writer = site.start_workload()
+    with process_server(site.ps_config(), site.tmp):
+        site.start_agents()
+        site.start_beat()
+        r = api.post("/api/v1/replicationProtectedItems/", {"vault": site.vault.pk, "machine": machine.pk, "policy": site.policy.pk, "process_server": site.ps.pk}, format="json")
+        job = wait_for(lambda: Job.objects.filter(pk=r.data["id"], state__in=JobState.TERMINAL).first(), timeout=180, message="enable job")
+        assert job.state == JobState.SUCCEEDED, job.error
+        item = ProtectedItem.objects.get(machine=machine)
+
+        # The item needs resynchronization (as the agent reports after a journal overflow).
+        assert protected_item_mark_resync_required(item=item, reason="test: data lost in transit")
+        assert api.post(f"/api/v1/replicationProtectedItems/{item.pk}/repairReplication").status_code == 202
+        second = api.post(f"/api/v1/replicationProtectedItems/{item.pk}/repairReplication")
+        assert second.status_code == 409 and second.json()["error"]["current_state"] == "RESYNCING"
+        resync = Job.objects.get(type="RESYNC", target_id=str(item.pk))
+        done = wait_for(lambda: Job.objects.filter(pk=resync.pk, state__in=JobState.TERMINAL).first(), timeout=240, message="resync job")
+        assert done.state == JobState.SUCCEEDED, done.error
+        item.refresh_from_db()
+        assert item.protection_state == "PROTECTED" and item.last_error == ""
+
+        # And the replica is right: an app-consistent point equals the source.
+        writer.set()
+        writer.thread.join(timeout=10)
+        disk = item.replica_disks.get()
+        source = sha256_file(site.site.disk_path(machine.instance_uuid, disk.source_disk_key))
+        bookmark = protected_item_app_consistent_snapshot(item=item)
+        point = wait_for(lambda: RecoveryPoint.objects.filter(item=item, type="app_consistent", label=bookmark["label"]).first(),
+                         timeout=90, message="app-consistent point after the resync")
+        body = api.get(f"/api/v1/recoveryPoints/{point.pk}/disks/0/image")
+        assert hashlib.sha256(b"".join(body.streaming_content)).hexdigest() == source
