@@ -25,16 +25,14 @@ PS_CACHE_FREE_PERCENT = (30.0, 25.0)  # free space below these
 
 
 def _minutes(seconds: float) -> str:
-    """'45 s', '2 min 25 s', '12 min', '3 h 5 min'."""
+    """'45 s', '2 min 25 s', '12 min', '180 min'."""
     seconds = int(seconds)
     if seconds < 60:
         return f"{seconds} s"
     minutes, sec = divmod(seconds, 60)
     if minutes < 10:
         return f"{minutes} min {sec} s" if sec else f"{minutes} min"
-    if minutes < 120:
-        return f"{minutes} min"
-    return f"{minutes // 60} h {minutes % 60} min"
+    return f"{minutes} min"
 
 
 def item_health(item: ProtectedItem, *, now) -> tuple[int | None, str, list[str]]:
