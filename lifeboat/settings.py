@@ -236,4 +236,4 @@ LIFEBOAT_CONFIG_URL = os.environ.get("LIFEBOAT_CONFIG_URL", "http://127.0.0.1:80
 # How long enabling replication waits for a hand-installed agent to register.
 LIFEBOAT_AGENT_INSTALL_TIMEOUT = int(os.environ.get("LIFEBOAT_AGENT_INSTALL_TIMEOUT", "900"))
 
-from lifeboat.schedules import BEAT_SCHEDULE as CELERY_BEAT_SCHEDULE  # noqa: E402
+from lifeboat.schedules import BEAT_SCHEDULE as CELERY_BEAT_SCHEDULE  # noqa: E402,F401

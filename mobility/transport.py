@@ -126,24 +126,16 @@ class ProcessServerClient:
             self._conn.close()
             self._conn = None
 
-    def send_batch(self, *, item_id: uuid.UUID, token: str, seq: int, parts: Iterable[bytes | memoryview],
-                   size: int) -> BatchAnswer:
-        """POST one batch once; raises TransportError (transient or not) on failure."""
+    def _exchange(self, send: Callable[[http.client.HTTPConnection], None], what: str) -> tuple[int, bytes]:
+        """One request on the pinned connection (reopened as needed): (status, body bytes).
+        A broken connection is closed and reported as a transient TransportError."""
         if self._conn is None:
             self._conn = _PinnedHTTPSConnection(self.host, self.port, thumbprint=self.thumbprint,
                                                 timeout=self.timeout)
-        conn = self._conn
         try:
-            conn.putrequest("POST", f"{self.base}/v1/items/{item_id}/batches", skip_accept_encoding=True)
-            conn.putheader("Authorization", f"Bearer {token}")
-            conn.putheader("Content-Type", "application/vnd.lifeboat.batch")
-            conn.putheader("Content-Length", str(size))
-            conn.putheader("X-Lifeboat-Seq", str(seq))
-            conn.endheaders()
-            _send_parts(conn, parts)
-            resp = conn.getresponse()
+            send(self._conn)
+            resp = self._conn.getresponse()
             raw = resp.read()
-            status = resp.status
             if resp.will_close:
                 self.close()
         except PinMismatch:
@@ -151,8 +143,22 @@ class ProcessServerClient:
             raise
         except (OSError, http.client.HTTPException) as e:
             self.close()
-            raise TransportError(f"sending batch {seq} to {self.host}:{self.port} failed: {e!r}",
-                                 transient=True) from None
+            raise TransportError(f"{what} {self.host}:{self.port} failed: {e!r}", transient=True) from None
+        return resp.status, raw
+
+    def send_batch(self, *, item_id: uuid.UUID, token: str, seq: int, parts: Iterable[bytes | memoryview],
+                   size: int) -> BatchAnswer:
+        """POST one batch once; raises TransportError (transient or not) on failure."""
+        def send(conn: http.client.HTTPConnection) -> None:
+            conn.putrequest("POST", f"{self.base}/v1/items/{item_id}/batches", skip_accept_encoding=True)
+            conn.putheader("Authorization", f"Bearer {token}")
+            conn.putheader("Content-Type", "application/vnd.lifeboat.batch")
+            conn.putheader("Content-Length", str(size))
+            conn.putheader("X-Lifeboat-Seq", str(seq))
+            conn.endheaders()
+            _send_parts(conn, parts)
+
+        status, raw = self._exchange(send, f"sending batch {seq} to")
         body = _json_or_empty(raw)
         err = body.get("error") if isinstance(body.get("error"), dict) else {}
         detail = err.get("message") or raw[:200].decode("utf-8", "replace")
@@ -168,27 +174,15 @@ class ProcessServerClient:
 
     def item_state(self, *, item_id: uuid.UUID, token: str) -> int:
         """The seq the process server last acknowledged for the item."""
-        if self._conn is None:
-            self._conn = _PinnedHTTPSConnection(self.host, self.port, thumbprint=self.thumbprint,
-                                                timeout=self.timeout)
-        try:
-            self._conn.request("GET", f"{self.base}/v1/items/{item_id}",
-                               headers={"Authorization": f"Bearer {token}"})
-            resp = self._conn.getresponse()
-            raw = resp.read()
-            if resp.will_close:
-                self.close()
-        except PinMismatch:
-            self.close()
-            raise
-        except (OSError, http.client.HTTPException) as e:
-            self.close()
-            raise TransportError(f"asking {self.host}:{self.port} for item {item_id} failed: {e!r}",
-                                 transient=True) from None
+        status, raw = self._exchange(
+            lambda conn: conn.request("GET", f"{self.base}/v1/items/{item_id}",
+                                      headers={"Authorization": f"Bearer {token}"}),
+            f"asking for item {item_id} at",
+        )
         body = _json_or_empty(raw)
-        if resp.status != 200:
-            raise TransportError(f"process server answered {resp.status}: {body or raw[:200]!r}",
-                                 transient=resp.status >= 500, status=resp.status, body=body)
+        if status != 200:
+            raise TransportError(f"process server answered {status}: {body or raw[:200]!r}",
+                                 transient=status >= 500, status=status, body=body)
         return int(body["acked_seq"])
 
 

@@ -6,7 +6,7 @@ import logging
 from django.db import transaction
 from django.utils import timezone
 
-from core.exceptions import NotFound, ValidationFailed
+from core.exceptions import NotFound
 from replication.choices import ProtectionState as P
 from replication.dataplane.auth import issue_token, item_subject, verify_token
 from replication.models import MobilityAgent, ProtectedItem

@@ -7,7 +7,6 @@ agent silence and errors; each reason is a sentence the portal shows. Problems r
 """
 from __future__ import annotations
 
-from datetime import timedelta
 
 from django.conf import settings
 from django.utils import timezone

@@ -6,10 +6,14 @@ import logging
 from django.db import transaction
 from django.utils import timezone
 
-from core.exceptions import InvalidTransition
-from replication.choices import ProtectionState, TestFailoverState
+from core.choices import JobType
+from core.exceptions import Conflict, InvalidTransition, ValidationFailed
+from core.jobs import job_create
+from replication.choices import ProtectionState
 from replication.models import ProtectedItem
 from replication.transitions import PROTECTION_TRANSITIONS, TEST_FAILOVER_TRANSITIONS, sources_for
+from vault.choices import Severity
+from vault.services import event_record
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +66,6 @@ def protected_item_test_failover_transition(*, item_id, to_state: str, operation
 
 # --- operations ---------------------------------------------------------------------------
 
-from django.conf import settings  # noqa: E402
-
-from core.choices import JobType  # noqa: E402
-from core.exceptions import Conflict, ValidationFailed  # noqa: E402
-from core.jobs import job_create  # noqa: E402
-from vault.choices import Severity  # noqa: E402
-from vault.services import event_record  # noqa: E402
 
 ENABLE_STEPS = ["Check prerequisites", "Install the mobility agent", "Create replica disks", "Initial replication", "Start delta replication"]
 

@@ -5,7 +5,6 @@ import logging
 from celery import shared_task
 from django.utils import timezone
 
-from core import queues
 
 logger = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ from core.exceptions import LifeboatError
 from vault import services
 from vault.choices import MAX_RETENTION_HOURS
 from vault.models import ReplicationPolicy, Vault, VCenter
+from vault.simulation import PATTERNS
 
 
 class ServiceForm(forms.Form):
@@ -128,7 +129,7 @@ class VCenterForm(ServiceForm):
 class WorkloadForm(forms.Form):
     rate_bytes_per_s = forms.IntegerField(min_value=0, max_value=2 * 1024**3, label="Write rate (bytes/s)")
     write_size = forms.IntegerField(min_value=512, max_value=8 * 1024 * 1024, initial=65536, label="Write size (bytes)")
-    pattern = forms.ChoiceField(choices=[(p, p) for p in ("uniform", "hotspot", "sequential")])
+    pattern = forms.ChoiceField(choices=[(p, p) for p in PATTERNS])
 
     def clean_write_size(self):
         value = self.cleaned_data["write_size"]

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from core.exceptions import Conflict, ValidationFailed
 from core.secrets import decrypt_secret, encrypt_secret
-from vault.choices import AlertState, Severity, StorageTier, VCenterKind
+from vault.choices import AlertState, Severity, VCenterKind
 from vault.models import (
     Alert,
     ConfigurationServer,

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import logging
 
-from django.db import transaction
-from django.shortcuts import get_object_or_404
-from django.utils import timezone
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.decorators import api_view, authentication_classes, permission_classes
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
-from core.exceptions import NotFound, PermissionDenied, ValidationFailed
+from core.exceptions import PermissionDenied
 from replication import agents as agent_services
 from replication.models import MobilityAgent
 from vault.models import ProcessServer, Vault

@@ -22,7 +22,6 @@ from django.utils import timezone
 
 from core.choices import JobState
 from core.jobs import job_execute
-from core.models import Job
 from replication.choices import ProtectionState as P
 from replication.dataplane.apply import RecoveryPoint as PlanePoint
 from replication.engine import points_mirror

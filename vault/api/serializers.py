@@ -5,6 +5,7 @@ from rest_framework import serializers
 from core.exceptions import Conflict
 from vault import services
 from vault.choices import MAX_RETENTION_HOURS
+from vault.simulation import PATTERNS
 from vault.models import (
     Alert,
     ConfigurationServer,
@@ -198,7 +199,7 @@ class AlertSerializer(serializers.ModelSerializer):
 class WorkloadSerializer(serializers.Serializer):
     rate_bytes_per_s = serializers.IntegerField(min_value=0, max_value=2 * 1024**3)
     write_size = serializers.IntegerField(min_value=512, max_value=8 * 1024 * 1024)
-    pattern = serializers.ChoiceField(choices=["uniform", "hotspot", "sequential"])
+    pattern = serializers.ChoiceField(choices=list(PATTERNS))
 
     def validate_write_size(self, value):
         if value % 512:
