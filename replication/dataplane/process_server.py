@@ -1,27 +1,33 @@
 """The process server: HTTPS ingest of replication batches from mobility agents.
 
 An agent POSTs each batch of a protected item to ``/v1/items/<item_id>/batches`` with the
-item's token. The server streams the body to a temp file in its cache directory while it
-validates it (``batch.StreamValidator``: the rules of ``batch.decode``, without holding the
-batch in memory), and acknowledges ``{"acked_seq": n}`` only once the file is fsync'd, renamed
-into the item's directory and that directory fsync'd. Sequence numbers make a resent batch
-harmless: ``seq == acked + 1`` is accepted, an older one is answered ``409 replayed_batch``,
-a newer one ``409 sequence_gap``, both with ``acked_seq`` and without touching anything stored.
+item's token. The server reads the body while it validates it (``batch.StreamValidator``: the
+rules of ``batch.decode``, checked piece by piece as the bytes arrive, so a bad batch is
+refused early), seals it (``sealing.seal_parts``: zstd + AES-256-GCM with the vault's key and
+context ``"<item_id>:<seq>"``), writes the sealed object to a temp file in its cache directory,
+and acknowledges ``{"acked_seq": n}`` only once the file is fsync'd, renamed into the item's
+directory and that directory fsync'd. The bytes of batches being received and sealed at once
+are capped (``ingest_memory_bytes``): memory stays bounded however many agents send.
+Sequence numbers make a resent batch harmless: ``seq == acked + 1`` is accepted, an older
+one is answered ``409 replayed_batch``, a newer one ``409 sequence_gap``, both with
+``acked_seq`` and without touching anything stored.
 An agent may have a few batches of an item in flight at once: a batch whose predecessor is
 still arriving waits for it rather than being refused.
 
-Background uploader threads seal the cached batches (zstd + AES-256-GCM, ``sealing.seal``
-with context ``"<item_id>:<seq>"``), put them into cache storage as
-``logs/<item_id>/<seq:020d>.lbs`` in seq order per item, record the item's uploaded seq and
-then delete the cache file. After a crash at any moment the cache directory alone says what
-was acknowledged (``uploaded`` plus the batch files still cached), so nothing acknowledged is
-lost, and re-uploading an object that already exists is harmless.
+Background uploader threads put the cached batches, already sealed, into cache storage as
+``logs/<item_id>/<seq:020d>.lbs`` in seq order per item (``Storage.put_object_file``: a hard
+link when the local storage shares the cache's file system, so the bytes are written once),
+record the item's uploaded seq and then delete the cache file. The cache holds batches only
+sealed, so what rests on the process server's disk is as protected as what rests in storage.
+After a crash at any moment the cache directory alone says what was acknowledged
+(``uploaded`` plus the batch files still cached), so nothing acknowledged is lost, and
+re-uploading an object that already exists is harmless.
 
 Cache directory layout::
 
     tls/cert.pem tls/key.pem tls/thumbprint   self-signed certificate made on first start
     tmp/                                       bodies being received (emptied at start)
-    items/<item_id>/<seq:020d>.lbb             acknowledged batches not yet uploaded
+    items/<item_id>/<seq:020d>.lbs             acknowledged batches (sealed) not yet uploaded
     items/<item_id>/uploaded                   highest seq put into storage (two in-place slots)
     server.json                                pid, port and thumbprint of the running server
 
@@ -56,6 +62,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from mobility.tuning import tune_allocator
 from replication.dataplane import batch as batch_format
 from replication.dataplane import sealing
 from replication.dataplane.auth import STATUS_SUBJECT, item_subject, verify_token
@@ -65,9 +72,12 @@ log = logging.getLogger("lifeboat.process_server")
 VERSION = "1.0"
 DEFAULT_PORT = 9443
 CHUNK_BYTES = 1024 * 1024
-BATCH_SUFFIX = ".lbb"
 OBJECT_SUFFIX = ".lbs"
+BATCH_SUFFIX = OBJECT_SUFFIX  # a cached batch is already the sealed object
 DISK_FREE_MARGIN = 64 * 1024 * 1024
+# A batch being sealed is held about three times at its peak: the body, the compressed
+# bytes and the ciphertext.
+SEAL_MEMORY_FACTOR = 3
 
 
 class ConfigError(ValueError):
@@ -89,6 +99,9 @@ class ServerConfig:
     upload_workers: int = 2
     max_ingest: int = 4
     max_connections: int = 64
+    # memory for batches being received and sealed (the process server's bound, with about
+    # 40 MiB for the rest of it); at least three maximum-size batches
+    ingest_memory_bytes: int = 3 * 32 * 1024 * 1024
     seal_level: int = 1
     io_timeout: float = 60.0
     # Ingest bandwidth this server accepts (bytes/s, 0 = as fast as it can): a sized
@@ -136,6 +149,7 @@ class ServerConfig:
             ("upload_workers", int),
             ("max_ingest", int),
             ("max_connections", int),
+            ("ingest_memory_bytes", int),
             ("seal_level", int),
             ("io_timeout", float),
             ("max_ingest_bytes_per_s", int),
@@ -147,6 +161,11 @@ class ServerConfig:
                     raise ConfigError(f"process server config: '{name}' must be a number") from None
         if cfg.upload_workers < 1 or cfg.max_ingest < 1 or cfg.max_connections < 1:
             raise ConfigError("process server config: worker and connection counts must be 1 or more")
+        if cfg.ingest_memory_bytes < SEAL_MEMORY_FACTOR * batch_format.MAX_BATCH_BYTES:
+            raise ConfigError(
+                "process server config: 'ingest_memory_bytes' must be at least "
+                f"{SEAL_MEMORY_FACTOR * batch_format.MAX_BATCH_BYTES} (three maximum-size batches)"
+            )
         if cfg.max_cache_bytes < batch_format.MAX_BATCH_BYTES:
             raise ConfigError(
                 f"process server config: 'max_cache_bytes' must be at least {batch_format.MAX_BATCH_BYTES}"
@@ -269,7 +288,7 @@ class _Item:
     uploaded: int = 0  # highest seq put into storage and recorded so (the marker)
     put: int = 0  # highest seq put into storage (puts of an item are made in seq order)
     pending: dict[int, int] = field(default_factory=dict)  # seq -> size, cached, not yet uploaded
-    claimed: set[int] = field(default_factory=set)  # seqs an uploader is sealing
+    claimed: set[int] = field(default_factory=set)  # seqs an uploader is putting
     receiving: dict[int, int] = field(default_factory=dict)  # seq -> requests receiving it
     dir_made: bool = False
     commit_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -296,8 +315,8 @@ class ProcessServer:
         self.stopping = threading.Event()
         self.storage = open_target_storage(config.storage)
         self.ingest_slots = threading.BoundedSemaphore(config.max_ingest)
-        # plain bytes being sealed at once (see _seal)
-        self.seal_budget = batch_format.MAX_BATCH_BYTES
+        # bytes held by batches being received and sealed (see _take_memory)
+        self.memory_budget = config.ingest_memory_bytes
         self.sealing_bytes = 0
         self.started_at = time.time()
         self.cert_path = self.key_path = ""
@@ -445,30 +464,55 @@ class ProcessServer:
                 self.reserved_bytes -= length
 
     def _receive_into_cache(self, handler: "_Handler", item: _Item, length: int) -> int:
+        """Read the body into memory while validating it, seal it in one piece (one-shot
+        zstd is markedly cheaper than streaming) and write the sealed object to the cache:
+        the cache holds each batch as the object it will be in storage, so nothing is read
+        back or written again to upload it. The bytes held at once are capped (below)."""
+        need = SEAL_MEMORY_FACTOR * length
+        self._take_memory(need, handler, length)
+        try:
+            return self._receive_sealed(handler, item, length)
+        finally:
+            with self.lock:
+                self.sealing_bytes -= need
+                self.lock.notify_all()
+
+    def _take_memory(self, need: int, handler: "_Handler", length: int) -> None:
+        """Wait until ``need`` bytes fit in the sealing memory budget (always, when nothing
+        else holds any): memory stays bounded however many agents send at once."""
+        deadline = time.monotonic() + self.config.io_timeout
+        with self.lock:
+            while self.sealing_bytes and self.sealing_bytes + need > self.memory_budget:
+                if self.stopping.is_set() or time.monotonic() > deadline:
+                    handler.drain(length)
+                    raise _Reject(503, "busy", "the process server is busy; retry later", retry_after=1)
+                self.lock.wait(timeout=0.5)
+            self.sealing_bytes += need
+
+    def _receive_sealed(self, handler: "_Handler", item: _Item, length: int) -> int:
         validator = batch_format.StreamValidator()
-        tmp = os.path.join(self.tmp_dir, f"{secrets.token_hex(8)}.part")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        body = bytearray(length)
+        view = memoryview(body)
         seq = None  # the seq this request announced in item.receiving
+        tmp = ""
         committed = False
         try:
-            buf = bytearray(min(CHUNK_BYTES, max(length, 1)))
-            view = memoryview(buf)
-            left = length
-            while left:
-                n = handler.rfile.readinto(view[: min(len(buf), left)])
+            pos = 0
+            while pos < length:
+                n = handler.rfile.readinto(view[pos : min(length, pos + CHUNK_BYTES)])
                 if not n:
-                    raise _Reject(400, "truncated_body", f"the body ended {left} bytes before its Content-Length",
-                                  close=True)
-                left -= n
+                    raise _Reject(400, "truncated_body",
+                                  f"the body ended {length - pos} bytes before its Content-Length", close=True)
                 try:
-                    validator.feed(view[:n])
+                    validator.feed(view[pos : pos + n])
                 except batch_format.MalformedBatch as e:
-                    handler.drain(left)
+                    handler.drain(length - pos - n)
                     raise _Reject(400, "malformed_batch", str(e)) from None
+                pos += n
                 if seq is None and validator.header is not None:
                     batch_item, batch_seq = validator.header[0], validator.header[1]
                     if batch_item != item.id:
-                        handler.drain(left)
+                        handler.drain(length - pos)
                         raise _Reject(400, "item_mismatch",
                                       f"the batch belongs to item {batch_item}, not to {item.id}")
                     with self.lock:
@@ -477,24 +521,29 @@ class ProcessServer:
                             seq = batch_seq
                             item.receiving[seq] = item.receiving.get(seq, 0) + 1
                     if seq is None:
-                        handler.drain(left)
+                        handler.drain(length - pos)
                         raise _Reject(409, "replayed_batch", f"batch {batch_seq} is already acknowledged",
                                       acked_seq=acked)
-                _write_all(fd, view[:n])
             try:
                 info = validator.finish()
             except batch_format.MalformedBatch as e:
                 raise _Reject(400, "malformed_batch", str(e)) from None
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            acked = self._commit(item, info.seq, tmp, info.size)
+            header, ciphertext = sealing.seal_parts(view, key=self.config.seal_key, context=seal_context(item.id, info.seq),
+                                                    level=self.config.seal_level)
+            del view, body
+            tmp = os.path.join(self.tmp_dir, f"{secrets.token_hex(8)}.part")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                _write_all(fd, header)
+                _write_all(fd, ciphertext)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            acked = self._commit(item, info.seq, tmp, len(header) + len(ciphertext))
             committed = True
             return acked
         finally:
-            if fd >= 0:
-                os.close(fd)
-            if not committed:
+            if tmp and not committed:
                 _unlink_quietly(tmp)
             if seq is not None:
                 with self.lock:
@@ -566,21 +615,20 @@ class ProcessServer:
                 self.stopping.wait(1.0)
 
     def _upload_one(self, item: _Item, seq: int) -> None:
-        """Seal and put one batch; retries (with backoff) until it is in storage, because the
-        batches after it wait for it: objects of an item appear in storage in seq order."""
+        """Put one cached (already sealed) batch into storage; retries (with backoff) until
+        it is there, because the batches after it wait for it: objects of an item appear in
+        storage in seq order."""
         path = os.path.join(item.dir, f"{seq:020d}{BATCH_SUFFIX}")
         key = object_key(item.id, seq)
         attempt = 0
         while not self.stopping.is_set():
             try:
-                sealed = self._seal(item, seq, path)
                 with self.lock:  # the previous batch of the item goes first
                     while item.put < seq - 1 and not self.stopping.is_set():
                         self.lock.wait(timeout=0.5)
                 if self.stopping.is_set():
                     return
-                self.storage.put_object(key, sealed)
-                del sealed
+                self.storage.put_object_file(key, path)
                 with self.lock:
                     item.put = max(item.put, seq)
                     self.lock.notify_all()
@@ -624,27 +672,6 @@ class ProcessServer:
                     size = item.pending.pop(seq, None)
                     if size is not None:
                         self.pending_bytes -= size
-                self.lock.notify_all()
-
-    def _seal(self, item: _Item, seq: int, path: str) -> bytes:
-        """Read and seal a cached batch. Sealing holds about four copies of a batch at its
-        peak (plain, compressed, encrypted, framed), so the bytes being sealed at once are
-        limited: memory stays bounded whatever the batch sizes. The budget is released
-        before waiting for the item's turn to put, so uploaders never wait on each other
-        in a circle."""
-        size = item.pending.get(seq, 0)
-        with self.lock:
-            while self.sealing_bytes and self.sealing_bytes + size > self.seal_budget and not self.stopping.is_set():
-                self.lock.wait(timeout=0.5)
-            self.sealing_bytes += size
-        try:
-            with open(path, "rb") as f:
-                plain = f.read()
-            return sealing.seal(plain, key=self.config.seal_key, context=seal_context(item.id, seq),
-                                level=self.config.seal_level)
-        finally:
-            with self.lock:
-                self.sealing_bytes -= size
                 self.lock.notify_all()
 
     # -- status
@@ -844,7 +871,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._error(_Reject(403, "forbidden", f"the token is not valid for item {item_id}"))
                 return
             item = ps._item(item_id)
-            self._json(200, {"item_id": str(item_id), "acked_seq": item.acked, "uploaded_seq": item.uploaded})
+            with ps.lock:
+                state = {"item_id": str(item_id), "acked_seq": item.acked, "uploaded_seq": item.uploaded,
+                         "receiving_batches": sum(item.receiving.values())}
+            self._json(200, state)
         else:
             self._error(_Reject(404, "not_found", f"no such resource: {self.path}"))
 
@@ -1044,25 +1074,9 @@ def load_config(path: str) -> ServerConfig:
     return ServerConfig.from_dict(raw)
 
 
-def _tune_allocator() -> None:
-    """Keep batch-sized buffers in the heap for reuse instead of mapping fresh zeroed pages
-    for every batch (page faults cost as much CPU as AES-GCM here), and cap the number of
-    malloc arenas so the threads cannot each hold their own high-water mark. The resident
-    size then stays near a few batches per busy thread; the bound is checked by the tests."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 16 * 1024 * 1024)  # M_MMAP_THRESHOLD: batches up to 16 MiB reuse heap memory
-        libc.mallopt(-1, 64 * 1024 * 1024)  # M_TRIM_THRESHOLD
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
-
-
 def serve(config: ServerConfig) -> None:
     """Run a process server in this process until SIGTERM or SIGINT."""
-    _tune_allocator()
+    tune_allocator()
     server = ProcessServer(config).start()
     print(f"lifeboat process server {VERSION} listening on {server.url}", flush=True)
     print(f"thumbprint: {server.thumbprint}", flush=True)

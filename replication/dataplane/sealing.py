@@ -31,12 +31,18 @@ def new_key() -> bytes:
 
 
 def seal(plain: bytes | memoryview, *, key: bytes, context: bytes, level: int = 1) -> bytes:
+    return b"".join(seal_parts(plain, key=key, context=context, level=level))
+
+
+def seal_parts(plain: bytes | memoryview, *, key: bytes, context: bytes, level: int = 1) -> tuple[bytes, bytes]:
+    """The sealed object as (header, ciphertext with its tag), to be written one after the
+    other without joining them in memory first."""
     if len(plain) > MAX_PLAIN_BYTES:
         raise ValueError(f"{len(plain)} bytes is over the {MAX_PLAIN_BYTES}-byte sealing limit")
     compressed = zstandard.ZstdCompressor(level=level).compress(plain)
     nonce = os.urandom(12)
     header = HEADER.pack(MAGIC, VERSION, len(plain), nonce)
-    return header + AESGCM(key).encrypt(nonce, compressed, header + context)
+    return header, AESGCM(key).encrypt(nonce, compressed, header + context)
 
 
 def unseal(blob: bytes | memoryview, *, key: bytes, context: bytes) -> bytes:
@@ -49,7 +55,7 @@ def unseal(blob: bytes | memoryview, *, key: bytes, context: bytes) -> bytes:
         raise TamperedData("sealed object claims an impossible size")
     header = bytes(blob[: HEADER.size])
     try:
-        compressed = AESGCM(key).decrypt(nonce, bytes(blob[HEADER.size :]), header + context)
+        compressed = AESGCM(key).decrypt(nonce, memoryview(blob)[HEADER.size :], header + context)
     except InvalidTag:
         raise TamperedData("sealed object failed authentication (tampered, truncated or wrong key/context)") from None
     plain = zstandard.ZstdDecompressor().decompress(compressed, max_output_size=plain_len)

@@ -28,11 +28,15 @@ except ImportError:  # tests/dataplane imported as a rootdir-less directory
     )
 
 
-def item_state(ps, vault, item_id) -> int:
+def item_answer(ps, vault, item_id) -> dict:
     answer = https_request(ps.port, "GET", f"/v1/items/{item_id}",
                            headers={"Authorization": f"Bearer {vault.item_token(item_id)}"})
     assert answer.status == 200, answer
-    return answer.body["acked_seq"]
+    return answer.body
+
+
+def item_state(ps, vault, item_id) -> int:
+    return item_answer(ps, vault, item_id)["acked_seq"]
 
 
 def stored_snapshot(ps, vault, item_id) -> dict:
@@ -102,7 +106,7 @@ def test_accepted_batches_are_sealed_into_storage_in_order(start_ps, vault):
             sealing.unseal(sealed, key=vault.seal_key, context=f"{item_id}:{seq + 1}".encode())
     # the cache is emptied once the batches are in storage
     wait_for(lambda: not [n for n in os.listdir(os.path.join(ps.config["cache_dir"], "items", str(item_id)))
-                          if n.endswith(".lbb")], timeout=10, what="cache clean-up")
+                          if n.endswith(".lbs")], timeout=10, what="cache clean-up")
 
 
 def _bad_cases(vault, item_id, other_id):
@@ -164,9 +168,10 @@ def test_a_body_cut_short_by_the_client_is_dropped(start_ps, vault):
         s.sendall((f"POST /v1/items/{item_id}/batches HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
                    f"Authorization: Bearer {vault.item_token(item_id)}\r\n\r\n").encode())
         s.sendall(body[: len(body) // 2])
-        wait_for(lambda: os.listdir(os.path.join(ps.config["cache_dir"], "tmp")), timeout=10,
+        wait_for(lambda: item_answer(ps, vault, item_id)["receiving_batches"] == 1, timeout=10,
                  what="the body to start arriving")
-    wait_for(lambda: not os.listdir(os.path.join(ps.config["cache_dir"], "tmp")), timeout=10, what="temp clean-up")
+    wait_for(lambda: item_answer(ps, vault, item_id)["receiving_batches"] == 0, timeout=10, what="the request to end")
+    assert not os.listdir(os.path.join(ps.config["cache_dir"], "tmp"))
     assert item_state(ps, vault, item_id) == 0
     assert post_batch(ps, item_id, vault.item_token(item_id), body).body == {"acked_seq": 1}
 
@@ -239,7 +244,7 @@ def test_acknowledged_batches_survive_sigkill(start_ps, vault, tmp_path):
     for seq, body in bodies.items():
         assert post_batch(ps, item_id, vault.item_token(item_id), body).body == {"acked_seq": seq}
     ps.kill()
-    cached = sorted(n for n in os.listdir(tmp_path / "ps-cache" / "items" / str(item_id)) if n.endswith(".lbb"))
+    cached = sorted(n for n in os.listdir(tmp_path / "ps-cache" / "items" / str(item_id)) if n.endswith(".lbs"))
     assert len(cached) == 12  # nothing reached storage before the kill
     (storage_root / "objects" / "logs").unlink()
     ps.start()
@@ -252,6 +257,47 @@ def test_acknowledged_batches_survive_sigkill(start_ps, vault, tmp_path):
     # a batch resent after the crash is recognised, not stored twice
     answer = post_batch(ps, item_id, vault.item_token(item_id), bodies[12])
     assert (answer.status, answer.body["error"]["code"], answer.body["acked_seq"]) == (409, "replayed_batch", 12)
+
+
+def test_the_cache_holds_batches_only_sealed(start_ps, vault, tmp_path):
+    """What waits in the cache is already the sealed object storage will get: no plaintext of
+    a batch rests on the process server's disk, and the upload writes no second copy."""
+    item_id = uuid.uuid4()
+    storage_root = tmp_path / "ps-storage"
+    (storage_root / "objects").mkdir(parents=True)
+    (storage_root / "objects" / "logs").write_bytes(b"in the way")  # uploads fail for now
+    ps = start_ps()
+    marker = b"plaintext that must not rest in the cache " * 200
+    rec = batch_format.Record(batch_format.KIND_WRITE, 0, 0, marker + bytes(-len(marker) % 512))
+    body = batch_format.encode(item_id=item_id, seq=1, source_time_ns=1, records=[rec])
+    assert post_batch(ps, item_id, vault.item_token(item_id), body).body == {"acked_seq": 1}
+    cached = tmp_path / "ps-cache" / "items" / str(item_id) / f"{1:020d}.lbs"
+    blob = cached.read_bytes()
+    assert marker[:64] not in blob
+    assert sealing.unseal(blob, key=vault.seal_key, context=process_server.seal_context(item_id, 1)) == body
+    inode = os.stat(cached).st_ino
+    (storage_root / "objects" / "logs").unlink()
+    storage = ps.storage()
+    wait_for(lambda: stored_seqs(storage, item_id) == [1], timeout=30, what="the upload")
+    stored = storage_root / "objects" / "logs" / str(item_id) / f"{1:020d}.lbs"
+    assert os.stat(stored).st_ino == inode  # the cache file itself, linked into storage
+    wait_for(lambda: not cached.exists(), timeout=10, what="cache clean-up")
+    assert stored.read_bytes() == blob
+
+
+def test_decode_may_skip_only_the_checksum():
+    """An unsealed batch is authenticated already, so the apply engine skips the checksum;
+    every structural rule still holds."""
+    item_id = uuid.uuid4()
+    body = bytearray(make_batch(item_id, 1))
+    body[-10] ^= 1
+    with pytest.raises(batch_format.MalformedBatch, match="checksum"):
+        batch_format.decode(bytes(body))
+    assert batch_format.decode(bytes(body), check_crc=False).records[-1].data[-10] == body[-10]
+    with pytest.raises(batch_format.MalformedBatch, match="truncated"):
+        batch_format.decode(bytes(body[:-600]), check_crc=False)
+    with pytest.raises(batch_format.MalformedBatch, match="magic"):
+        batch_format.decode(b"XXXX" + bytes(body[4:]), check_crc=False)
 
 
 def test_memory_stays_bounded_under_a_large_backlog(start_ps, vault):
@@ -367,6 +413,7 @@ def test_certificate_is_kept_and_its_thumbprint_printed(start_ps, tmp_path):
     ({"listen": "nowhere"}, "'listen' must be HOST:PORT"),
     ({"cache_dir": None}, "'cache_dir' is required"),
     ({"storage": {"kind": "tape"}}, "'storage'"),
+    ({"ingest_memory_bytes": 64 * 1024 * 1024}, "'ingest_memory_bytes' must be at least"),
 ])
 def test_bad_configuration_is_refused_with_its_reason(tmp_path, vault, change, words):
     try:

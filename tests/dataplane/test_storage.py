@@ -2,6 +2,7 @@
 local backend's copy-on-write accounting and crash safety."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -99,6 +100,48 @@ def test_objects_put_get_list_delete(storage):
 def test_objects_reject_bad_keys(storage, key):
     with pytest.raises(InvalidRequest):
         storage.put_object(key, b"x")
+
+
+def test_objects_from_files(storage, tmp_path):
+    """put_object_file stores a durable file's bytes under a key and leaves the file alone;
+    putting again, or another file over the object, behaves as put_object does."""
+    first, second = tmp_path / "first.lbs", tmp_path / "second.lbs"
+    first.write_bytes(os.urandom(300_000))
+    second.write_bytes(b"second")
+    storage.put_object_file("logs/f/00000000000000000001.lbs", str(first))
+    storage.put_object_file("logs/f/00000000000000000001.lbs", str(first))  # a re-upload after a crash
+    assert storage.get_object("logs/f/00000000000000000001.lbs") == first.read_bytes()
+    storage.put_object_file("logs/f/00000000000000000001.lbs", str(second))
+    assert storage.get_object("logs/f/00000000000000000001.lbs") == b"second"
+    assert storage.list_objects("logs/f/") == ["logs/f/00000000000000000001.lbs"]
+    assert first.exists() and second.read_bytes() == b"second"
+    with pytest.raises(InvalidRequest):
+        storage.put_object_file("logs/f/../x", str(first))
+
+
+def test_local_object_from_a_file_is_a_link_or_a_copy(tmp_path, monkeypatch):
+    """On the same file system the object is the file itself (no bytes written twice); where
+    a link is impossible (another file system) it is a copy, and removing the source never
+    touches the object."""
+    s = LocalStorage(str(tmp_path / "store"))
+    src = tmp_path / "batch.lbs"
+    src.write_bytes(os.urandom(100_000))
+    s.put_object_file("logs/l/1", str(src))
+    obj = tmp_path / "store" / "objects" / "logs" / "l" / "1"
+    assert os.stat(obj).st_ino == os.stat(src).st_ino and os.stat(src).st_nlink == 2
+
+    def no_link(a, b):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    s.put_object_file("logs/l/2", str(src))
+    obj2 = tmp_path / "store" / "objects" / "logs" / "l" / "2"
+    assert os.stat(obj2).st_ino != os.stat(src).st_ino and obj2.read_bytes() == src.read_bytes()
+    data = src.read_bytes()
+    src.unlink()
+    assert s.get_object("logs/l/1") == data == s.get_object("logs/l/2")
+    leftovers = [n for _d, _s, files in os.walk(tmp_path / "store" / "objects") for n in files if n.startswith(".")]
+    assert leftovers == []
 
 
 def test_local_put_leaves_no_temporary_files(tmp_path):

@@ -125,6 +125,13 @@ class Storage(abc.ABC):
     def put_object(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` under ``key``, replacing any object there, atomically."""
 
+    def put_object_file(self, key: str, path: str) -> None:
+        """Store the contents of the file at ``path`` under ``key``, as ``put_object`` does.
+        The file must already be durable (fsync'd) and must not change afterwards; it stays
+        in place. Backends that can take the file over without copying do so."""
+        with open(path, "rb") as f:
+            self.put_object(key, f.read())
+
     @abc.abstractmethod
     def get_object(self, key: str) -> bytes:
         """The object's bytes; ``ObjectNotFound`` if there is none."""

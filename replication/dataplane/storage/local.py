@@ -14,6 +14,8 @@ Layout under ``root``::
 
 Objects are written to a temporary file in the same directory, fsynced, renamed over the
 key's path and the directory fsynced, so a reader or a crash sees the old or the new object.
+An object made from a durable file (``put_object_file``, the process server's uploads) is a
+hard link to that file, renamed into place the same way: its bytes are not written twice.
 
 **Disks and snapshots.** A disk is cut into fixed chunks of ``chunk_bytes`` (1 MiB by
 default). A manifest maps each chunk index to a *generation* (0: never written, reads as
@@ -194,6 +196,21 @@ def _atomic_write(path: str, data: bytes | bytearray | memoryview) -> None:
         _unlink_quiet(tmp)
         raise
     _fsync_dir(directory)
+
+
+def _copy_file_durably(src_path: str, dst_path: str) -> None:
+    """Copy a file to a new path in the kernel (copy_file_range), fsync'd."""
+    with open(src_path, "rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            _copy_range(src.fileno(), fd, 0, size)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quiet(dst_path)
+            raise
+        os.close(fd)
 
 
 def _unlink_quiet(path: str) -> bool:
@@ -746,7 +763,7 @@ def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
         if n == 0:
             data = os.pread(src, min(length - done, 1 << 20), offset + done)
             if not data:
-                raise StorageError("chunk file shrank while being copied")
+                raise StorageError("file shrank while being copied")
             _write_all(dst, memoryview(data), offset + done)
             n = len(data)
         done += n
@@ -789,6 +806,30 @@ class LocalStorage(Storage):
         except (StorageError, NotADirectoryError):
             raise InvalidRequest(f"object key {key!r} lies under an existing object") from None
         _atomic_write(path, data)
+
+    def put_object_file(self, key: str, path: str) -> None:
+        """A hard link to the (durable) file when it is on this file system: the object costs
+        a directory entry, not a copy. Elsewhere, a kernel-side copy, fsync'd."""
+        dst = self._object_path(key)
+        if os.path.isdir(dst):
+            raise InvalidRequest(f"object key {key!r} is a prefix of other keys here")
+        directory = os.path.dirname(dst)
+        try:
+            _makedirs_durable(directory)
+        except (StorageError, NotADirectoryError):
+            raise InvalidRequest(f"object key {key!r} lies under an existing object") from None
+        tmp = os.path.join(directory, f".tmp-{os.path.basename(dst)}-{secrets.token_hex(6)}")
+        try:
+            os.link(path, tmp)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP):
+                raise
+            _copy_file_durably(path, tmp)
+        try:
+            os.replace(tmp, dst)
+        finally:
+            _unlink_quiet(tmp)  # left in place when dst already was this very file
+        _fsync_dir(directory)
 
     def get_object(self, key: str) -> bytes:
         path = self._object_path(key)
