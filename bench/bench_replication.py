@@ -42,6 +42,7 @@ import zstandard  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
 from mobility.agent import Agent, DiskAssignment, ItemAssignment  # noqa: E402
+from mobility.tuning import tune_allocator  # noqa: E402
 from replication.dataplane import process_server  # noqa: E402
 from replication.dataplane import sealing  # noqa: E402
 from replication.dataplane.auth import issue_token, item_subject  # noqa: E402
@@ -165,6 +166,8 @@ def _applier(storage_root: str, seal_key: bytes, item_id: str, size: int, target
     from replication.dataplane.apply import DiskSpec, ReplicaApplier
     from replication.dataplane.storage import open_storage
 
+    tune_allocator()  # as the Celery worker that runs apply tasks does
+
     storage = open_storage({"kind": "local", "root": storage_root})
     applier = ReplicaApplier(storage, key=seal_key, item_id=item_id, disks={0: DiskSpec("bench-replica", size)},
                              checkpoint_bytes=256 * MiB)
@@ -287,6 +290,7 @@ def _replica_sha256(storage_root: str, size: int) -> str:
 
 def _push_agent(state_dir: str, assignment: dict) -> None:
     """One agent process (its own VM, as it were): the initial copy of its disk."""
+    tune_allocator()
     item = ItemAssignment.from_dict(assignment)
     agent = Agent(state_dir=state_dir, assignment=[item], scan_interval=1e9)
     status = agent.run_once()[str(item.item_id)]
@@ -377,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", default=os.path.join(ROOT, "docs", "BENCHMARKS.md"))
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args(argv)
+    # This process is the agent of the end-to-end run, tuned as `python -m mobility run` is;
+    # the raw stages run in it too, under the same allocator.
+    tune_allocator()
     size = args.size_mib * MiB
     workdir = args.workdir or tempfile.mkdtemp(prefix="lifeboat-bench-", dir=os.path.join(ROOT, "var")
                                                if os.path.isdir(os.path.join(ROOT, "var")) else None)

@@ -26,6 +26,7 @@ import threading
 
 from mobility.agent import Agent, AgentError, _read_json, _write_json, write_request
 from mobility.transport import TransportError
+from mobility.tuning import tune_allocator
 
 DEFAULT_STATE_DIR = os.environ.get("LIFEBOAT_AGENT_STATE_DIR", "/var/lib/lifeboat-agent")
 
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                           config_thumbprint=args.config_thumbprint)
             print(agent.register())
         elif args.command == "run":
+            tune_allocator()
             agent = _agent(args.state_dir)
             if args.once:
                 print(json.dumps(agent.run_once(), indent=2))

@@ -470,7 +470,8 @@ class ReplicaApplier:
             return reject("tampered", str(e))
         del sealed
         try:
-            batch = decode(plain)
+            # Authenticated, so exactly the bytes whose checksum the process server checked.
+            batch = decode(plain, check_crc=False)
         except MalformedBatch as e:
             return reject("malformed", str(e))
         if str(batch.item_id) != self.item_id:

@@ -110,8 +110,12 @@ def peek_header(buf: bytes | memoryview) -> tuple[uuid.UUID, int, int, int, int]
     return uuid.UUID(bytes=item), seq, t_ns, flags, count
 
 
-def decode(buf: bytes | memoryview) -> Batch:
-    """Parse and fully validate a batch. Record data are zero-copy views into ``buf``."""
+def decode(buf: bytes | memoryview, *, check_crc: bool = True) -> Batch:
+    """Parse and fully validate a batch. Record data are zero-copy views into ``buf``.
+
+    ``check_crc=False`` skips only the body checksum, for bytes whose integrity is already
+    proven otherwise (a batch just unsealed: AES-GCM authenticated exactly the bytes the
+    process server checked); every structural rule is still enforced."""
     if len(buf) > MAX_BATCH_BYTES:
         raise MalformedBatch(f"batch of {len(buf)} bytes is over the {MAX_BATCH_BYTES}-byte limit")
     item_id, seq, t_ns, flags, count = peek_header(buf)
@@ -129,12 +133,13 @@ def decode(buf: bytes | memoryview) -> Batch:
         data_start = pos + RECORD.size
         if data_start + length > end:
             raise MalformedBatch(f"batch truncated in the data of record {i + 1} of {count}")
-        crc = zlib.crc32(view[data_start : data_start + length], zlib.crc32(view[pos:data_start], crc))
+        if check_crc:
+            crc = zlib.crc32(view[data_start : data_start + length], zlib.crc32(view[pos:data_start], crc))
         records.append(Record(kind, disk, offset, view[data_start : data_start + length]))
         pos = data_start + length
     if pos != end:
         raise MalformedBatch(f"{end - pos} unexpected bytes after the last record")
-    if crc != crc_expected:
+    if check_crc and crc != crc_expected:
         raise MalformedBatch("batch checksum does not match its contents (corrupted in transit?)")
     return Batch(item_id=item_id, seq=seq, source_time_ns=t_ns, flags=flags, records=records)
 
