@@ -379,6 +379,52 @@ def test_local_delete_frees_exactly_the_unshared_chunk_versions(tmp_path):
     assert hb != hc
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-io", "no-direct-io"])
+def test_local_whole_chunks_and_pieces_mix_exactly(tmp_path, monkeypatch, direct):
+    """Whole new chunks go to the device with O_DIRECT, everything else through the page
+    cache: interleaved with partial writes to the same chunks and snapshots between them,
+    every snapshot and the live disk still read back exactly. Where the file system refuses
+    direct I/O the writes fall back to the page cache."""
+    if not direct:
+        real_open = os.open
+
+        def no_direct(path, flags, *args):
+            if flags & getattr(os, "O_DIRECT", 0):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(os, "open", no_direct)
+    cb = 64 * 1024
+    s = LocalStorage(str(tmp_path), chunk_bytes=cb)
+    size = 40 * cb + 8192  # a last, partial chunk too
+    s.create_disk("d", size)
+    model = bytearray(size)
+    rng = random.Random(21)
+    expected = {}
+    for round_ in range(6):
+        for _ in range(30):
+            if rng.random() < 0.5:  # whole chunks, one or several at once
+                first, count = rng.randrange(0, 40), rng.randint(1, 3)
+                count = min(count, 40 - first)
+                offset, data = first * cb, rng.randbytes(count * cb)
+            else:
+                length = rng.randint(1, 200) * 512
+                offset = rng.randrange(0, (size - length) // 512 + 1) * 512
+                data = rng.randbytes(length)
+            s.write_disk("d", offset, data)
+            model[offset : offset + len(data)] = data
+        if round_ % 2:
+            s.flush_disk("d")
+        expected[s.snapshot_disk("d")] = sha(model)
+    handle = s._disks["d"]
+    assert handle.direct_ok is direct and (handle.direct_buf is not None) is direct
+    assert disk_sha(s, "d") == sha(model)
+    for sid, digest in expected.items():
+        assert disk_sha(s, "d", sid) == digest
+    fresh = LocalStorage(str(tmp_path), chunk_bytes=cb)  # what is durable, read by another handle
+    assert disk_sha(fresh, "d") == sha(model)
+
+
 def test_local_state_is_shared_between_handles(tmp_path):
     """A second handle (another process) sees what the first flushed and snapshotted."""
     w = LocalStorage(str(tmp_path))

@@ -43,10 +43,13 @@ bigger map (8 bytes a chunk, compressed), larger ones more copying per small wri
 also matches the apply engine's write sizes, so a chunk copy is one sequential read and
 write. The size is fixed per disk when it is created (``chunk_bytes`` in the config).
 
-**Durability and crash safety.** Writes go to the page cache with ``os.pwrite`` (and
-``sync_file_range`` starts writing them back at once, so the later fsync has little to wait
-for); ``flush_disk`` fsyncs the touched chunk files and new directory entries, then (if the
-map changed) replaces ``disk.map`` by write-temp-fsync-rename. ``snapshot_disk`` flushes,
+**Durability and crash safety.** A write of a whole chunk into a new version of it (the
+initial copy, whole-chunk rewrites) goes straight to the device with O_DIRECT from an
+aligned buffer, where the file system allows it; other writes go to the page cache with
+``os.pwrite`` (and ``sync_file_range`` starts writing them back at once, so the later fsync
+has little to wait for), and fsync'd chunk files leave the page cache. ``flush_disk``
+fsyncs the touched chunk files and new directory entries, then (if the map changed)
+replaces ``disk.map`` by write-temp-fsync-rename. ``snapshot_disk`` flushes,
 rewrites ``disk.map``, then writes the snapshot manifest the same way; the in-memory
 watermark moves at once, so no later write can touch a pinned file. After a crash, the
 durable ``disk.map`` is the disk as of the last flush (later writes may be lost or partly
@@ -70,6 +73,7 @@ import array
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import re
 import secrets
@@ -325,6 +329,10 @@ class _Disk:
         self.map_dirty = False
         self.allocating = False
         self.snap_maps: dict[str, _Map] = {}
+        # Whole new chunks are written with O_DIRECT from this page-aligned buffer (made on
+        # first use); None once the file system has refused direct I/O.
+        self.direct_buf: mmap.mmap | None = None
+        self.direct_ok = hasattr(os, "O_DIRECT")
         self.load()
 
     # -- loading and recovery -------------------------------------------------------------
@@ -513,11 +521,48 @@ class _Disk:
             at = offset + pos
             idx, within = divmod(at, cb)
             take = min(cb - within, total - pos)
-            fd = self._writable_fd(idx, within == 0 and take >= self.map.extent(idx))
-            _write_all(fd, data[pos : pos + take], within)
-            _start_writeback(fd, within, take)
+            whole = within == 0 and take >= self.map.extent(idx)
+            fresh = whole and not (self.map.gens[idx] and self.map.gens[idx] >= self.watermark)
+            fd = self._writable_fd(idx, whole)
+            if not (fresh and take == cb and self._write_direct(idx, data[pos : pos + take])):
+                _write_all(fd, data[pos : pos + take], within)
+                _start_writeback(fd, within, take)
             self.dirty_chunks.add(idx)
             pos += take
+
+    def _write_direct(self, idx: int, data: memoryview) -> bool:
+        """Write a whole chunk into its just-created file with O_DIRECT: the bytes go from one
+        aligned buffer to the device, with no page-cache copy and no write-back work (the
+        initial copy and whole-chunk rewrites are most of what the apply engine writes).
+        Returns False, and stops trying, where the file system refuses direct I/O."""
+        if not self.direct_ok:
+            return False
+        try:
+            dfd = os.open(self.chunk_path(idx, self.map.gens[idx]), os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.direct_ok = False
+            return False
+        try:
+            if self.direct_buf is None:
+                self.direct_buf = mmap.mmap(-1, self.map.chunk_bytes)
+            self.direct_buf[: len(data)] = data
+            view = memoryview(self.direct_buf)
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(dfd, view[done : len(data)], done)
+            except OSError as e:
+                if e.errno != errno.EINVAL or done:
+                    raise
+                self.direct_ok = False
+                return False
+            finally:
+                view.release()
+        finally:
+            os.close(dfd)
+        return True
 
     def read(self, m: _Map, offset: int, length: int, live: bool) -> bytes:
         cb = m.chunk_bytes
