@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import psutil
@@ -174,6 +175,50 @@ def test_a_body_cut_short_by_the_client_is_dropped(start_ps, vault):
     assert not os.listdir(os.path.join(ps.config["cache_dir"], "tmp"))
     assert item_state(ps, vault, item_id) == 0
     assert post_batch(ps, item_id, vault.item_token(item_id), body).body == {"acked_seq": 1}
+
+
+def test_a_batch_waits_for_sealing_memory_then_is_told_to_retry(start_ps, vault):
+    """A maximum-size batch takes the whole sealing budget: a second one waits while the first
+    is still arriving and, past io_timeout, is answered 503 busy with Retry-After and nothing
+    stored. Once the first is done, the second goes through."""
+    import socket
+    import ssl
+
+    ps = start_ps(io_timeout=3)
+    slow_id, other_id = uuid.uuid4(), uuid.uuid4()
+    size = (batch_format.MAX_BATCH_BYTES - 4096) // 512 * 512
+    slow = batch_format.encode(item_id=slow_id, seq=1, source_time_ns=1,
+                               records=[batch_format.Record(batch_format.KIND_WRITE, 0, 0, bytes(size))])
+    other = batch_format.encode(item_id=other_id, seq=1, source_time_ns=1,
+                                records=[batch_format.Record(batch_format.KIND_WRITE, 0, 0, b"\1" * size)])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", ps.port), timeout=60)) as s:
+        s.sendall((f"POST /v1/items/{slow_id}/batches HTTP/1.1\r\nHost: x\r\nContent-Length: {len(slow)}\r\n"
+                   f"Authorization: Bearer {vault.item_token(slow_id)}\r\n\r\n").encode())
+        s.sendall(slow[: len(slow) // 2])
+        wait_for(lambda: item_answer(ps, vault, slow_id)["receiving_batches"] == 1, timeout=10,
+                 what="the first batch to start arriving")
+        answers = []
+        waiting = threading.Thread(target=lambda: answers.append(
+            post_batch(ps, other_id, vault.item_token(other_id), other)))
+        waiting.start()
+        sent = len(slow) // 2
+        for _ in range(6):  # keep the first one trickling in, well within io_timeout
+            time.sleep(1)
+            s.sendall(slow[sent : sent + 4096])
+            sent += 4096
+        waiting.join(30)
+        busy = answers[0]
+        assert (busy.status, busy.body["error"]["code"]) == (503, "busy"), busy
+        assert busy.headers.get("retry-after") == "1"
+        assert item_state(ps, vault, other_id) == 0
+        s.sendall(slow[sent:])
+        head = s.recv(4096).decode()
+        assert head.startswith("HTTP/1.1 200"), head
+    assert post_batch(ps, other_id, vault.item_token(other_id), other).body == {"acked_seq": 1}
+    assert item_state(ps, vault, slow_id) == 1
 
 
 def test_other_requests_are_refused(start_ps, vault):
