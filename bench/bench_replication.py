@@ -496,8 +496,8 @@ def write_doc(path: str, info: dict, args, figures, e2e, raw, backlog, runs) -> 
         lines.append(f"| {name} | {value:.2f} {unit} |" if unit != "MB/s" else f"| {name} | {value:.0f} {unit} |")
     lines += [
         "",
-        f"The figures above are those of the median of {len(runs)} runs by end-to-end rate (raw stages, then end to end, "
-        "interleaved); every run:",
+        f"The figures above are those of the median of {len(runs)} runs by end-to-end rate (raw stages, "
+        "then end to end, interleaved); every run:",
         "",
         "| run | raw serial pipeline | end to end | ratio | cores busy |",
         "| --- | --- | --- | --- | --- |",

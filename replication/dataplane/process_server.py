@@ -528,7 +528,8 @@ class ProcessServer:
                 info = validator.finish()
             except batch_format.MalformedBatch as e:
                 raise _Reject(400, "malformed_batch", str(e)) from None
-            header, ciphertext = sealing.seal_parts(view, key=self.config.seal_key, context=seal_context(item.id, info.seq),
+            header, ciphertext = sealing.seal_parts(view, key=self.config.seal_key,
+                                                    context=seal_context(item.id, info.seq),
                                                     level=self.config.seal_level)
             del view, body
             tmp = os.path.join(self.tmp_dir, f"{secrets.token_hex(8)}.part")
