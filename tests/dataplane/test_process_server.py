@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import random
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -154,21 +156,24 @@ def test_bad_batches_are_refused_clearly_and_touch_nothing(start_ps, vault):
     assert post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, 2)).body == {"acked_seq": 2}
 
 
-def test_a_body_cut_short_by_the_client_is_dropped(start_ps, vault):
-    import socket
-    import ssl
-
-    ps = start_ps()
-    item_id = uuid.uuid4()
-    body = make_batch(item_id, 1, records=64, size=64 * 1024)
+def open_partial_post(ps, vault, item_id, body: bytes, upto: int):
+    """A TLS connection to the server carrying a POST of ``body`` that announces all of it
+    but has sent only its first ``upto`` bytes."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", ps.port), timeout=30)) as s:
-        # announce the whole batch, send half of it, hang up
-        s.sendall((f"POST /v1/items/{item_id}/batches HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-                   f"Authorization: Bearer {vault.item_token(item_id)}\r\n\r\n").encode())
-        s.sendall(body[: len(body) // 2])
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", ps.port), timeout=60))
+    s.sendall((f"POST /v1/items/{item_id}/batches HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+               f"Authorization: Bearer {vault.item_token(item_id)}\r\n\r\n").encode())
+    s.sendall(body[:upto])
+    return s
+
+
+def test_a_body_cut_short_by_the_client_is_dropped(start_ps, vault):
+    ps = start_ps()
+    item_id = uuid.uuid4()
+    body = make_batch(item_id, 1, records=64, size=64 * 1024)
+    with open_partial_post(ps, vault, item_id, body, len(body) // 2):  # half of it, then hang up
         wait_for(lambda: item_answer(ps, vault, item_id)["receiving_batches"] == 1, timeout=10,
                  what="the body to start arriving")
     wait_for(lambda: item_answer(ps, vault, item_id)["receiving_batches"] == 0, timeout=10, what="the request to end")
@@ -181,9 +186,6 @@ def test_a_batch_waits_for_sealing_memory_then_is_told_to_retry(start_ps, vault)
     """A maximum-size batch takes the whole sealing budget: a second one waits while the first
     is still arriving and, past io_timeout, is answered 503 busy with Retry-After and nothing
     stored. Once the first is done, the second goes through."""
-    import socket
-    import ssl
-
     ps = start_ps(io_timeout=3)
     slow_id, other_id = uuid.uuid4(), uuid.uuid4()
     size = (batch_format.MAX_BATCH_BYTES - 4096) // 512 * 512
@@ -191,13 +193,7 @@ def test_a_batch_waits_for_sealing_memory_then_is_told_to_retry(start_ps, vault)
                                records=[batch_format.Record(batch_format.KIND_WRITE, 0, 0, bytes(size))])
     other = batch_format.encode(item_id=other_id, seq=1, source_time_ns=1,
                                 records=[batch_format.Record(batch_format.KIND_WRITE, 0, 0, b"\1" * size)])
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", ps.port), timeout=60)) as s:
-        s.sendall((f"POST /v1/items/{slow_id}/batches HTTP/1.1\r\nHost: x\r\nContent-Length: {len(slow)}\r\n"
-                   f"Authorization: Bearer {vault.item_token(slow_id)}\r\n\r\n").encode())
-        s.sendall(slow[: len(slow) // 2])
+    with open_partial_post(ps, vault, slow_id, slow, len(slow) // 2) as s:
         wait_for(lambda: item_answer(ps, vault, slow_id)["receiving_batches"] == 1, timeout=10,
                  what="the first batch to start arriving")
         answers = []

@@ -185,19 +185,25 @@ def _write_all(fd: int, data: memoryview, offset: int | None = None) -> None:
         pos += n
 
 
+def _create_durably(path: str, fill) -> None:
+    """Create ``path`` (it must not exist yet), let ``fill(fd)`` write it and fsync it; on any
+    error the file is removed again."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        fill(fd)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quiet(path)
+        raise
+    os.close(fd)
+
+
 def _atomic_write(path: str, data: bytes | bytearray | memoryview) -> None:
     """Write-temp-fsync-rename-fsync(dir): ``path`` holds the old bytes or the new ones."""
     directory, base = os.path.split(path)
     tmp = os.path.join(directory, f".tmp-{base}-{secrets.token_hex(6)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        _write_all(fd, memoryview(data).cast("B"))
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink_quiet(tmp)
-        raise
-    os.close(fd)
+    _create_durably(tmp, lambda fd: _write_all(fd, memoryview(data).cast("B")))
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -210,15 +216,7 @@ def _copy_file_durably(src_path: str, dst_path: str) -> None:
     """Copy a file to a new path in the kernel (copy_file_range), fsync'd."""
     with open(src_path, "rb") as src:
         size = os.fstat(src.fileno()).st_size
-        fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            _copy_range(src.fileno(), fd, 0, size)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            _unlink_quiet(dst_path)
-            raise
-        os.close(fd)
+        _create_durably(dst_path, lambda fd: _copy_range(src.fileno(), fd, 0, size))
 
 
 def _unlink_quiet(path: str) -> bool:
@@ -845,28 +843,25 @@ class LocalStorage(Storage):
     def _object_path(self, key: str) -> str:
         return os.path.join(self.objects_root, *check_key(key).split("/"))
 
-    def put_object(self, key: str, data: bytes | bytearray | memoryview) -> None:
+    def _object_path_for_put(self, key: str) -> str:
+        """The object's path, its directory made (durably) ready to receive it."""
         path = self._object_path(key)
         if os.path.isdir(path):
             raise InvalidRequest(f"object key {key!r} is a prefix of other keys here")
-        parent = os.path.dirname(path)
         try:
-            _makedirs_durable(parent)
+            _makedirs_durable(os.path.dirname(path))
         except (StorageError, NotADirectoryError):
             raise InvalidRequest(f"object key {key!r} lies under an existing object") from None
-        _atomic_write(path, data)
+        return path
+
+    def put_object(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        _atomic_write(self._object_path_for_put(key), data)
 
     def put_object_file(self, key: str, path: str) -> None:
         """A hard link to the (durable) file when it is on this file system: the object costs
         a directory entry, not a copy. Elsewhere, a kernel-side copy, fsync'd."""
-        dst = self._object_path(key)
-        if os.path.isdir(dst):
-            raise InvalidRequest(f"object key {key!r} is a prefix of other keys here")
+        dst = self._object_path_for_put(key)
         directory = os.path.dirname(dst)
-        try:
-            _makedirs_durable(directory)
-        except (StorageError, NotADirectoryError):
-            raise InvalidRequest(f"object key {key!r} lies under an existing object") from None
         tmp = os.path.join(directory, f".tmp-{os.path.basename(dst)}-{secrets.token_hex(6)}")
         try:
             os.link(path, tmp)
