@@ -12,7 +12,9 @@ Sequence numbers make a resent batch harmless: ``seq == acked + 1`` is accepted,
 one is answered ``409 replayed_batch``, a newer one ``409 sequence_gap``, both with
 ``acked_seq`` and without touching anything stored.
 An agent may have a few batches of an item in flight at once: a batch whose predecessor is
-still arriving waits for it rather than being refused.
+still arriving waits for it rather than being refused. ``GET /v1/items/<item_id>`` (item
+token) answers ``acked_seq``, ``uploaded_seq`` and ``receiving_batches``; ``GET /v1/status``
+(status token) the server's own figures; ``GET /v1/health`` needs no token.
 
 Background uploader threads put the cached batches, already sealed, into cache storage as
 ``logs/<item_id>/<seq:020d>.lbs`` in seq order per item (``Storage.put_object_file``: a hard
