@@ -330,7 +330,7 @@ def backlog_rss(workdir: str, total: int, *, agents: int = 4) -> dict[str, float
 
         def pending() -> int:
             return sum(os.path.getsize(os.path.join(d, f)) for d, _s, fs in os.walk(os.path.join(cfg["cache_dir"], "items"))
-                       for f in fs if f.endswith(process_server.BATCH_SUFFIX))
+                       for f in fs if f.endswith(process_server.OBJECT_SUFFIX))
 
         rss = _RssWatch(ps.pid)
         peak_pending = 0

@@ -74,8 +74,7 @@ log = logging.getLogger("lifeboat.process_server")
 VERSION = "1.0"
 DEFAULT_PORT = 9443
 CHUNK_BYTES = 1024 * 1024
-OBJECT_SUFFIX = ".lbs"
-BATCH_SUFFIX = OBJECT_SUFFIX  # a cached batch is already the sealed object
+OBJECT_SUFFIX = ".lbs"  # in storage and in the cache alike: a cached batch is already sealed
 DISK_FREE_MARGIN = 64 * 1024 * 1024
 # A batch being sealed is held about three times at its peak: the body, the compressed
 # bytes and the ciphertext.
@@ -103,7 +102,7 @@ class ServerConfig:
     max_connections: int = 64
     # memory for batches being received and sealed (the process server's bound, with about
     # 40 MiB for the rest of it); at least three maximum-size batches
-    ingest_memory_bytes: int = 3 * 32 * 1024 * 1024
+    ingest_memory_bytes: int = SEAL_MEMORY_FACTOR * batch_format.MAX_BATCH_BYTES
     seal_level: int = 1
     io_timeout: float = 60.0
     # Ingest bandwidth this server accepts (bytes/s, 0 = as fast as it can): a sized
@@ -297,6 +296,10 @@ class _Item:
     marker_lock: threading.Lock = field(default_factory=threading.Lock)
     marker: SeqMarker | None = None
 
+    def cached_path(self, seq: int) -> str:
+        """Where the item's acknowledged batch ``seq`` waits, sealed, for its upload."""
+        return os.path.join(self.dir, f"{seq:020d}{OBJECT_SUFFIX}")
+
 
 class _Reject(Exception):
     def __init__(self, status: int, code: str, message: str, *, close: bool = False, **extra: Any) -> None:
@@ -398,8 +401,8 @@ class ProcessServer:
                 path = os.path.join(item.dir, entry)
                 if entry.endswith(".tmp"):
                     os.unlink(path)
-                elif entry.endswith(BATCH_SUFFIX) and entry[: -len(BATCH_SUFFIX)].isdigit():
-                    seq = int(entry[: -len(BATCH_SUFFIX)])
+                elif entry.endswith(OBJECT_SUFFIX) and entry[: -len(OBJECT_SUFFIX)].isdigit():
+                    seq = int(entry[: -len(OBJECT_SUFFIX)])
                     if seq <= item.uploaded:
                         os.unlink(path)
                     else:
@@ -580,7 +583,7 @@ class ProcessServer:
                 if item.uploaded:
                     item.marker.write(item.uploaded)  # where this server took the item up
                 item.dir_made = True
-            os.rename(tmp, os.path.join(item.dir, f"{seq:020d}{BATCH_SUFFIX}"))
+            os.rename(tmp, item.cached_path(seq))
             fsync_dir(item.dir)
             with self.lock:
                 item.acked = seq
@@ -621,7 +624,7 @@ class ProcessServer:
         """Put one cached (already sealed) batch into storage; retries (with backoff) until
         it is there, because the batches after it wait for it: objects of an item appear in
         storage in seq order."""
-        path = os.path.join(item.dir, f"{seq:020d}{BATCH_SUFFIX}")
+        path = item.cached_path(seq)
         key = object_key(item.id, seq)
         attempt = 0
         while not self.stopping.is_set():
@@ -667,7 +670,7 @@ class ProcessServer:
             item.marker.write(through)
             done = [s for s in list(item.pending) if s <= through]
             for seq in done:
-                _unlink_quietly(os.path.join(item.dir, f"{seq:020d}{BATCH_SUFFIX}"))
+                _unlink_quietly(item.cached_path(seq))
             with self.lock:
                 item.uploaded = through
                 for seq in done:

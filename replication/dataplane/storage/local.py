@@ -328,7 +328,7 @@ class _Disk:
         self.allocating = False
         self.snap_maps: dict[str, _Map] = {}
         # Whole new chunks are written with O_DIRECT from this page-aligned buffer (made on
-        # first use); None once the file system has refused direct I/O.
+        # first use), until the file system refuses direct I/O (direct_ok turns False).
         self.direct_buf: mmap.mmap | None = None
         self.direct_ok = hasattr(os, "O_DIRECT")
         self.load()
@@ -474,10 +474,16 @@ class _Disk:
             _fsync_dir(self.path)
             self.allocating = True
 
+    def _owns_version(self, idx: int) -> bool:
+        """Whether the chunk's current version belongs to the live disk alone (no snapshot
+        pins it), so it is written in place rather than copied to a new version."""
+        gen = self.map.gens[idx]
+        return bool(gen) and gen >= self.watermark
+
     def _writable_fd(self, idx: int, whole_chunk: bool) -> int:
         gen = self.map.gens[idx]
-        if gen and gen >= self.watermark:
-            return self._live_fd(idx)  # this version belongs to the live disk alone
+        if self._owns_version(idx):
+            return self._live_fd(idx)
         self._mark_allocating()
         new_gen = self.map.next_gen
         self.map.next_gen += 1
@@ -520,9 +526,9 @@ class _Disk:
             idx, within = divmod(at, cb)
             take = min(cb - within, total - pos)
             whole = within == 0 and take >= self.map.extent(idx)
-            fresh = whole and not (self.map.gens[idx] and self.map.gens[idx] >= self.watermark)
+            new_version = not self._owns_version(idx)  # _writable_fd makes it, empty when whole
             fd = self._writable_fd(idx, whole)
-            if not (fresh and take == cb and self._write_direct(idx, data[pos : pos + take])):
+            if not (whole and new_version and take == cb and self._write_direct(idx, data[pos : pos + take])):
                 _write_all(fd, data[pos : pos + take], within)
                 _start_writeback(fd, within, take)
             self.dirty_chunks.add(idx)
