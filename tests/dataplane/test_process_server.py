@@ -140,7 +140,9 @@ def test_bad_batches_are_refused_clearly_and_touch_nothing(start_ps, vault):
     item_id, other_id = uuid.uuid4(), uuid.uuid4()
     assert post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, 1)).status == 200
     storage = ps.storage()
-    wait_for(lambda: stored_seqs(storage, item_id) == [1], timeout=30, what="the first upload")
+    # settled: in storage, recorded as uploaded and dropped from the cache
+    wait_for(lambda: stored_seqs(storage, item_id) == [1] and item_answer(ps, vault, item_id)["uploaded_seq"] == 1,
+             timeout=30, what="the first upload")
     before = stored_snapshot(ps, vault, item_id)
     for name, kw, status, code, words in _bad_cases(vault, item_id, other_id):
         answer = post_batch(ps, item_id, **kw)
