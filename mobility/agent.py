@@ -10,8 +10,8 @@ process server:
    after the block it changed: the replica ends right whatever the copy read.
 2. Delta replication: journaled disks ship their write-filter journal in write order
    (records of several disks merged by time, each disk's own order kept); disks without a
-   journal are compared block by block (SHA-256) with the block map and changed blocks are
-   shipped. A bookmark (app-consistent marker) is placed after every write journaled before
+   journal are compared block by block (BLAKE3 digests) with the block map and changed
+   blocks are shipped. A bookmark (app-consistent marker) is placed after every write journaled before
    it was requested and is always the last record of its batch.
 3. Resynchronization: when the journal overflowed, skipped or restarted, or the process
    server lost acknowledged batches, the agent reports ``resync_required`` to the
@@ -51,7 +51,7 @@ from typing import Any, Iterator
 
 from mobility import filter as journal
 from mobility import wire
-from mobility.blockmap import UNKNOWN, BlockMap, digest
+from mobility.blockmap import UNKNOWN, BlockMap, digest, map_path
 from mobility.slots import SlotFile
 from mobility.transport import (
     BatchAnswer,
@@ -174,7 +174,7 @@ class _Built:
     seq: int
     plan: dict
     encoded: wire.EncodedBatch
-    block_digests: list[tuple[int, int, bytes]] = field(default_factory=list)  # (disk, block, sha256)
+    block_digests: list[tuple[int, int, bytes]] = field(default_factory=list)  # (disk, block, digest)
     journal_blocks: list[tuple[int, int]] = field(default_factory=list)  # (disk, block) touched
     copy_bytes: int = 0
     rebuilt: bool = False  # made again from a saved plan (already in the state's inflight list)
@@ -320,7 +320,7 @@ class _ItemRunner:
         if m is None:
             cap = self.state["capacity"][str(disk.index)]
             blocks = -(-cap // self.bb)
-            m = BlockMap(os.path.join(self.dir, f"blockmap-{disk.index}.bin"), blocks=blocks)
+            m = BlockMap(map_path(self.dir, disk.index), blocks=blocks)
             self.maps[disk.index] = m
         return m
 

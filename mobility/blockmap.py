@@ -1,25 +1,35 @@
-"""Per-disk block map: the SHA-256 of every block as the agent last delivered it.
+"""Per-disk block map: the digest (``checksums.block_digest``, BLAKE3) of every block as the
+agent last delivered it.
 
 The map is what the checksum scan and the resynchronization compare against. A slot holds
 the digest of the block's content in the replica, as far as the agent knows; all zeros
 means "unknown" (never delivered, or changed since by journaled writes, or delivered in a
 batch whose content the agent cannot be sure of), and such a block is always sent.
 
-The map lives in a file of ``32 * blocks`` bytes next to the item's state; changed slots
-are written in place and made durable (fdatasync) before the agent records the
-acknowledgement that caused them.
+The map lives in a file of ``32 * blocks`` bytes next to the item's state, named after the
+digest (``map_path``); changed slots are written in place and made durable (fdatasync)
+before the agent records the acknowledgement that caused them. A map of another digest
+(an older agent's SHA-256 map) is never compared with: it is removed and every block starts
+unknown, so the next scan or resync sends each block once more.
 """
 from __future__ import annotations
 
-import hashlib
+import glob
 import os
 
-DIGEST_BYTES = 32
+from mobility.checksums import DIGEST_BYTES, DIGEST_NAME, block_digest
+
 UNKNOWN = bytes(DIGEST_BYTES)
+digest = block_digest
 
 
-def digest(data: bytes | memoryview) -> bytes:
-    return hashlib.sha256(data).digest()
+def map_path(directory: str, disk_index: int) -> str:
+    """The block map of a disk, removing maps of the disk kept under another digest."""
+    path = os.path.join(directory, f"blockmap-{disk_index}.{DIGEST_NAME}")
+    for other in glob.glob(os.path.join(glob.escape(directory), f"blockmap-{disk_index}.*")):
+        if other != path:
+            os.unlink(other)
+    return path
 
 
 class BlockMap:

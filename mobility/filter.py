@@ -19,9 +19,10 @@ import os
 import struct
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Iterator
+
+from mobility.checksums import crc32
 
 RECORD = struct.Struct("<QQIIQ")
 SEGMENT_BYTES = 8 * 1024 * 1024
@@ -86,7 +87,7 @@ class WriteFilter:
             if self._segment is None or self._segment_size >= self.segment_bytes:
                 self._roll()
             self._seq += 1
-            rec = RECORD.pack(self._seq, offset, len(data), zlib.crc32(data), time.time_ns())
+            rec = RECORD.pack(self._seq, offset, len(data), crc32(data), time.time_ns())
             self._segment.write(rec)
             self._segment.write(data)
             self._segment.flush()
@@ -157,7 +158,7 @@ def read_journal(
                     pos = f.seek(length, os.SEEK_CUR)
                     continue
                 data = f.read(length)
-                if len(data) < length or zlib.crc32(data) != crc:
+                if len(data) < length or crc32(data) != crc:
                     break
                 pos += RECORD.size + length
                 yield JournalRecord(seq, offset, data, t_ns, no, pos)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import struct
 import uuid
-import zlib
 from dataclasses import dataclass
+
+from mobility.checksums import crc32
 
 MAGIC = b"LBB1"
 VERSION = 1
@@ -67,7 +68,7 @@ def encode(*, item_id: uuid.UUID, seq: int, source_time_ns: int, records: list[R
         if rec.kind == KIND_BOOKMARK and length > MAX_BOOKMARK_BYTES:
             raise ValueError(f"bookmark label of {length} bytes is too long")
         head = RECORD.pack(rec.kind, rec.disk, rec.offset, length)
-        crc = zlib.crc32(rec.data, zlib.crc32(head, crc))
+        crc = crc32(rec.data, crc32(head, crc))
         parts.append(head)
         parts.append(rec.data)
         size += RECORD.size + length

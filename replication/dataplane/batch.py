@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import struct
 import uuid
-import zlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator
+
+from mobility.checksums import crc32
 
 MAGIC = b"LBB1"
 VERSION = 1
@@ -81,7 +82,7 @@ def encode(
     for rec in records:
         _check_record(rec.kind, rec.disk, rec.offset, len(rec.data))
         head = RECORD.pack(rec.kind, rec.disk, rec.offset, len(rec.data))
-        crc = zlib.crc32(rec.data, zlib.crc32(head, crc))
+        crc = crc32(rec.data, crc32(head, crc))
         parts.append(head)
         parts.append(rec.data)
         count += 1
@@ -134,7 +135,7 @@ def decode(buf: bytes | memoryview, *, check_crc: bool = True) -> Batch:
         if data_start + length > end:
             raise MalformedBatch(f"batch truncated in the data of record {i + 1} of {count}")
         if check_crc:
-            crc = zlib.crc32(view[data_start : data_start + length], zlib.crc32(view[pos:data_start], crc))
+            crc = crc32(view[data_start : data_start + length], crc32(view[pos:data_start], crc))
         records.append(Record(kind, disk, offset, view[data_start : data_start + length]))
         pos = data_start + length
     if pos != end:
@@ -222,7 +223,7 @@ class StreamValidator:
                 return
             if self._data_left:
                 take = min(self._data_left, end - pos)
-                self._crc = zlib.crc32(view[pos : pos + take], self._crc)
+                self._crc = crc32(view[pos : pos + take], self._crc)
                 self._data_left -= take
                 pos += take
                 if not self._data_left:
@@ -234,7 +235,7 @@ class StreamValidator:
             if len(self._head) == RECORD.size:
                 kind, disk, offset, length = RECORD.unpack_from(self._head, 0)
                 _check_record(kind, disk, offset, length, index=self._index)
-                self._crc = zlib.crc32(self._head, self._crc)
+                self._crc = crc32(self._head, self._crc)
                 self._head.clear()
                 if length:
                     self._data_left = length

@@ -20,7 +20,7 @@ import pytest
 from mobility import filter as journal
 from mobility import wire
 from mobility.agent import Agent, AgentError, DiskAssignment, ItemAssignment, load_item_state, write_request
-from mobility.blockmap import BlockMap, changed_blocks
+from mobility.blockmap import BlockMap, changed_blocks, map_path
 from mobility.filter import WriteFilter
 from mobility.transport import RetryPolicy, TransportError
 from replication.dataplane import batch as batch_format
@@ -252,7 +252,7 @@ def test_checksum_scan_finds_exactly_the_changed_blocks(tmp_path, start_ps, vaul
         same = f.read(BLOCK)
         f.seek(9 * BLOCK)
         f.write(same)  # rewritten with identical bytes: not a change
-    bmap = BlockMap(str(tmp_path / "agent" / "items" / str(item_id) / "blockmap-0.bin"), blocks=size // BLOCK)
+    bmap = BlockMap(map_path(str(tmp_path / "agent" / "items" / str(item_id)), 0), blocks=size // BLOCK)
     assert changed_blocks(disk, bmap, block_bytes=BLOCK) == [3, 17, 60]
     status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
     batches = uploaded(ps, vault, item_id, status["acked_seq"])
@@ -260,6 +260,33 @@ def test_checksum_scan_finds_exactly_the_changed_blocks(tmp_path, start_ps, vaul
     assert sent == [(0, 3 * BLOCK, BLOCK), (0, 17 * BLOCK, BLOCK), (0, 60 * BLOCK, BLOCK)]
     assert_replica_matches(tmp_path, batches, {0: disk})
     agent.close()
+
+
+def test_a_block_map_of_another_digest_is_dropped_and_every_block_sent_again(tmp_path, start_ps, vault):
+    """An older agent's map (SHA-256, ``blockmap-N.bin``) is never compared with today's
+    digests: it is removed, every block counts as unknown and the next scan sends each once."""
+    ps = start_ps()
+    size = 2 * MiB
+    disk = make_disk(str(tmp_path / "d.img"), size, seed=6)
+    item_id = uuid.uuid4()
+    items = [item_for(ps, vault, item_id, [(0, disk, None)])]
+    agent = small_agent(tmp_path / "agent", items)
+    first = agent.replicate_until_caught_up(timeout=60)[str(item_id)]["acked_seq"]
+    again = agent.replicate_until_caught_up(timeout=60)[str(item_id)]["acked_seq"]
+    assert again == first  # a scan of an unchanged disk sends nothing
+    agent.close()
+    item_dir = tmp_path / "agent" / "items" / str(item_id)
+    assert sorted(p.name for p in item_dir.glob("blockmap-*")) == ["blockmap-0.blake3"]
+    os.rename(item_dir / "blockmap-0.blake3", item_dir / "blockmap-0.bin")
+
+    agent = small_agent(tmp_path / "agent", items)
+    status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
+    agent.close()
+    assert sorted(p.name for p in item_dir.glob("blockmap-*")) == ["blockmap-0.blake3"]
+    batches = uploaded(ps, vault, item_id, status["acked_seq"])
+    sent = sorted(r.offset for b in batches[first:] for r in b.records)
+    assert sent == [block * BLOCK for block in range(size // BLOCK)]
+    assert_replica_matches(tmp_path, batches, {0: disk})
 
 
 def test_journal_overflow_is_reported_and_a_resync_repairs_the_replica(tmp_path, start_ps, vault, config_server):
