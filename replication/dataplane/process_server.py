@@ -3,18 +3,23 @@
 An agent POSTs each batch of a protected item to ``/v1/items/<item_id>/batches`` with the
 item's token. The server reads the body while it validates it (``batch.StreamValidator``: the
 rules of ``batch.decode``, checked piece by piece as the bytes arrive, so a bad batch is
-refused early), seals it (``sealing.seal_parts``: zstd + AES-256-GCM with the vault's key and
-context ``"<item_id>:<seq>"``), writes the sealed object to a temp file in its cache directory,
-and acknowledges ``{"acked_seq": n}`` only once the file is fsync'd, renamed into the item's
+refused early), seals it (``sealing.seal_into``: zstd + AES-256-GCM with the vault's key and
+context ``"<item_id>:<seq>"``), writes the sealed object to a temp file in its cache directory
+(with O_DIRECT where the file system allows it, from a pooled buffer: ``buffers``), and
+acknowledges ``{"acked_seq": n}`` only once the file is fsync'd, renamed into the item's
 directory and that directory fsync'd. The bytes of batches being received and sealed at once
 are capped (``ingest_memory_bytes``): memory stays bounded however many agents send.
 Sequence numbers make a resent batch harmless: ``seq == acked + 1`` is accepted, an older
 one is answered ``409 replayed_batch``, a newer one ``409 sequence_gap``, both with
 ``acked_seq`` and without touching anything stored.
 An agent may have a few batches of an item in flight at once: a batch whose predecessor is
-still arriving waits for it rather than being refused. ``GET /v1/items/<item_id>`` (item
-token) answers ``acked_seq``, ``uploaded_seq`` and ``receiving_batches``; ``GET /v1/status``
-(status token) the server's own figures; ``GET /v1/health`` needs no token.
+still arriving waits for it rather than being refused. A request's ``X-Lifeboat-Seq`` header
+announces its batch before any of the body is read, and a predecessor nobody announced yet is
+given ``GAP_GRACE_SECONDS`` to show up; the waiting batch is already durable in the cache's
+temp directory and holds no memory and no ingest slot, so it never keeps its predecessor out.
+``GET /v1/items/<item_id>`` (item token) answers ``acked_seq``, ``uploaded_seq`` and
+``receiving_batches``; ``GET /v1/status`` (status token) the server's own figures;
+``GET /v1/health`` needs no token.
 
 Background uploader threads put the cached batches, already sealed, into cache storage as
 ``logs/<item_id>/<seq:020d>.lbs`` in seq order per item (``Storage.put_object_file``: a hard
@@ -28,7 +33,7 @@ re-uploading an object that already exists is harmless.
 Cache directory layout::
 
     tls/cert.pem tls/key.pem tls/thumbprint   self-signed certificate made on first start
-    tmp/                                       bodies being received (emptied at start)
+    tmp/                                       sealed batches not yet acknowledged (emptied at start)
     items/<item_id>/<seq:020d>.lbs             acknowledged batches (sealed) not yet uploaded
     items/<item_id>/uploaded                   highest seq put into storage (two in-place slots)
     server.json                                pid, port and thumbprint of the running server
@@ -66,6 +71,7 @@ from typing import Any
 
 from mobility.tuning import tune_allocator
 from replication.dataplane import batch as batch_format
+from replication.dataplane import buffers
 from replication.dataplane import sealing
 from replication.dataplane.auth import STATUS_SUBJECT, item_subject, verify_token
 
@@ -79,6 +85,7 @@ DISK_FREE_MARGIN = 64 * 1024 * 1024
 # A batch being sealed is held about three times at its peak: the body, the compressed
 # bytes and the ciphertext.
 SEAL_MEMORY_FACTOR = 3
+GAP_GRACE_SECONDS = 1.0
 
 
 class ConfigError(ValueError):
@@ -323,6 +330,8 @@ class ProcessServer:
         # bytes held by batches being received and sealed (see _take_memory)
         self.memory_budget = config.ingest_memory_bytes
         self.sealing_bytes = 0
+        # bodies and sealed objects, reused from batch to batch (idle ones: half the budget)
+        self.buffers = buffers.BufferPool(keep_bytes=config.ingest_memory_bytes // 2)
         self.started_at = time.time()
         self.cert_path = self.key_path = ""
         self.thumbprint = ""
@@ -448,7 +457,8 @@ class ProcessServer:
         if start > now:
             time.sleep(start - now)
 
-    def receive_batch(self, handler: "_Handler", item_id: uuid.UUID, length: int) -> int:
+    def receive_batch(self, handler: "_Handler", item_id: uuid.UUID, length: int,
+                      seq_hint: int | None = None) -> int:
         """Stream, validate and durably cache one batch; returns the acked seq or raises _Reject."""
         cfg = self.config
         self._throttle(length)
@@ -460,23 +470,54 @@ class ProcessServer:
         with self.lock:
             self.reserved_bytes += length
         handler.body_read = True  # from here on the body is read (or drained) by this method
+        item = None
+        announced: list[int] = []  # seqs this request counts in item.receiving
+        tmp = ""
+        committed = False
         try:
             item = self._item(item_id)
+            if seq_hint is not None:
+                self._announce(item, seq_hint, announced)
             with self.ingest_slots:
-                return self._receive_into_cache(handler, item, length)
+                seq, tmp, size = self._receive_into_cache(handler, item, length, announced)
+            # Memory and the ingest slot are free again: a batch that waits here for its
+            # predecessor holds nothing the predecessor needs.
+            acked = self._commit(item, seq, tmp, size)
+            committed = True
+            return acked
         finally:
+            if tmp and not committed:
+                _unlink_quietly(tmp)
             with self.lock:
+                for s in announced:
+                    item.receiving[s] -= 1
+                    if not item.receiving[s]:
+                        del item.receiving[s]
                 self.reserved_bytes -= length
+                self.lock.notify_all()
 
-    def _receive_into_cache(self, handler: "_Handler", item: _Item, length: int) -> int:
+    def _announce(self, item: _Item, seq: int, announced: list[int]) -> bool:
+        """Count ``seq`` as arriving for the item (unless already acknowledged): a later
+        batch of the item waits for it instead of being refused as a gap."""
+        with self.lock:
+            if seq <= item.acked:
+                return False
+            item.receiving[seq] = item.receiving.get(seq, 0) + 1
+            announced.append(seq)
+            self.lock.notify_all()
+            return True
+
+    def _receive_into_cache(self, handler: "_Handler", item: _Item, length: int,
+                            announced: list[int]) -> tuple[int, str, int]:
         """Read the body into memory while validating it, seal it in one piece (one-shot
-        zstd is markedly cheaper than streaming) and write the sealed object to the cache:
-        the cache holds each batch as the object it will be in storage, so nothing is read
-        back or written again to upload it. The bytes held at once are capped (below)."""
+        zstd is markedly cheaper than streaming) and write the sealed object, durably, to a
+        temp file of the cache: the cache holds each batch as the object it will be in
+        storage, so nothing is read back or written again to upload it. Returns (seq, temp
+        path, size). The bytes held at once are capped (below)."""
         need = SEAL_MEMORY_FACTOR * length
         self._take_memory(need, handler, length)
         try:
-            return self._receive_sealed(handler, item, length)
+            return self._receive_sealed(handler, item, length, announced)
         finally:
             with self.lock:
                 self.sealing_bytes -= need
@@ -494,13 +535,14 @@ class ProcessServer:
                 self.lock.wait(timeout=0.5)
             self.sealing_bytes += need
 
-    def _receive_sealed(self, handler: "_Handler", item: _Item, length: int) -> int:
+    def _receive_sealed(self, handler: "_Handler", item: _Item, length: int,
+                        announced: list[int]) -> tuple[int, str, int]:
         validator = batch_format.StreamValidator()
-        body = bytearray(length)
+        body = self.buffers.take(length)
+        sealed_buf = None
         view = memoryview(body)
-        seq = None  # the seq this request announced in item.receiving
+        seen_header = False
         tmp = ""
-        committed = False
         try:
             pos = 0
             while pos < length:
@@ -514,61 +556,58 @@ class ProcessServer:
                     handler.drain(length - pos - n)
                     raise _Reject(400, "malformed_batch", str(e)) from None
                 pos += n
-                if seq is None and validator.header is not None:
+                if not seen_header and validator.header is not None:
+                    seen_header = True
                     batch_item, batch_seq = validator.header[0], validator.header[1]
                     if batch_item != item.id:
                         handler.drain(length - pos)
                         raise _Reject(400, "item_mismatch",
                                       f"the batch belongs to item {batch_item}, not to {item.id}")
-                    with self.lock:
-                        acked = item.acked
-                        if batch_seq > acked:
-                            seq = batch_seq
-                            item.receiving[seq] = item.receiving.get(seq, 0) + 1
-                    if seq is None:
+                    if batch_seq not in announced and not self._announce(item, batch_seq, announced):
                         handler.drain(length - pos)
                         raise _Reject(409, "replayed_batch", f"batch {batch_seq} is already acknowledged",
-                                      acked_seq=acked)
+                                      acked_seq=item.acked)
             try:
                 info = validator.finish()
             except batch_format.MalformedBatch as e:
                 raise _Reject(400, "malformed_batch", str(e)) from None
-            header, ciphertext = sealing.seal_parts(view, key=self.config.seal_key,
-                                                    context=seal_context(item.id, info.seq),
-                                                    level=self.config.seal_level)
-            del view, body
+
+            def sealed_buffer(size: int) -> memoryview:
+                nonlocal sealed_buf
+                sealed_buf = self.buffers.take(size)
+                return memoryview(sealed_buf)
+
+            with sealing.seal_into(view[:length], key=self.config.seal_key, context=seal_context(item.id, info.seq),
+                                   level=self.config.seal_level, buffer=sealed_buffer) as sealed:
+                size = len(sealed)
+            view.release()
+            self.buffers.give(body)
+            body = None
             tmp = os.path.join(self.tmp_dir, f"{secrets.token_hex(8)}.part")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                _write_all(fd, header)
-                _write_all(fd, ciphertext)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            acked = self._commit(item, info.seq, tmp, len(header) + len(ciphertext))
-            committed = True
-            return acked
-        finally:
-            if tmp and not committed:
+            buffers.write_new_file(tmp, sealed_buf, size)
+            return info.seq, tmp, size
+        except BaseException:
+            if tmp:
                 _unlink_quietly(tmp)
-            if seq is not None:
-                with self.lock:
-                    item.receiving[seq] -= 1
-                    if not item.receiving[seq]:
-                        del item.receiving[seq]
-                    self.lock.notify_all()
+            raise
+        finally:
+            view.release()
+            for buf in (body, sealed_buf):
+                if buf is not None:
+                    self.buffers.give(buf)
 
     def _commit(self, item: _Item, seq: int, tmp: str, size: int) -> int:
-        deadline = time.monotonic() + self.config.io_timeout
+        # A predecessor still arriving on another connection is waited for, not refused;
+        # one not seen yet is given GAP_GRACE_SECONDS to show up (an agent sends a few
+        # batches at once, and their requests may reach this server in any order).
+        start = time.monotonic()
         with self.lock:
-            # a predecessor still arriving on another connection is waited for, not refused
-            while (
-                seq > item.acked + 1
-                and any(item.acked < s < seq for s in item.receiving)
-                and time.monotonic() < deadline
-                and not self.stopping.is_set()
-            ):
-                self.lock.wait(timeout=0.5)
+            while seq > item.acked + 1 and not self.stopping.is_set():
+                waited = time.monotonic() - start
+                arriving = any(item.acked < s < seq for s in item.receiving)
+                if waited >= self.config.io_timeout or (not arriving and waited >= GAP_GRACE_SECONDS):
+                    break
+                self.lock.wait(timeout=0.5 if arriving else 0.05)
         with item.commit_lock:  # one commit of an item at a time keeps its acks in order
             acked = item.acked
             if seq <= acked:
@@ -935,7 +974,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             log.warning("refused a batch for item %s from %s: the token is not valid for this item",
                         item_id, self.client_address[0])
             raise _Reject(403, "forbidden", f"the token is not valid for item {item_id}", close=True)
-        return ps.receive_batch(self, item_id, length)
+        hint = self.headers.get("X-Lifeboat-Seq", "")  # announces the batch before its body is read
+        return ps.receive_batch(self, item_id, length, int(hint) if hint.isdigit() and 0 < int(hint) < 2**63 else None)
 
     def drain(self, left: int) -> None:
         """Read and drop the rest of a refused body so the client can read the answer."""

@@ -158,16 +158,18 @@ def test_bad_batches_are_refused_clearly_and_touch_nothing(start_ps, vault):
     assert post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, 2)).body == {"acked_seq": 2}
 
 
-def open_partial_post(ps, vault, item_id, body: bytes, upto: int):
+def open_partial_post(ps, vault, item_id, body: bytes, upto: int, *, headers: dict | None = None):
     """A TLS connection to the server carrying a POST of ``body`` that announces all of it
     but has sent only its first ``upto`` bytes."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", ps.port), timeout=60))
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     s.sendall((f"POST /v1/items/{item_id}/batches HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-               f"Authorization: Bearer {vault.item_token(item_id)}\r\n\r\n").encode())
-    s.sendall(body[:upto])
+               f"Authorization: Bearer {vault.item_token(item_id)}\r\n{extra}\r\n").encode())
+    if upto:
+        s.sendall(body[:upto])
     return s
 
 
@@ -182,6 +184,57 @@ def test_a_body_cut_short_by_the_client_is_dropped(start_ps, vault):
     assert not os.listdir(os.path.join(ps.config["cache_dir"], "tmp"))
     assert item_state(ps, vault, item_id) == 0
     assert post_batch(ps, item_id, vault.item_token(item_id), body).body == {"acked_seq": 1}
+
+
+def _post_in_thread(ps, vault, item_id, body, answers: list) -> threading.Thread:
+    t = threading.Thread(target=lambda: answers.append(post_batch(ps, item_id, vault.item_token(item_id), body)))
+    t.start()
+    return t
+
+
+def test_a_batch_that_overtakes_its_predecessor_waits_for_it_without_holding_its_slot(start_ps, vault):
+    """An agent sends a few batches at once on several connections: batch 2 may be in the
+    server, sealed and durable, before batch 1 has begun. It waits for batch 1 (for a short
+    grace even when nothing announced it), holding neither memory nor the one ingest slot,
+    so batch 1 gets through and both are acknowledged in order."""
+    ps = start_ps(max_ingest=1)
+    item_id = uuid.uuid4()
+    answers: list = []
+    second = _post_in_thread(ps, vault, item_id, make_batch(item_id, 2), answers)
+    tmp_dir = os.path.join(ps.config["cache_dir"], "tmp")
+    wait_for(lambda: os.listdir(tmp_dir), timeout=10, what="batch 2 to be cached, waiting for batch 1")
+    first = post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, 1))
+    second.join(30)
+    assert (first.status, first.body) == (200, {"acked_seq": 1})
+    assert [(a.status, a.body) for a in answers] == [(200, {"acked_seq": 2})]
+    storage = ps.storage()
+    wait_for(lambda: stored_seqs(storage, item_id) == [1, 2], timeout=30, what="both uploads")
+
+
+def test_a_predecessor_announced_by_its_seq_header_is_waited_for_past_the_grace(start_ps, vault):
+    """``X-Lifeboat-Seq`` announces a batch as soon as its request line is read, before any
+    of its body: a later batch waits for it however long its body takes (within io_timeout),
+    while a batch whose predecessor nobody announced is refused once the grace is over."""
+    ps = start_ps()
+    item_id = uuid.uuid4()
+    one, two = make_batch(item_id, 1), make_batch(item_id, 2)
+    with open_partial_post(ps, vault, item_id, one, 0, headers={"X-Lifeboat-Seq": "1"}) as slow:
+        wait_for(lambda: item_answer(ps, vault, item_id)["receiving_batches"] == 1, timeout=10,
+                 what="batch 1 to be announced")
+        answers: list = []
+        second = _post_in_thread(ps, vault, item_id, two, answers)
+        time.sleep(process_server.GAP_GRACE_SECONDS + 1.5)
+        assert second.is_alive() and not answers, answers  # still waiting for batch 1
+        slow.sendall(one)
+        head = slow.recv(4096).decode()
+        assert head.startswith("HTTP/1.1 200"), head
+    second.join(30)
+    assert [(a.status, a.body) for a in answers] == [(200, {"acked_seq": 2})]
+    started = time.monotonic()
+    gap = post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, 4))
+    assert (gap.status, gap.body["error"]["code"], gap.body["acked_seq"]) == (409, "sequence_gap", 2)
+    assert time.monotonic() - started >= process_server.GAP_GRACE_SECONDS
+    assert item_state(ps, vault, item_id) == 2
 
 
 def test_a_batch_waits_for_sealing_memory_then_is_told_to_retry(start_ps, vault):
