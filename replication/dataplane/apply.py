@@ -60,6 +60,7 @@ from .batch import (
     MalformedBatch,
     decode,
 )
+from .buffers import BufferPool
 from .sealing import TamperedData, unseal
 from .storage import DiskNotFound, ObjectNotFound, Storage
 
@@ -71,6 +72,10 @@ DEFAULT_CHECKPOINT_BYTES = 1024 * 1024 * 1024
 DEFAULT_IMAGE_CHUNK = 4 * 1024 * 1024
 STATE_FORMAT = 1
 _PREFETCH = 2  # logs fetched and opened ahead of the one being written
+_OPENERS = 2  # threads fetching and opening them (the work releases the GIL)
+# Sealed logs and their decrypted (still compressed) bytes are read into buffers kept for
+# the next log, shared by every applier of the process.
+_BUFFERS = BufferPool(keep_bytes=64 * 1024 * 1024)
 
 
 class ApplyStateError(Exception):
@@ -384,7 +389,7 @@ class ReplicaApplier:
         dirty: set[str] = set()
         unflushed = 0
         if runnable:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"apply-{self.item_id[:8]}") as pool:
+            with ThreadPoolExecutor(max_workers=_OPENERS, thread_name_prefix=f"apply-{self.item_id[:8]}") as pool:
                 ahead: deque[Future[_Opened]] = deque()
                 todo = iter(runnable)
 
@@ -461,14 +466,15 @@ class ReplicaApplier:
             return out
 
         try:
-            sealed = self.storage.get_object(key)
+            sealed = self.storage.get_object_into(key, _BUFFERS)
         except ObjectNotFound:
             return reject("missing", "the log disappeared from cache storage before it was applied")
         try:
-            plain = unseal(sealed, key=self.key, context=f"{self.item_id}:{seq}".encode())
+            with sealed:
+                plain = unseal(sealed.view, key=self.key, context=f"{self.item_id}:{seq}".encode(),
+                               buffers=_BUFFERS)
         except TamperedData as e:
             return reject("tampered", str(e))
-        del sealed
         try:
             # Authenticated, so exactly the bytes whose checksum the process server checked.
             batch = decode(plain, check_crc=False)

@@ -417,12 +417,48 @@ def test_local_whole_chunks_and_pieces_mix_exactly(tmp_path, monkeypatch, direct
             s.flush_disk("d")
         expected[s.snapshot_disk("d")] = sha(model)
     handle = s._disks["d"]
-    assert handle.direct_ok is direct and (handle.direct_buf is not None) is direct
+    assert handle.direct_ok is direct and bool(handle.direct_bufs) is direct
     assert disk_sha(s, "d") == sha(model)
     for sid, digest in expected.items():
         assert disk_sha(s, "d", sid) == digest
     fresh = LocalStorage(str(tmp_path), chunk_bytes=cb)  # what is durable, read by another handle
     assert disk_sha(fresh, "d") == sha(model)
+
+
+def test_local_a_failed_background_chunk_write_fails_the_flush_and_nothing_durable_changes(tmp_path, monkeypatch):
+    """Whole chunks are written by background writers: one that fails is reported by the
+    next flush, which then writes no map, so the durable disk is still the last flushed one;
+    writing the same bytes again (the apply engine replays its logs) repairs it."""
+    import threading
+
+    from replication.dataplane.storage import StorageError
+    from replication.dataplane.storage import local
+
+    cb = 64 * 1024
+    s = LocalStorage(str(tmp_path), chunk_bytes=cb)
+    s.create_disk("d", 8 * cb)
+    s.write_disk("d", 0, b"\1" * (8 * cb))
+    s.flush_disk("d")
+    assert s._disks["d"].direct_ok, "the test's file system must take direct I/O"
+    real_write_all = local._write_all
+
+    def failing_in_the_background(fd, data, offset=None):
+        if threading.current_thread().name.startswith("storage-writer"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_write_all(fd, data, offset)
+
+    monkeypatch.setattr(local, "_write_all", failing_in_the_background)
+    s.snapshot_disk("d")  # pinned: the next whole-chunk writes make new chunk versions
+    s.write_disk("d", 2 * cb, b"\2" * (2 * cb))  # accepted: the failure comes later
+    with pytest.raises(StorageError, match="writing a chunk failed"):
+        s.flush_disk("d")
+    assert disk_sha(LocalStorage(str(tmp_path), chunk_bytes=cb), "d") == sha(b"\1" * (8 * cb))
+    monkeypatch.setattr(local, "_write_all", real_write_all)
+    s.write_disk("d", 2 * cb, b"\2" * (2 * cb))
+    s.flush_disk("d")
+    expected = b"\1" * (2 * cb) + b"\2" * (2 * cb) + b"\1" * (4 * cb)
+    assert disk_sha(s, "d") == sha(expected)
+    assert disk_sha(LocalStorage(str(tmp_path), chunk_bytes=cb), "d") == sha(expected)
 
 
 def test_local_state_is_shared_between_handles(tmp_path):

@@ -24,6 +24,8 @@ import abc
 import re
 from typing import Iterator
 
+from ..buffers import BufferPool, Held
+
 SECTOR = 512
 MAX_PAGE_WRITE = 4 * 1024 * 1024  # the largest single page write Azure accepts
 
@@ -135,6 +137,12 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def get_object(self, key: str) -> bytes:
         """The object's bytes; ``ObjectNotFound`` if there is none."""
+
+    def get_object_into(self, key: str, pool: BufferPool) -> Held:
+        """The object's bytes, held (in a buffer of ``pool`` where the backend can read
+        into one) until released: for objects read once on a hot path, the logs."""
+        data = self.get_object(key)
+        return Held(data, len(data))
 
     @abc.abstractmethod
     def list_objects(self, prefix: str = "") -> list[str]:

@@ -83,8 +83,10 @@ import sys
 import threading
 import time
 import zlib
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Iterator
 
+from ..buffers import BufferPool, Held, read_file
 from .base import (
     DiskExists,
     DiskNotFound,
@@ -114,6 +116,8 @@ KIND_SNAPSHOT = 1
 _SNAP_ID = re.compile(r"^[0-9]{20}$")
 _CHUNK_FILE = re.compile(r"^([0-9]+)\.([0-9]+)$")
 _MAX_OPEN = 256
+_DIRECT_DEPTH = 4  # whole-chunk direct writes under way at once, per disk
+_DIRECT_WRITERS = 2  # background writer threads per storage
 
 
 def _load_sync_file_range():
@@ -327,10 +331,14 @@ class _Disk:
         self.map_dirty = False
         self.allocating = False
         self.snap_maps: dict[str, _Map] = {}
-        # Whole new chunks are written with O_DIRECT from this page-aligned buffer (made on
-        # first use), until the file system refuses direct I/O (direct_ok turns False).
-        self.direct_buf: mmap.mmap | None = None
+        # Whole new chunks are written with O_DIRECT by the storage's background writers,
+        # from page-aligned buffers (at most _DIRECT_DEPTH, made on first use), until the
+        # file system refuses direct I/O (direct_ok turns False).
         self.direct_ok = hasattr(os, "O_DIRECT")
+        self.direct_bufs: list[mmap.mmap] = []
+        self.direct_free: list[mmap.mmap] = []
+        self.inflight: dict[int, Future] = {}  # chunk index -> its direct write under way
+        self.write_error: BaseException | None = None  # of a background write, for flush
         self.load()
 
     # -- loading and recovery -------------------------------------------------------------
@@ -447,6 +455,10 @@ class _Disk:
         return os.path.join(self.chunks_dir, str(idx // SHARD), f"{idx}.{gen}")
 
     def close_fds(self) -> None:
+        # Writes under way finish first; a failed one is dropped with the unflushed state
+        # it belonged to (the durable map never referred to it).
+        self.settle(raise_error=False)
+        self.write_error = None
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
@@ -526,6 +538,8 @@ class _Disk:
             idx, within = divmod(at, cb)
             take = min(cb - within, total - pos)
             whole = within == 0 and take >= self.map.extent(idx)
+            if idx in self.inflight:
+                self.settle(idx)  # the chunk's direct write lands before this one
             new_version = not self._owns_version(idx)  # _writable_fd makes it, empty when whole
             fd = self._writable_fd(idx, whole)
             if not (whole and new_version and take == cb and self._write_direct(idx, data[pos : pos + take])):
@@ -535,38 +549,79 @@ class _Disk:
             pos += take
 
     def _write_direct(self, idx: int, data: memoryview) -> bool:
-        """Write a whole chunk into its just-created file with O_DIRECT: the bytes go from one
-        aligned buffer to the device, with no page-cache copy and no write-back work (the
-        initial copy and whole-chunk rewrites are most of what the apply engine writes).
+        """Start writing a whole chunk into its just-created file with O_DIRECT, in the
+        background: the bytes go from an aligned buffer to the device, with no page-cache
+        copy and no write-back work (the initial copy and whole-chunk rewrites are most of
+        what the apply engine writes), while the caller goes on with the next chunk.
+        ``settle`` waits for such writes (``flush`` first of all, and raises their error).
         Returns False, and stops trying, where the file system refuses direct I/O."""
         if not self.direct_ok:
             return False
+        path = self.chunk_path(idx, self.map.gens[idx])
         try:
-            dfd = os.open(self.chunk_path(idx, self.map.gens[idx]), os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            dfd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
             self.direct_ok = False
             return False
+        buf = None
         try:
-            if self.direct_buf is None:
-                self.direct_buf = mmap.mmap(-1, self.map.chunk_bytes)
-            self.direct_buf[: len(data)] = data
-            view = memoryview(self.direct_buf)
-            try:
-                done = 0
-                while done < len(data):
-                    done += os.pwrite(dfd, view[done : len(data)], done)
-            except OSError as e:
-                if e.errno != errno.EINVAL or done:
-                    raise
-                self.direct_ok = False
-                return False
-            finally:
-                view.release()
+            buf = self._direct_buffer()
+            buf[: len(data)] = data
+        except BaseException:
+            os.close(dfd)
+            if buf is not None:
+                self.direct_free.append(buf)
+            raise
+        self.inflight[idx] = self.storage.direct_writers().submit(self._direct_write, dfd, path, buf, len(data))
+        return True
+
+    def _direct_buffer(self) -> mmap.mmap:
+        while not self.direct_free:
+            if len(self.direct_bufs) < _DIRECT_DEPTH:
+                buf = mmap.mmap(-1, self.map.chunk_bytes)
+                self.direct_bufs.append(buf)
+                return buf
+            wait(list(self.inflight.values()), return_when=FIRST_COMPLETED)
+            self._reap()
+        return self.direct_free.pop()
+
+    def _direct_write(self, dfd: int, path: str, buf: mmap.mmap, length: int) -> None:
+        """A background writer's task; the buffer is free again when it ends."""
+        try:
+            with memoryview(buf) as view:
+                try:
+                    _write_all(dfd, view[:length], 0)
+                except OSError as e:
+                    if e.errno != errno.EINVAL or os.fstat(dfd).st_size:
+                        raise
+                    self.direct_ok = False  # refused after all: through the page cache
+                    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        _write_all(fd, view[:length], 0)
+                    finally:
+                        os.close(fd)
         finally:
             os.close(dfd)
-        return True
+            self.direct_free.append(buf)
+
+    def _reap(self) -> None:
+        for idx, fut in list(self.inflight.items()):
+            if fut.done():
+                del self.inflight[idx]
+                if fut.exception() is not None and self.write_error is None:
+                    self.write_error = fut.exception()
+
+    def settle(self, idx: int | None = None, *, raise_error: bool = True) -> None:
+        """Wait for the direct write of chunk ``idx`` (of every chunk, without one); with
+        ``raise_error``, raise the error of a background write that failed."""
+        pending = list(self.inflight.values()) if idx is None else [self.inflight[idx]]
+        wait(pending)
+        self._reap()
+        if raise_error and self.write_error is not None:
+            error, self.write_error = self.write_error, None
+            raise StorageError(f"disk {self.name!r}: writing a chunk failed: {error}") from error
 
     def read(self, m: _Map, offset: int, length: int, live: bool) -> bytes:
         cb = m.chunk_bytes
@@ -581,6 +636,8 @@ class _Disk:
                 pieces.append(bytes(take))
             else:
                 if live:
+                    if idx in self.inflight:
+                        self.settle(idx)
                     piece = os.pread(self._live_fd(idx), take, within)
                 else:
                     piece = self._read_pinned(idx, gen, take, within)
@@ -611,6 +668,7 @@ class _Disk:
             os.close(fd)
 
     def flush(self) -> None:
+        self.settle()
         fds: list[int] = []
         opened: list[int] = []
         try:
@@ -838,12 +896,22 @@ class LocalStorage(Storage):
         _makedirs_durable(self.disks_root)
         self._disks: dict[str, _Disk] = {}
         self._lock = threading.RLock()
+        self._writers: ThreadPoolExecutor | None = None
+        self._writers_pid = 0
         for n in os.listdir(self.disks_root):
             if n.startswith(".deleting-"):  # a disk deletion a crash interrupted
                 shutil.rmtree(os.path.join(self.disks_root, n), ignore_errors=True)
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.root!r})"
+
+    def direct_writers(self) -> ThreadPoolExecutor:
+        """The threads that write whole chunks in the background (made on first use, and
+        anew in a forked child, which does not inherit threads)."""
+        if self._writers is None or self._writers_pid != os.getpid():
+            self._writers = ThreadPoolExecutor(max_workers=_DIRECT_WRITERS, thread_name_prefix="storage-writer")
+            self._writers_pid = os.getpid()
+        return self._writers
 
     # -- objects --------------------------------------------------------------------------
     def _object_path(self, key: str) -> str:
@@ -886,6 +954,13 @@ class LocalStorage(Storage):
         try:
             with open(path, "rb") as f:
                 return f.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"no object {key!r}") from None
+
+    def get_object_into(self, key: str, pool: BufferPool) -> Held:
+        """Read with O_DIRECT into a pooled buffer: a log is read once, then deleted."""
+        try:
+            return read_file(self._object_path(key), pool)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(f"no object {key!r}") from None
 
@@ -1052,3 +1127,6 @@ class LocalStorage(Storage):
             for d in self._disks.values():
                 d.close_fds()
             self._disks.clear()
+            if self._writers is not None and self._writers_pid == os.getpid():
+                self._writers.shutdown(wait=True)
+            self._writers = None
