@@ -329,8 +329,15 @@ def backlog_rss(workdir: str, total: int, *, agents: int = 4) -> dict[str, float
             procs.append(ctx.Process(target=_push_agent, args=(os.path.join(workdir, f"backlog-agent{n}"), a.to_dict())))
 
         def pending() -> int:
-            return sum(os.path.getsize(os.path.join(d, f)) for d, _s, fs in os.walk(os.path.join(cfg["cache_dir"], "items"))
-                       for f in fs if f.endswith(process_server.OBJECT_SUFFIX))
+            total = 0
+            for d, _s, fs in os.walk(os.path.join(cfg["cache_dir"], "items")):
+                for f in fs:
+                    if f.endswith(process_server.OBJECT_SUFFIX):
+                        try:
+                            total += os.path.getsize(os.path.join(d, f))
+                        except FileNotFoundError:  # uploaded and dropped meanwhile
+                            pass
+            return total
 
         rss = _RssWatch(ps.pid)
         peak_pending = 0
