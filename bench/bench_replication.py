@@ -533,10 +533,10 @@ def write_doc(path: str, info: dict, args, figures, e2e, raw, backlog, runs) -> 
         f"reached {f['e2e_replication']:.0f} MB/s with the cores {f['e2e_cpu_busy']:.0f} % busy; of the rest, "
         f"{f['e2e_cpu_iowait']:.0f} % were cores idle while fsyncs were pending and {f['e2e_cpu_steal']:.0f} % "
         "went to other guests of the host. The process server's share is mostly zstd (level 1, one "
-        "batch at a time), then TLS, the batch checksum and AES-GCM; the agent's is the SHA-256 block map, "
-        "TLS and the batch checksum; the apply engine's is zstd decompression, AES-GCM and the replica "
-        "writes. Work of other tenants of a shared machine slows "
-        "every figure: compare ratios within one run rather than figures across runs.",
+        "batch at a time), then TLS, AES-GCM and the batch checksum; the agent's is TLS, reading the disk, "
+        "the BLAKE3 block map and the batch checksum; the apply engine's is zstd decompression, AES-GCM "
+        "and copying whole chunks into aligned buffers for direct writes. Work of other tenants of a "
+        "shared machine slows every figure: compare ratios within one run rather than figures across runs.",
     ]
     lines += [
         "",
@@ -548,10 +548,11 @@ def write_doc(path: str, info: dict, args, figures, e2e, raw, backlog, runs) -> 
         "- `e2e_replication`: the initial replication of the image, from the agent's first read to the "
         "replica disk holding the last batch: the agent (this process) reads, hashes (block map) and "
         "ships 8 MiB batches over HTTPS with three in flight; the process server (own process) validates "
-        "each batch as it arrives, seals it and fsyncs the sealed object in its cache before acknowledging "
-        "it, then links it into local storage; the apply engine (own process) unseals, decodes and "
-        "writes the replica disk. The "
-        "replica's SHA-256 is checked against the source after the clock stops.",
+        "each batch as it arrives, seals it, writes the sealed object to its cache (O_DIRECT) and fsyncs "
+        "it before acknowledging it, then links it into local storage; the apply engine (own process) "
+        "reads each log (O_DIRECT), unseals and decodes it and writes the replica disk (whole chunks with "
+        "O_DIRECT, in the background). The replica's SHA-256 is checked against the source after the "
+        "clock stops.",
         "- `agent_to_process_server`: the same run, up to the agent's last acknowledgement.",
         "- `e2e_cpu_iowait`, `e2e_cpu_steal`: share of all cores idle with I/O pending, and taken by "
         "the hypervisor for other guests, during the same run.",
