@@ -4,7 +4,6 @@ file system refuses it."""
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import random
 
@@ -12,6 +11,11 @@ import pytest
 
 from replication.dataplane import buffers
 from replication.dataplane.buffers import ALIGN, STEP, BufferPool, read_file, write_new_file
+
+try:
+    from tests.dataplane.directio import refuse_direct_io
+except ImportError:  # tests/dataplane imported as a rootdir-less directory
+    from directio import refuse_direct_io  # type: ignore[no-redef]
 
 SIZES = [0, 1, 511, 4095, 4096, 4097, STEP - 1, STEP, STEP + 4097]
 
@@ -25,14 +29,7 @@ def direct(request, monkeypatch):
     """Run with direct I/O, and on a file system that refuses it (EINVAL, as tmpfs does)."""
     monkeypatch.setattr(buffers._DirectIO, "supported", hasattr(os, "O_DIRECT"))
     if not request.param:
-        real_open = os.open
-
-        def no_direct(path, flags, *args):
-            if flags & getattr(os, "O_DIRECT", 0):
-                raise OSError(errno.EINVAL, "Invalid argument")
-            return real_open(path, flags, *args)
-
-        monkeypatch.setattr(os, "open", no_direct)
+        refuse_direct_io(monkeypatch)
     return request.param
 
 

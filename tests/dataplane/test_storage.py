@@ -26,8 +26,10 @@ from replication.dataplane.storage.local import LocalStorage
 
 try:
     from tests.dataplane.azurite import azurite, storage  # noqa: F401 - fixtures
+    from tests.dataplane.directio import refuse_direct_io
 except ImportError:  # tests/dataplane imported as a rootdir-less directory
     from azurite import azurite, storage  # type: ignore[no-redef]  # noqa: F401
+    from directio import refuse_direct_io  # type: ignore[no-redef]
 
 MiB = 1024 * 1024
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -386,14 +388,7 @@ def test_local_whole_chunks_and_pieces_mix_exactly(tmp_path, monkeypatch, direct
     every snapshot and the live disk still read back exactly. Where the file system refuses
     direct I/O the writes fall back to the page cache."""
     if not direct:
-        real_open = os.open
-
-        def no_direct(path, flags, *args):
-            if flags & getattr(os, "O_DIRECT", 0):
-                raise OSError(errno.EINVAL, "Invalid argument")
-            return real_open(path, flags, *args)
-
-        monkeypatch.setattr(os, "open", no_direct)
+        refuse_direct_io(monkeypatch)
     cb = 64 * 1024
     s = LocalStorage(str(tmp_path), chunk_bytes=cb)
     size = 40 * cb + 8192  # a last, partial chunk too
