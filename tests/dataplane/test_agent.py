@@ -544,3 +544,29 @@ def test_overflow_during_the_initial_copy_starts_it_over(tmp_path, start_ps, vau
         agent.close()
     finally:
         proxy.close()
+
+
+def test_the_agent_runs_from_its_own_folder_with_only_its_own_requirements(tmp_path):
+    """``mobility/`` alone (copied elsewhere) imports and starts: nothing of the vault comes
+    in, and the only packages outside the standard library are those its requirements name."""
+    import shutil
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    shutil.copytree(os.path.join(repo, "mobility"), tmp_path / "mobility")
+    with open(os.path.join(repo, "mobility", "requirements.txt")) as f:
+        named = {line.split("==")[0].strip() for line in f if line.strip() and not line.startswith("#")}
+    probe = (
+        "import sys, mobility.agent, mobility.__main__\n"
+        "top = {m.split('.')[0] for m in sys.modules}\n"
+        "print(' '.join(sorted(t for t in top if t not in sys.stdlib_module_names and t not in ('mobility', '__main__'))))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DJANGO_SETTINGS_MODULE")}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    third_party = set(out.stdout.split())
+    assert third_party <= named, f"the agent imports {sorted(third_party - named)} beyond its requirements"
+    assert {"blake3", "isal"} <= third_party
+    usage = subprocess.run([sys.executable, "-m", "mobility", "--help"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0 and "usage" in usage.stdout.lower(), usage.stderr
