@@ -45,7 +45,10 @@ write. The size is fixed per disk when it is created (``chunk_bytes`` in the con
 
 **Durability and crash safety.** A write of a whole chunk into a new version of it (the
 initial copy, whole-chunk rewrites) goes straight to the device with O_DIRECT from an
-aligned buffer, where the file system allows it; other writes go to the page cache with
+aligned buffer, where the file system allows it, on a background writer thread (a few per
+disk under way; the caller goes on, any other access to that chunk waits for it, and
+``flush_disk`` waits for all of them and fails, writing no map, if one failed); logs are
+read with O_DIRECT too (``get_object_into``); other writes go to the page cache with
 ``os.pwrite`` (and ``sync_file_range`` starts writing them back at once, so the later fsync
 has little to wait for), and fsync'd chunk files leave the page cache. ``flush_disk``
 fsyncs the touched chunk files and new directory entries, then (if the map changed)
