@@ -531,7 +531,7 @@ def write_doc(path: str, info: dict, args, figures, e2e, raw, backlog, runs) -> 
         f"{f['cpu_agent']:.1f}, process server {f['cpu_process_server']:.1f}, apply {f['cpu_apply']:.1f}), so "
         f"{info['nproc']} cores could carry at most about {bound:.0f} MB/s end to end even fully busy; the run "
         f"reached {f['e2e_replication']:.0f} MB/s with the cores {f['e2e_cpu_busy']:.0f} % busy; of the rest, "
-        f"{f['e2e_cpu_iowait']:.0f} % were cores idle while fsyncs were pending and {f['e2e_cpu_steal']:.0f} % "
+        f"{f['e2e_cpu_iowait']:.0f} % were cores idle while disk I/O was pending and {f['e2e_cpu_steal']:.0f} % "
         "went to other guests of the host. The process server's share is mostly zstd (level 1, one "
         "batch at a time), then TLS, AES-GCM and the batch checksum; the agent's is TLS, reading the disk, "
         "the BLAKE3 block map and the batch checksum; the apply engine's is zstd decompression, AES-GCM "
