@@ -11,8 +11,8 @@ process server:
 2. Delta replication: journaled disks ship their write-filter journal in write order
    (records of several disks merged by time, each disk's own order kept); disks without a
    journal are compared block by block (BLAKE3 digests) with the block map and changed
-   blocks are shipped. A bookmark (app-consistent marker) is placed after every write journaled before
-   it was requested and is always the last record of its batch.
+   blocks are shipped. A bookmark (app-consistent marker) is placed after every write
+   journaled before it was requested and is always the last record of its batch.
 3. Resynchronization: when the journal overflowed, skipped or restarted, or the process
    server lost acknowledged batches, the agent reports ``resync_required`` to the
    configuration server and stops shipping the item. When told (assignment ``"resync":
@@ -51,7 +51,8 @@ from typing import Any, Iterator
 
 from mobility import filter as journal
 from mobility import wire
-from mobility.blockmap import UNKNOWN, BlockMap, digest, map_path
+from mobility.blockmap import UNKNOWN, BlockMap, map_path
+from mobility.checksums import block_digest
 from mobility.slots import SlotFile
 from mobility.transport import (
     BatchAnswer,
@@ -600,7 +601,7 @@ class _ItemRunner:
                     t_ns = time.time_ns()
                 view = memoryview(buf)[used : used + length]
                 _pread_exact(fd, view, block * bb)
-                value = digest(view)
+                value = block_digest(view)
                 if full or not bmap.matches(block, value):
                     blocks.append([disk.index, block])
                     records.append(wire.Record(wire.KIND_WRITE, disk.index, block * bb, view))
@@ -831,7 +832,7 @@ class _ItemRunner:
                 buf = bytearray(min(bb, cap - block * bb))
                 _pread_exact(self._fd(disk), memoryview(buf), block * bb)
                 records.append(wire.Record(wire.KIND_WRITE, index, block * bb, buf))
-                digests.append((index, block, digest(buf)))
+                digests.append((index, block, block_digest(buf)))
             encoded = wire.encode(item_id=self.item.item_id, seq=seq, source_time_ns=plan["time_ns"],
                                   records=records, flags=plan["flags"])
             copy_bytes = sum(len(r.data) for r in records)

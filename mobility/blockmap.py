@@ -20,7 +20,6 @@ import os
 from mobility.checksums import DIGEST_BYTES, DIGEST_NAME, block_digest
 
 UNKNOWN = bytes(DIGEST_BYTES)
-digest = block_digest
 
 
 def map_path(directory: str, disk_index: int) -> str:
@@ -112,6 +111,6 @@ def changed_blocks(disk_path: str, block_map: BlockMap, *, block_bytes: int) -> 
         view = memoryview(buf)
         for block in range(block_map.blocks):
             n = f.readinto(view)
-            if not block_map.matches(block, digest(view[:n])):
+            if not block_map.matches(block, block_digest(view[:n])):
                 out.append(block)
     return out

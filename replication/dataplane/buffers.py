@@ -73,7 +73,7 @@ def write_new_file(path: str, buf: mmap.mmap, size: int, *, mode: int = 0o600) -
             return
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
-            _write_all(fd, view[:size])
+            write_all(fd, view[:size])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -91,7 +91,7 @@ def _write_direct(path: str, view: memoryview, size: int, padded: int, mode: int
     try:
         view[size:padded] = bytes(padded - size)
         try:
-            _write_all(fd, view[:padded])
+            write_all(fd, view[:padded])
         except OSError as e:
             if e.errno != errno.EINVAL or os.fstat(fd).st_size:
                 raise
@@ -108,10 +108,15 @@ def _write_direct(path: str, view: memoryview, size: int, padded: int, mode: int
             os.close(fd)
 
 
-def _write_all(fd: int, view: memoryview) -> None:
+def write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
+    """Write all of ``data`` (at ``offset`` with pwrite, else at the file position)."""
+    view = memoryview(data)
     done = 0
     while done < len(view):
-        done += os.write(fd, view[done:])
+        if offset is None:
+            done += os.write(fd, view[done:])
+        else:
+            done += os.pwrite(fd, view[done:], offset + done)
 
 
 class Held:
@@ -153,13 +158,14 @@ def read_file(path: str, pool: BufferPool) -> Held:
         fd = os.open(path, flags)
     try:
         size = os.fstat(fd).st_size
-        buf = pool.take(-(-size // ALIGN) * ALIGN or ALIGN)
+        padded = -(-size // ALIGN) * ALIGN
+        buf = pool.take(padded or ALIGN)
         try:
             with memoryview(buf) as view:
                 got = 0
                 while got < size:
                     try:
-                        n = os.preadv(fd, [view[got : -(-size // ALIGN) * ALIGN]], got)
+                        n = os.preadv(fd, [view[got:padded]], got)
                     except OSError as e:
                         if not direct or e.errno != errno.EINVAL or got:
                             raise

@@ -90,6 +90,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Iterator
 
 from ..buffers import BufferPool, Held, read_file
+from ..buffers import write_all as _write_all
 from .base import (
     DiskExists,
     DiskNotFound,
@@ -179,17 +180,6 @@ def _makedirs_durable(path: str) -> None:
             raise StorageError(f"{path} exists and is not a directory") from None
         return
     _fsync_dir(parent)
-
-
-def _write_all(fd: int, data: memoryview, offset: int | None = None) -> None:
-    pos = 0
-    total = len(data)
-    while pos < total:
-        if offset is None:
-            n = os.write(fd, data[pos:])
-        else:
-            n = os.pwrite(fd, data[pos:], offset + pos)
-        pos += n
 
 
 def _create_durably(path: str, fill) -> None:
