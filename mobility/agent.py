@@ -104,6 +104,9 @@ class ItemAssignment:
     resync: bool = field(default=False, compare=False)
     # ... or for app-consistent bookmarks: [{"id", "label", "positions": {disk index: journal seq}}]
     bookmarks: tuple[dict, ...] = field(default=(), compare=False)
+    # Names the request (one per time the item entered RESYNCING): two requests in a row are
+    # two resyncs even if this agent never saw the flag down in between.
+    resync_id: str = field(default="", compare=False)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ItemAssignment":
@@ -115,7 +118,8 @@ class ItemAssignment:
             )
             bookmarks = tuple(dict(b) for b in raw.get("bookmarks") or () if isinstance(b, dict) and b.get("id"))
             item = cls(uuid.UUID(str(raw["item_id"])), str(raw["item_token"]), str(raw["process_server_url"]),
-                       str(raw["process_server_thumbprint"]), disks, bool(raw.get("resync", False)), bookmarks)
+                       str(raw["process_server_thumbprint"]), disks, bool(raw.get("resync", False)), bookmarks,
+                       str(raw.get("resync_id") or ""))
         except (KeyError, TypeError, ValueError) as e:
             raise AgentError(f"the assignment of item {raw.get('item_id')!r} is malformed: {e!r}") from None
         if len({d.index for d in disks}) != len(disks):
@@ -129,6 +133,7 @@ class ItemAssignment:
             "process_server_url": self.process_server_url,
             "process_server_thumbprint": self.process_server_thumbprint,
             "resync": self.resync,
+            "resync_id": self.resync_id,
             "bookmarks": list(self.bookmarks),
             "disks": [{"index": d.index, "key": d.key, "path": d.path, "journal_dir": d.journal_dir}
                       for d in self.disks],
@@ -400,7 +405,10 @@ class _ItemRunner:
             self._start()
         try:
             self._take_assigned_bookmarks()
-            told = self.item.resync and not self.state.get("resync_flag_taken")
+            if self.item.resync_id:
+                told = self.item.resync and self.state.get("resync_taken_id") != self.item.resync_id
+            else:
+                told = self.item.resync and not self.state.get("resync_flag_taken")
             if not self.item.resync and self.state.get("resync_flag_taken"):
                 self.state["resync_flag_taken"] = False  # the configuration server saw it through
                 self.save()
@@ -439,7 +447,7 @@ class _ItemRunner:
         done = st.get("pass_done_seq")
         if st.get("pass_kind") == "resync" and done and st["acked_seq"] >= done and not st.get("pass_reported"):
             if self.agent.report_event(self.item.item_id, "resync_complete",
-                                       f"resynchronization sent through seq {done}"):
+                                       f"resynchronization sent through seq {done}", seq=done):
                 st["pass_reported"] = True
                 self.save()
 
@@ -910,6 +918,7 @@ class _ItemRunner:
         full = bool(st.get("resync_full"))
         if self.item.resync:
             st["resync_flag_taken"] = True  # one resync per time the configuration server asks
+            st["resync_taken_id"] = self.item.resync_id
         if full:
             # the process server lost batches: go on right after what it still has
             acked = self.sender.acked_seq()
@@ -967,6 +976,8 @@ class _ItemRunner:
             log.info("item %s: resynchronization asked for during the initial replication: nothing to do",
                      self.item.item_id)
             st["resync_flag_taken"] = bool(self.item.resync)
+            if self.item.resync:
+                st["resync_taken_id"] = self.item.resync_id
             self.save()
             try:
                 os.unlink(self._resync_request_path())
@@ -974,8 +985,11 @@ class _ItemRunner:
                 pass
             return
         if st["phase"] != PHASE_RESYNC_REQUIRED:
+            # Asked for while this agent knows of no trouble: an admin (or the vault) doubts
+            # the replica, so the block map is no evidence either: every block is sent again.
             st["phase"] = PHASE_RESYNC_REQUIRED
             st["resync_reason"] = "resynchronization requested"
+            st["resync_full"] = True
             st["resync_reported"] = True  # asked for, not discovered: nothing to report
             self.save()
         self._begin_resync()
@@ -1038,6 +1052,8 @@ class _ItemRunner:
             "item_id": str(self.item.item_id),
             "phase": phase,
             "acked_seq": st.get("acked_seq", 0),
+            # the last batch of the newest initial copy or resync pass (None while planning it)
+            "pass_done_seq": st.get("pass_done_seq"),
             "backlog_bytes": self.backlog_bytes() if st else 0,
             "progress": progress,
             "resync_reason": st.get("resync_reason", ""),
@@ -1178,14 +1194,15 @@ class Agent:
                 self._runners.pop(item_id).close()
         return items
 
-    def report_event(self, item_id: uuid.UUID, kind: str, message: str) -> bool:
+    def report_event(self, item_id: uuid.UUID, kind: str, message: str, *, seq: int | None = None) -> bool:
         if self._config is None or not self.credentials:
             log.warning("item %s: %s (%s) not reported: no configuration server", item_id, kind, message)
             return False
+        body: dict[str, Any] = {"item_id": str(item_id), "kind": kind, "message": message}
+        if seq is not None:
+            body["seq"] = seq
         try:
-            RetryPolicy(max_attempts=3, max_delay=1.0).run(
-                lambda: self._agent_call("POST", "/events", {"item_id": str(item_id), "kind": kind,
-                                                             "message": message}))
+            RetryPolicy(max_attempts=3, max_delay=1.0).run(lambda: self._agent_call("POST", "/events", body))
             return True
         except (TransportError, AgentError) as e:
             log.warning("item %s: reporting %s failed: %s", item_id, kind, e)

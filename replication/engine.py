@@ -100,6 +100,8 @@ def item_apply(*, item_id, max_batches: int | None = 64) -> dict | None:
                     severity=Severity.CRITICAL, protected_item=item,
                 )
             logger.warning("item %s: %s", item.pk, "; ".join(str(e) for e in result.errors))
+        if result.misplaced:
+            _misplaced_logs(item, result.misplaced)
         if result.initial_copy_complete and item.protection_state == P.INITIAL_REPLICATION:
             from replication.services import protected_item_transition
 
@@ -113,6 +115,27 @@ def item_apply(*, item_id, max_batches: int | None = 64) -> dict | None:
         }
     finally:
         _release(item_id)
+
+
+def _misplaced_logs(item: ProtectedItem, misplaced) -> None:
+    """Logs that arrived numbered behind what the replica has applied: kept aside, never
+    applied, never silently dropped. The item cannot be trusted to be complete: say so
+    loudly and have it resynchronized (every block compared with the source)."""
+    from replication.services import protected_item_mark_resync_required
+
+    first = misplaced[0]
+    for err in misplaced:
+        logger.error("item %s: %s", item.pk, err)
+    alert_raise(
+        vault=item.vault, key=f"misplaced:{item.pk}", kind="replication_log_misplaced",
+        message=(f"{item.name}: {len(misplaced)} replication log(s) arrived numbered behind what the replica had "
+                 f"already applied (first: log {first.seq}). They were kept aside ({first.key}), not applied; the "
+                 "item needs a full resynchronization."),
+        severity=Severity.CRITICAL, protected_item=item,
+    )
+    protected_item_mark_resync_required(
+        item=item, reason=f"replication log {first.seq} arrived behind the replica's applied position and could not be placed",
+    )
 
 
 def points_mirror(*, item: ProtectedItem, points) -> None:

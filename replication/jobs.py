@@ -209,6 +209,7 @@ def _resync_sent(item: ProtectedItem, *, since) -> bool:
 @job_handler(JobType.RESYNC, queue=queues.DATA, on_failure=_resync_failed)
 def run_resync(ctx: JobContext) -> dict:
     item = _item(ctx)
+    applied_before = item.applied_seq
     with ctx.step("Start resynchronization"):
         # RESYNCING puts "resync" in the agent's assignment; wait until the agent takes it.
         started = time.monotonic()
@@ -218,28 +219,47 @@ def run_resync(ctx: JobContext) -> dict:
             if item.protection_state != P.RESYNCING:
                 raise LifeboatError(f"{item.name} left resynchronization ({item.get_protection_state_display().lower()}).")
             _sleep(ctx)
+        if _agent_phase(item).get("phase") != "resync" and not _resync_sent(item, since=ctx.job.started_at):
+            raise LifeboatError(
+                f"The mobility agent of {item.name} did not start the resynchronization within 2 minutes. "
+                "Check that it runs and reaches the vault and its process server, then resynchronize again."
+            )
     with ctx.step("Compare and send changed blocks"):
         while True:
             status = _agent_phase(item)
             item.refresh_from_db(fields=["protection_state"])
             if item.protection_state != P.RESYNCING:
                 raise LifeboatError(f"{item.name} left resynchronization ({item.get_protection_state_display().lower()}).")
-            if status.get("phase") == "delta":
+            if status.get("phase") == "delta" and isinstance(status.get("pass_done_seq"), int):
                 break
             progress = status.get("progress")
             if isinstance(progress, (int, float)):
                 ctx.progress(progress * 100)
             _sleep(ctx)
-        target = int(status.get("acked_seq") or 0)
-    with ctx.step("Resume delta replication"):
+        # The pass is over when the replica has applied its last batch, not when the agent
+        # has sent it: that batch's seq is the target.
+        target = int(status["pass_done_seq"])
+        if target < applied_before:
+            raise LifeboatError(
+                f"The resynchronization pass of {item.name} ends at seq {target}, behind the {applied_before} "
+                "the replica had already applied: the stream's numbering went back, so the replica cannot take "
+                "the pass. Resynchronize again; if it happens again, check the process server's cache storage."
+            )
+    with ctx.step("Apply the resynchronization"):
         while True:
             item.refresh_from_db(fields=["applied_seq", "protection_state"])
             if item.applied_seq >= target:
                 break
+            if item.protection_state != P.RESYNCING:
+                raise LifeboatError(f"{item.name} left resynchronization ({item.get_protection_state_display().lower()}) "
+                                    f"before the replica applied the pass (seq {item.applied_seq} of {target}).")
+            ctx.progress(0, message=f"The replica has applied seq {item.applied_seq} of {target}.")
             _sleep(ctx)
         try:
             protected_item_transition(item_id=item.pk, to_state=P.PROTECTED, operation="finish resynchronization", last_error="")
         except InvalidTransition:
             raise LifeboatError(f"{item.name} left resynchronization before it finished.") from None
-        event_record(vault=item.vault, kind="resync_done", message=f"Resynchronization of {item.name} is complete.", protected_item=item)
-    return {"acked_seq": target}
+        event_record(vault=item.vault, kind="resync_done",
+                     message=f"Resynchronization of {item.name} is complete: the replica applied it through seq {target}.",
+                     protected_item=item)
+    return {"applied_seq": target}

@@ -14,6 +14,9 @@ def item_actions(*, item: ProtectedItem) -> list[tuple[str, str, str]]:
     actions = []
     if item.protection_state == P.RESYNC_REQUIRED:
         actions.append(("resync", "Resynchronize now", ""))
+    elif item.protection_state == P.PROTECTED:
+        actions.append(("resync", "Resynchronize", "Compare every block of the replica with the source and send "
+                        "what differs? Replication goes on meanwhile."))
     if item.protection_state == P.ENABLE_FAILED:
         actions.append(("retry", "Retry enabling replication", ""))
     if item.protection_state not in (P.DISABLING, P.FAILOVER_IN_PROGRESS, P.FAILED_OVER, P.REPROTECTING):

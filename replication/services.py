@@ -120,17 +120,20 @@ def protected_item_disable(*, item, user=None):
     return item, job
 
 
+RESYNC_STEPS = ["Start resynchronization", "Compare and send changed blocks", "Apply the resynchronization"]
+
+
 def protected_item_resync(*, item, user=None):
-    """Resynchronize now (ASR's repairReplication): compare checksums, send what differs."""
+    """Resynchronize now (ASR's repairReplication): an item that needs it, or a protected
+    item whose replica an admin doubts (then every block is compared with the source)."""
     with transaction.atomic():
         item = protected_item_transition(
             item_id=item.pk, to_state=ProtectionState.RESYNCING, operation="resynchronize",
-            from_states={ProtectionState.RESYNC_REQUIRED}, last_error="",
+            from_states={ProtectionState.RESYNC_REQUIRED, ProtectionState.PROTECTED}, last_error="",
         )
         job = job_create(
             job_type=JobType.RESYNC, vault=item.vault, target_type="protected_item", target_id=str(item.pk),
-            target_name=item.name, steps=["Start resynchronization", "Compare and send changed blocks", "Resume delta replication"],
-            created_by=user,
+            target_name=item.name, steps=RESYNC_STEPS, created_by=user,
         )
     return item, job
 

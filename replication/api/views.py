@@ -45,7 +45,8 @@ class ProtectedItemViewSet(mixins.CreateModelMixin, mixins.DestroyModelMixin, vi
     @extend_schema(request=None, responses={202: JobSerializer})
     @action(detail=True, methods=["post"], url_path="repairReplication")
     def repair_replication(self, request, pk=None):
-        """Resynchronize now an item that needs it (otherwise it runs in the off-hours window)."""
+        """Resynchronize now: an item that needs it (otherwise that runs in the off-hours window),
+        or a protected item whose replica is in doubt (every block is compared with the source)."""
         _, job = services.protected_item_resync(item=self.get_object(), user=request.user)
         return accepted_job(request, job, JobSerializer)
 

@@ -18,6 +18,12 @@ One apply pass (``apply_pending``):
 4. at the end (and every ``checkpoint_bytes`` of a long catch-up) flushes the written disks
    once, saves the state with the new applied seq, and only then deletes the applied logs.
 
+**Logs behind the applied seq.** A number alone never condemns a log (``_settle_stale``):
+leftovers of a cut-short clean-up and re-uploads of the very object applied (same seal tag)
+are deleted; anything else is moved intact to ``quarantine/<item>/`` and reported in
+``ApplyResult.misplaced``. ``stream_floor`` tells a process server where the item's stream
+stands in storage, so its numbering never goes back behind the replica.
+
 **Recovery points.** None before the initial copy is complete (a batch flagged
 ``FLAG_INITIAL_DONE`` applied). After that, at the boundary after each batch: an
 app-consistent point if the batch ends with a bookmark (its JSON label is the point's
@@ -61,7 +67,7 @@ from .batch import (
     decode,
 )
 from .buffers import BufferPool
-from .sealing import TamperedData, unseal
+from .sealing import TAG_BYTES, TamperedData, unseal
 from .storage import DiskNotFound, ObjectNotFound, Storage
 
 CRASH_CONSISTENT = "crash_consistent"
@@ -71,11 +77,40 @@ POINT_KINDS = (CRASH_CONSISTENT, APP_CONSISTENT)
 DEFAULT_CHECKPOINT_BYTES = 1024 * 1024 * 1024
 DEFAULT_IMAGE_CHUNK = 4 * 1024 * 1024
 STATE_FORMAT = 1
+RECENT_TAGS = 256  # applied logs remembered by seal tag (a process server re-uploads far fewer)
 _PREFETCH = 2  # logs fetched and opened ahead of the one being written
 _OPENERS = 2  # threads fetching and opening them (the work releases the GIL)
 # Sealed logs and their decrypted (still compressed) bytes are read into buffers kept for
 # the next log, shared by every applier of the process.
 _BUFFERS = BufferPool(keep_bytes=64 * 1024 * 1024)
+
+
+def _seal_tag(view: memoryview) -> str:
+    return bytes(view[-TAG_BYTES:]).hex() if len(view) >= TAG_BYTES else ""
+
+
+def stream_floor(storage: Storage, item_id: uuid.UUID | str) -> int:
+    """The highest seq of the item's stream that storage already holds: the newest log
+    uploaded, or the replica's applied seq, whichever is higher (0 for a new item).
+
+    A process server with no state of its own for the item continues the stream after this
+    (and never below it): the numbering of a stream never goes back behind what apply has
+    seen, whatever happens to process-server caches. Raises on a storage error, so a caller
+    cannot mistake "could not read" for "nothing there".
+    """
+    item = str(uuid.UUID(str(item_id)))
+    prefix = f"logs/{item}/"
+    floor = 0
+    for key in storage.list_objects(prefix):
+        name = key[len(prefix):]
+        if len(name) == 24 and name.endswith(".lbs") and name[:20].isdigit():
+            floor = max(floor, int(name[:20]))
+    try:
+        raw = storage.get_object(f"replicas/{item}/state.json")
+    except ObjectNotFound:
+        return floor
+    st = _State.from_bytes(raw, f"replicas/{item}/state.json")
+    return max(floor, st.applied_seq)
 
 
 class ApplyStateError(Exception):
@@ -152,6 +187,7 @@ class ApplyResult:
     initial_copy_complete: bool = False
     bookmarks_skipped: int = 0
     waiting_for_seq: int | None = None  # set when a later log exists but this one does not yet
+    misplaced: list[ApplyError] = field(default_factory=list)  # logs moved to quarantine
     more_pending: bool = False  # stopped at max_batches with logs left
 
     @property
@@ -185,6 +221,13 @@ class _State:
     pending_point: RecoveryPoint | None = None
     doomed_snapshots: list[tuple[str, str]] = field(default_factory=list)  # (disk name, snapshot id)
     deleting: bool = False
+    # Logs through this seq were applied *and deleted* (apply's own clean-up finished): a log
+    # at or below it found in storage again is a re-upload or a misplaced log, never a
+    # leftover of a cut-short clean-up.
+    clean_through: int = 0
+    # (seq, seal tag) of the newest applied logs: a log found again with the same tag is the
+    # very object applied before (a process server's re-upload) and may go.
+    recent_tags: list[tuple[int, str]] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         d = {
@@ -202,6 +245,8 @@ class _State:
             "pending_point": self.pending_point.to_json() if self.pending_point else None,
             "doomed_snapshots": [list(x) for x in self.doomed_snapshots],
             "deleting": self.deleting,
+            "clean_through": self.clean_through,
+            "recent_tags": [list(x) for x in self.recent_tags],
             "saved_ns": time.time_ns(),
         }
         return json.dumps(d, separators=(",", ":")).encode()
@@ -224,6 +269,8 @@ class _State:
                 pending_point=RecoveryPoint.from_json(d["pending_point"]) if d.get("pending_point") else None,
                 doomed_snapshots=[(str(a), str(b)) for a, b in d.get("doomed_snapshots", [])],
                 deleting=bool(d.get("deleting", False)),
+                clean_through=int(d.get("clean_through", 0)),
+                recent_tags=[(int(a), str(b)) for a, b in d.get("recent_tags", [])],
             )
         except ApplyStateError:
             raise
@@ -241,6 +288,7 @@ class _Opened:
     error: ApplyError | None = None
     label: Any = None
     has_bookmark: bool = False
+    tag: str = ""  # the sealed object's authentication tag: names this very object
 
 
 class ReplicaApplier:
@@ -274,6 +322,7 @@ class ReplicaApplier:
             raise ValueError(f"replica disk names must be distinct, got {names}")
         self.checkpoint_bytes = checkpoint_bytes
         self.logs_prefix = f"logs/{self.item_id}/"
+        self.quarantine_prefix = f"quarantine/{self.item_id}/"
         self.state_key = f"replicas/{self.item_id}/state.json"
         self._disks_ready = False
 
@@ -371,7 +420,9 @@ class ReplicaApplier:
         self._recover(st, result)
 
         stale, pending = self._scan_logs(st.applied_seq)
-        self._delete_logs(stale)  # applied by an earlier pass whose clean-up was cut short
+        self._settle_stale(st, stale, result)
+        st.clean_through = st.applied_seq  # whatever is left at or below it is settled (saved
+        # with this pass's first checkpoint)
 
         expected = st.applied_seq + 1
         runnable: list[tuple[int, str]] = []
@@ -414,6 +465,8 @@ class ReplicaApplier:
                         written = self._write(batch, st.disks, dirty)
                         st.applied_seq = batch.seq
                         st.applied_source_time_ns = batch.source_time_ns
+                        st.recent_tags.append((batch.seq, opened.tag))
+                        del st.recent_tags[:-RECENT_TAGS]
                         if batch.flags & FLAG_INITIAL_DONE:
                             st.initial_copy_complete = True
                         done_keys.append(opened.key)
@@ -441,6 +494,40 @@ class ReplicaApplier:
         result.last_source_time_ns = st.applied_source_time_ns
         result.initial_copy_complete = st.initial_copy_complete
         return result
+
+    def _settle_stale(self, st: _State, stale: list[str], result: ApplyResult) -> None:
+        """Logs numbered at or below the applied seq. A number alone never condemns a log:
+
+        - above ``clean_through``: applied, and left by a clean-up that was cut short; deleted;
+        - at or below it, with the tag of the log applied at that seq: the same object put
+          again (a process server re-uploading after a crash); deleted;
+        - anything else cannot be placed: it may carry writes the replica does not have (the
+          stream's numbering went back behind the replica's back). It is moved, intact, to
+          ``quarantine/<item>/`` and reported in ``result.misplaced``; the caller raises the
+          alarm and has the item resynchronized.
+        """
+        tags = dict(st.recent_tags)
+        for key in stale:
+            seq = int(key[len(self.logs_prefix):][:20])
+            if seq > st.clean_through:
+                self.storage.delete_object(key)
+                continue
+            try:
+                raw = self.storage.get_object(key)
+            except ObjectNotFound:
+                continue
+            if tags.get(seq) and _seal_tag(memoryview(raw)) == tags[seq]:
+                self.storage.delete_object(key)
+                continue
+            dest = f"{self.quarantine_prefix}{seq:020d}-{time.time_ns()}.lbs"
+            self.storage.put_object(dest, raw)
+            self.storage.delete_object(key)
+            result.misplaced.append(ApplyError(
+                seq, dest, "misplaced",
+                f"log {seq} arrived after the replica had already applied (and cleaned up) seq "
+                f"{st.clean_through}: it is not the log applied at that seq, so its writes cannot be "
+                "placed; kept as " + dest,
+            ))
 
     def _scan_logs(self, applied_seq: int) -> tuple[list[str], list[tuple[int, str]]]:
         stale: list[str] = []
@@ -471,6 +558,7 @@ class ReplicaApplier:
             return reject("missing", "the log disappeared from cache storage before it was applied")
         try:
             with sealed:
+                out.tag = _seal_tag(sealed.view)
                 plain = unseal(sealed.view, key=self.key, context=f"{self.item_id}:{seq}".encode(),
                                buffers=_BUFFERS)
         except TamperedData as e:
@@ -546,6 +634,8 @@ class ReplicaApplier:
         self._save(st)
         self._delete_logs(done_keys)
         done_keys.clear()
+        st.clean_through = st.applied_seq  # durable with the next save; until then a crash
+        # leaves these logs as leftovers of a cut-short clean-up, which is what they are
 
     def _delete_logs(self, keys: list[str]) -> None:
         for key in keys:
@@ -633,6 +723,7 @@ class ReplicaApplier:
         for name in sorted(names):
             self.storage.delete_disk(name)
         self._delete_logs(self.storage.list_objects(self.logs_prefix))
+        self._delete_logs(self.storage.list_objects(self.quarantine_prefix))
         self.storage.delete_object(self.state_key)
         self._disks_ready = False
 

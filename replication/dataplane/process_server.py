@@ -26,6 +26,11 @@ Background uploader threads put the cached batches, already sealed, into cache s
 link when the local storage shares the cache's file system, so the bytes are written once),
 record the item's uploaded seq and then delete the cache file. The cache holds batches only
 sealed, so what rests on the process server's disk is as protected as what rests in storage.
+An item this server has no state for (new to it, or its cache lost) continues after what
+storage holds (``apply.stream_floor``: the newest log, or the replica's applied seq), checked
+again for items found in the cache at start, when an agent asks where its stream stands and
+before a "sequence gap" answer: the numbering never goes back behind the replica, and an agent
+that acknowledged more than the server now has learns that acknowledged data was lost.
 After a crash at any moment the cache directory alone says what was acknowledged
 (``uploaded`` plus the batch files still cached), so nothing acknowledged is lost, and
 re-uploading an object that already exists is harmless.
@@ -73,6 +78,7 @@ from mobility.tuning import tune_allocator
 from replication.dataplane import batch as batch_format
 from replication.dataplane import buffers
 from replication.dataplane import sealing
+from replication.dataplane.apply import stream_floor
 from replication.dataplane.auth import STATUS_SUBJECT, item_subject, verify_token
 
 log = logging.getLogger("lifeboat.process_server")
@@ -292,6 +298,11 @@ class _Item:
     claimed: set[int] = field(default_factory=set)  # seqs an uploader is putting
     receiving: dict[int, int] = field(default_factory=dict)  # seq -> requests receiving it
     dir_made: bool = False
+    # The item's place in its stream was checked against storage (``stream_floor``): until
+    # then nothing of it is acknowledged, reported or uploaded.
+    floor_checked: bool = False
+    lost: bool = False  # its cache folder vanished under the running server (see _cache_lost)
+    floor_lock: threading.Lock = field(default_factory=threading.Lock)
     commit_lock: threading.Lock = field(default_factory=threading.Lock)
     marker_lock: threading.Lock = field(default_factory=threading.Lock)
     marker: SeqMarker | None = None
@@ -418,23 +429,52 @@ class ProcessServer:
             self.pending_bytes += sum(item.pending.values())
 
     def _item(self, item_id: uuid.UUID) -> _Item:
-        """The item's state; an item new to this server continues from what storage holds."""
-        with self.lock:
-            item = self.items.get(item_id)
-        if item is not None:
-            return item
-        start = 0
-        prefix = f"logs/{item_id}/"
-        for key in self.storage.list_objects(prefix):
-            stem = key[len(prefix) :].removesuffix(OBJECT_SUFFIX)
-            if stem.isdigit():
-                start = max(start, int(stem))
+        """The item's state, its place in the stream checked against storage (a new item
+        continues after what storage holds). ``_Reject`` 503 when storage cannot say."""
         with self.lock:
             item = self.items.get(item_id)
             if item is None:
-                item = _Item(item_id, os.path.join(self.items_dir, str(item_id)), acked=start, uploaded=start, put=start)
+                item = _Item(item_id, os.path.join(self.items_dir, str(item_id)))
                 self.items[item_id] = item
-            return item
+        if not item.floor_checked:
+            try:
+                self._sync_floor(item)
+            except Exception as e:  # storage unreachable: say so, never guess a floor of 0
+                log.warning("item %s: cannot read its stream position from storage: %s", item_id, e)
+                raise _Reject(503, "storage_unavailable",
+                              f"cache storage cannot say where item {item_id}'s stream stands ({e}); retry later",
+                              retry_after=2) from None
+        return item
+
+    def _sync_floor(self, item: _Item, *, recheck: bool = False) -> None:
+        """Line the item up with the stream position storage holds (``apply.stream_floor``).
+
+        Storage ahead of what this server put means this server's view of the item is stale
+        (it was restored, or the item was served by another process server meanwhile):
+        cached batches at or below the floor are dropped (they are there already, or they
+        are stale) and the item continues after the floor. Sequence numbers therefore never
+        go back behind what apply has seen. ``recheck`` runs it again for a known item (an
+        agent ahead of this server, or asking where its stream stands)."""
+        with item.floor_lock:
+            if item.floor_checked and not recheck:
+                return
+            floor = stream_floor(self.storage, item.id)
+            with item.commit_lock, self.lock:
+                if floor > item.put and not item.claimed:
+                    stale = sorted(s for s in item.pending if s <= floor)
+                    for seq in stale:
+                        _unlink_quietly(item.cached_path(seq))
+                        self.pending_bytes -= item.pending.pop(seq)
+                    if item.floor_checked or item.acked:
+                        log.warning("item %s: storage holds its stream through seq %d, this server only %d: "
+                                    "continuing after %d (%d stale cached batch(es) dropped)",
+                                    item.id, floor, item.put, floor, len(stale))
+                    item.put = item.uploaded = floor
+                    item.acked = max(floor, max(item.pending, default=floor))
+                    if item.marker is not None:
+                        item.marker.write(floor)
+                item.floor_checked = True
+                self.lock.notify_all()
 
     # -- ingest
 
@@ -468,7 +508,11 @@ class ProcessServer:
         tmp = ""
         committed = False
         try:
-            item = self._item(item_id)
+            try:
+                item = self._item(item_id)
+            except _Reject:
+                handler.drain(length)
+                raise
             if seq_hint is not None:
                 self._announce(item, seq_hint, announced)
             with self.ingest_slots:
@@ -601,6 +645,14 @@ class ProcessServer:
                 if waited >= self.config.io_timeout or (not arriving and waited >= GAP_GRACE_SECONDS):
                     break
                 self.lock.wait(timeout=0.5 if arriving else 0.05)
+        if seq > item.acked + 1:
+            # The agent is ahead of this server: maybe storage is too (the item was served
+            # elsewhere meanwhile). Look before answering with a gap the agent would take
+            # for lost data.
+            try:
+                self._sync_floor(item, recheck=True)
+            except Exception as e:
+                log.warning("item %s: cannot recheck its stream position: %s", item.id, e)
         with item.commit_lock:  # one commit of an item at a time keeps its acks in order
             acked = item.acked
             if seq <= acked:
@@ -615,7 +667,14 @@ class ProcessServer:
                 if item.uploaded:
                     item.marker.write(item.uploaded)  # where this server took the item up
                 item.dir_made = True
-            os.rename(tmp, item.cached_path(seq))
+            try:
+                os.rename(tmp, item.cached_path(seq))
+            except FileNotFoundError:
+                if os.path.isdir(item.dir):
+                    raise
+                self._cache_lost(item, f"its cache folder {item.dir} is gone")
+                raise _Reject(503, "cache_lost", "the process server lost this item's cache; retry", retry_after=1,
+                              acked_seq=item.acked) from None
             fsync_dir(item.dir)
             with self.lock:
                 item.acked = seq
@@ -627,7 +686,7 @@ class ProcessServer:
     # -- upload
 
     def _claim(self) -> tuple[_Item, int] | None:
-        items = list(self.items.values())
+        items = [i for i in self.items.values() if i.floor_checked]
         for i in range(len(items)):
             item = items[(self._upload_cursor + i) % len(items)]
             for seq in sorted(item.pending):
@@ -640,6 +699,12 @@ class ProcessServer:
     def _upload_loop(self) -> None:
         _name_os_thread(threading.current_thread().name)
         while not self.stopping.is_set():
+            for item in [i for i in list(self.items.values()) if not i.floor_checked]:
+                try:  # items found in the cache at start: line them up with storage first
+                    self._sync_floor(item)
+                except Exception as e:
+                    log.warning("item %s: cannot read its stream position from storage yet: %s", item.id, e)
+                    self.stopping.wait(1.0)
             with self.lock:
                 work = self._claim()
                 if work is None:
@@ -660,6 +725,11 @@ class ProcessServer:
         key = object_key(item.id, seq)
         attempt = 0
         while not self.stopping.is_set():
+            if item.lost:
+                return
+            if not os.path.exists(path):
+                self._cache_lost(item, f"acknowledged batch {seq} is missing from {item.dir}")
+                return
             try:
                 with self.lock:  # the previous batch of the item goes first
                     while item.put < seq - 1 and not self.stopping.is_set():
@@ -682,7 +752,7 @@ class ProcessServer:
         else:
             return
         attempt = 0
-        while not self.stopping.is_set():
+        while not self.stopping.is_set() and not item.lost:
             try:
                 self._record_uploaded(item)
                 return
@@ -712,6 +782,24 @@ class ProcessServer:
                         self.pending_bytes -= size
                 self.lock.notify_all()
 
+    def _cache_lost(self, item: _Item, why: str) -> None:
+        """The item's cached (acknowledged, not yet uploaded) batches vanished under the
+        running server. Forget the item: its next request lines it up with storage again
+        (``_item``), the agent then finds the server behind what it acknowledged and
+        resynchronizes the item. Nothing is uploaded for it from the old state."""
+        with self.lock:
+            if item.lost:
+                return
+            item.lost = True
+            if self.items.get(item.id) is item:
+                del self.items[item.id]
+            self.pending_bytes -= sum(item.pending.values())
+            item.pending.clear()
+            item.claimed.clear()
+            self.lock.notify_all()
+        log.error("item %s: the process server lost acknowledged data (%s); the item's stream goes on "
+                  "after what storage holds and the agent will resynchronize it", item.id, why)
+
     # -- status
 
     def status(self) -> dict:
@@ -724,7 +812,7 @@ class ProcessServer:
         with self.lock:
             items = {
                 str(i.id): {"acked_seq": i.acked, "uploaded_seq": i.uploaded, "pending_batches": len(i.pending)}
-                for i in self.items.values()
+                for i in self.items.values() if i.floor_checked
             }
             pending_bytes = self.pending_bytes
             pending_count = sum(len(i.pending) for i in self.items.values())
@@ -908,7 +996,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                             item_id, self.client_address[0])
                 self._error(_Reject(403, "forbidden", f"the token is not valid for item {item_id}"))
                 return
-            item = ps._item(item_id)
+            try:
+                item = ps._item(item_id)
+                ps._sync_floor(item, recheck=True)  # the agent asks where to go on from: be sure
+            except _Reject as r:
+                self._error(r)
+                return
+            except Exception as e:
+                self._error(_Reject(503, "storage_unavailable", f"cache storage cannot say where the stream stands ({e})",
+                                    retry_after=2))
+                return
             with ps.lock:
                 state = {"item_id": str(item_id), "acked_seq": item.acked, "uploaded_seq": item.uploaded,
                          "receiving_batches": sum(item.receiving.values())}

@@ -570,3 +570,32 @@ def test_the_agent_runs_from_its_own_folder_with_only_its_own_requirements(tmp_p
     usage = subprocess.run([sys.executable, "-m", "mobility", "--help"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
     assert usage.returncode == 0 and "usage" in usage.stdout.lower(), usage.stderr
+
+
+def test_a_resync_asked_for_without_known_trouble_compares_every_block(tmp_path, start_ps, vault, config_server):
+    """An admin who doubts a protected item's replica asks for a resync: the block map is no
+    evidence then, so every block goes again; the pass's last seq is reported (with the
+    event and in the status) so the vault can wait for the replica to apply it."""
+    ps = start_ps()
+    size = 2 * MiB
+    disk = make_disk(str(tmp_path / "d.img"), size, seed=6)
+    jdir = str(tmp_path / "j")
+    item_id = uuid.uuid4()
+    stub = config_server()
+    stub.items = [assignment_for(ps, vault, item_id, [(0, disk, jdir)])]
+    WriteFilter(disk, jdir, cap_bytes=MiB, segment_bytes=64 * 1024)
+    agent = Agent(state_dir=str(tmp_path / "agent"), config_url=stub.url, passphrase=stub.passphrase,
+                  machine={"name": "vm", "disks": []}, block_bytes=BLOCK, batch_bytes=MiB, retry=FAST_RETRY,
+                  assignment_interval=0)
+    agent.register()
+    acked = agent.replicate_until_caught_up(timeout=60)[str(item_id)]["acked_seq"]
+    stub.items[0]["resync"] = True
+    status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
+    assert status["phase"] == "delta" and status["pass_done_seq"] == status["acked_seq"] > acked
+    batches = uploaded(ps, vault, item_id, status["acked_seq"])
+    resync = [b for b in batches[acked:] if b.flags & batch_format.FLAG_RESYNC]
+    assert sorted(r.offset // BLOCK for b in resync for r in b.records) == list(range(size // BLOCK))
+    assert_replica_matches(tmp_path, batches, {0: disk})
+    [event] = wait_for(lambda: stub.events_of("resync_complete"), timeout=10, what="resync_complete")
+    assert event["seq"] == status["pass_done_seq"]
+    agent.close()

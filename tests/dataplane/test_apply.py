@@ -542,3 +542,66 @@ def test_delete_replica_removes_disks_points_logs_and_state(storage):
     assert storage.list_objects(f"replicas/{source.item_id}/") == []
     with pytest.raises(PointNotFound):
         applier.read_disk_at("nope", 0, 0, 512)
+
+
+# -- the stream's position: no log deleted unapplied on the strength of its number -----------
+
+
+def test_a_log_numbered_behind_the_replica_is_kept_aside_never_applied_nor_dropped(tmp_path):
+    """A stream whose numbering went back (a process server that lost its place) delivers
+    logs at seqs the replica applied and cleaned up long ago: they are moved to quarantine
+    intact and reported, the replica's bytes do not change, and the stream's floor still
+    says where the replica stands."""
+    from replication.dataplane.apply import stream_floor
+
+    storage = LocalStorage(str(tmp_path))
+    source = Source(storage, {0: 2 * MiB}, seed=21)
+    source.initial_copy()
+    for _ in range(4):
+        source.send(source.random_writes(3))
+    applier = source.applier()
+    applier.apply_pending(crash_consistent_interval_s=0)
+    applier.apply_pending(crash_consistent_interval_s=0)  # settles the clean-up mark
+    applied = source.seq
+    before = live_sha(source, 0)
+    assert stream_floor(storage, source.item_id) == applied  # no log left: the replica says it
+
+    # The same seqs again, other bytes (numbering restarted at 2).
+    other = Source(storage, {0: 2 * MiB}, seed=99, key=source.key)
+    other.item_id = source.item_id
+    other.seq = 1
+    other.send(other.random_writes(3))
+    other.send(other.random_writes(3))
+    r = applier.apply_pending(crash_consistent_interval_s=0)
+    assert [m.seq for m in r.misplaced] == [2, 3] and r.batches_applied == 0
+    assert live_sha(source, 0) == before  # nothing of them applied
+    assert storage.list_objects(f"logs/{source.item_id}/") == []
+    kept = storage.list_objects(f"quarantine/{source.item_id}/")
+    assert len(kept) == 2
+    assert sorted(storage.get_object(k) for k in kept) == sorted([other.sealed[2], other.sealed[3]])
+    assert applier.status().applied_seq == applied
+    applier.delete_replica()
+    assert storage.list_objects(f"quarantine/{source.item_id}/") == []
+
+
+def test_a_reupload_of_an_applied_log_and_a_cut_short_clean_up_are_dropped_quietly(tmp_path):
+    """What a number alone may not condemn, identity may: the very object applied before (a
+    process server that re-uploads after a crash) and logs applied but not yet deleted when
+    the clean-up was cut short go, with nothing reported."""
+    storage = LocalStorage(str(tmp_path))
+    source = Source(storage, {0: MiB}, seed=22)
+    source.initial_copy()
+    source.send(source.random_writes(2))
+    applier = source.applier()
+    applier.apply_pending(crash_consistent_interval_s=0)
+    source.send(source.random_writes(2))
+    applier.apply_pending(crash_consistent_interval_s=0)
+    # The process server puts an applied log again (same sealed object) ...
+    storage.put_object(source.log_key(source.seq - 1), source.sealed[source.seq - 1])
+    # ... and a crash left the newest applied log undeleted.
+    storage.put_object(source.log_key(source.seq), source.sealed[source.seq])
+    r = applier.apply_pending(crash_consistent_interval_s=0)
+    assert r.misplaced == [] and r.ok
+    assert storage.list_objects(f"logs/{source.item_id}/") == []
+    assert storage.list_objects(f"quarantine/{source.item_id}/") == []
+    assert live_sha(source, 0) == source.hashes[source.seq][0]

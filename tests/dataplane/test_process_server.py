@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import socket
 import ssl
 import subprocess
@@ -540,3 +541,102 @@ def test_object_names_and_contexts_are_the_contract():
     item_id = uuid.UUID("12345678-1234-5678-1234-567812345678")
     assert process_server.object_key(item_id, 42) == f"logs/{item_id}/00000000000000000042.lbs"
     assert process_server.seal_context(item_id, 42) == f"{item_id}:42".encode()
+
+
+# -- the stream's position survives the loss of the cache --------------------------------------
+
+
+def _apply_all(ps, vault, item_id) -> int:
+    """Apply what storage holds for the item (as a worker would) and clean its logs up."""
+    from replication.dataplane.apply import ReplicaApplier
+
+    applier = ReplicaApplier(ps.storage(), key=vault.seal_key, item_id=item_id, disks={0: (f"d-{item_id.hex[:8]}", 2 * MiB)})
+    return applier.apply_pending(crash_consistent_interval_s=0).applied_seq
+
+
+def test_a_lost_cache_does_not_send_the_stream_back_behind_the_replica(start_ps, vault, tmp_path):
+    """Apply has caught up and deleted every log; the cache (certificate included) is lost.
+    The server must take the item up where the replica stands, not at 0."""
+    item_id = uuid.uuid4()
+    ps = start_ps()
+    for seq in range(1, 6):
+        assert post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, seq)).status == 200
+    wait_for(lambda: stored_seqs(ps.storage(), item_id) == [1, 2, 3, 4, 5], timeout=30, what="uploads")
+    assert _apply_all(ps, vault, item_id) == 5
+    assert stored_seqs(ps.storage(), item_id) == []
+    ps.kill()
+    shutil.rmtree(tmp_path / "ps-cache")
+    ps.start()
+    assert item_state(ps, vault, item_id) == 5
+    answer = post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, 1))
+    assert (answer.status, answer.body["error"]["code"], answer.body["acked_seq"]) == (409, "replayed_batch", 5)
+    assert post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, 6)).body == {"acked_seq": 6}
+    wait_for(lambda: stored_seqs(ps.storage(), item_id) == [6], timeout=30, what="the next upload")
+
+
+def test_a_cache_restored_from_an_old_copy_does_not_upload_stale_batches(start_ps, vault, tmp_path):
+    """The server comes back with an old copy of its cache (batches 1-3 pending) after storage
+    and the replica moved on to 6: the old batches are dropped, not uploaded again, and the
+    item goes on after 6."""
+    item_id = uuid.uuid4()
+    blocker = tmp_path / "ps-storage" / "objects" / "logs"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_bytes(b"in the way")
+    ps = start_ps()
+    for seq in range(1, 4):
+        assert post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, seq)).status == 200
+    ps.kill()
+    shutil.copytree(tmp_path / "ps-cache", tmp_path / "old-cache")
+    blocker.unlink()
+    ps.start()
+    for seq in range(4, 7):
+        assert post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, seq)).status == 200
+    wait_for(lambda: stored_seqs(ps.storage(), item_id) == [1, 2, 3, 4, 5, 6], timeout=30, what="uploads")
+    assert _apply_all(ps, vault, item_id) == 6
+    ps.kill()
+    shutil.rmtree(tmp_path / "ps-cache")
+    shutil.copytree(tmp_path / "old-cache", tmp_path / "ps-cache")
+    ps.start()
+    assert item_state(ps, vault, item_id) == 6
+    time.sleep(1.5)  # uploaders had time to put the stale batches, if they were to
+    assert stored_seqs(ps.storage(), item_id) == []
+    assert not [n for n in os.listdir(tmp_path / "ps-cache" / "items" / str(item_id)) if n.endswith(".lbs")]
+    assert post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, 7)).body == {"acked_seq": 7}
+
+
+def test_an_items_cache_folder_lost_under_the_running_server_is_owned_up_to(start_ps, vault, tmp_path):
+    """Acknowledged batches vanish from the cache while the server runs: it must not keep
+    claiming them; it answers with what storage holds, so the agent resynchronizes."""
+    item_id = uuid.uuid4()
+    blocker = tmp_path / "ps-storage" / "objects" / "logs"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_bytes(b"in the way")
+    ps = start_ps()
+    for seq in range(1, 4):
+        assert post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, seq)).status == 200
+    shutil.rmtree(tmp_path / "ps-cache" / "items" / str(item_id))
+    blocker.unlink()
+    answer = None
+    for _ in range(3):  # the first answer may be "retry" (the loss found on this very request)
+        answer = post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, 4))
+        if answer.status != 503:
+            break
+    assert (answer.status, answer.body["error"]["code"], answer.body["acked_seq"]) == (409, "sequence_gap", 0)
+    assert item_state(ps, vault, item_id) == 0
+    assert stored_seqs(ps.storage(), item_id) == []
+    assert "lost acknowledged data" in ps.log()
+
+
+def test_storage_that_cannot_say_where_a_stream_stands_gets_retry_not_a_guess(start_ps, vault, tmp_path):
+    """A new item whose position storage cannot tell (its replica state unreadable): 503, and
+    nothing is acknowledged or stored."""
+    item_id = uuid.uuid4()
+    state = tmp_path / "ps-storage" / "objects" / "replicas" / str(item_id) / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"{not json")
+    ps = start_ps()
+    answer = post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, 1))
+    assert (answer.status, answer.body["error"]["code"]) == (503, "storage_unavailable")
+    assert answer.headers.get("retry-after")
+    assert not (tmp_path / "ps-cache" / "items" / str(item_id)).exists()
+    assert stored_seqs(ps.storage(), item_id) == []

@@ -49,6 +49,16 @@ def test_resync_on_request_then_protected_and_byte_exact(site, api):
         item.refresh_from_db()
         assert item.protection_state == "PROTECTED" and item.last_error == ""
 
+        # An admin who doubts the replica may always ask for a repair, protected or not.
+        again = api.post(f"/api/v1/replicationProtectedItems/{item.pk}/repairReplication")
+        assert again.status_code == 202, again.content
+        repair = wait_for(lambda: Job.objects.filter(pk=again.data["id"], state__in=JobState.TERMINAL).first(),
+                          timeout=240, message="repair of a protected item")
+        assert repair.state == JobState.SUCCEEDED, repair.error
+        assert repair.result["applied_seq"] > done.result["applied_seq"]
+        item.refresh_from_db()
+        assert item.protection_state == "PROTECTED" and item.applied_seq >= repair.result["applied_seq"]
+
         # And the replica is right: an app-consistent point equals the source.
         writer.set()
         writer.thread.join(timeout=10)
