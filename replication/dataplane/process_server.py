@@ -495,6 +495,13 @@ class ProcessServer:
         """Stream, validate and durably cache one batch; returns the acked seq or raises _Reject."""
         cfg = self.config
         self._throttle(length)
+        if not os.path.isdir(self.tmp_dir):
+            # The cache directory vanished under the running server: make it again. The
+            # items' folders went with it; each is owned up to when next used (_cache_lost),
+            # so nothing acknowledged is claimed any more.
+            log.error("the cache directory %s is gone; making it again", self.cache_dir)
+            os.makedirs(self.tmp_dir, exist_ok=True)
+            os.makedirs(self.items_dir, exist_ok=True)
         with self.lock:
             full = self.pending_bytes + self.reserved_bytes + length > cfg.max_cache_bytes
         if full or shutil.disk_usage(self.cache_dir).free < length + DISK_FREE_MARGIN:
@@ -1024,6 +1031,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (TimeoutError, ConnectionError, ssl.SSLError) as e:
             log.info("batch upload from %s aborted: %s", self.client_address[0], e)
             self.close_connection = True
+            return
+        except Exception as e:  # a fault of this server: say so, to the log and the agent
+            log.exception("batch from %s failed", self.client_address[0])
+            self._error(_Reject(500, "internal_error", f"the process server failed: {type(e).__name__}: {e}",
+                                close=True))
             return
         self._json(200, {"acked_seq": acked})
 

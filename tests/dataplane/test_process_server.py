@@ -604,7 +604,8 @@ def test_a_cache_restored_from_an_old_copy_does_not_upload_stale_batches(start_p
     assert post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, 7)).body == {"acked_seq": 7}
 
 
-def test_an_items_cache_folder_lost_under_the_running_server_is_owned_up_to(start_ps, vault, tmp_path):
+@pytest.mark.parametrize("lost", ["the item's folder", "the whole cache directory"])
+def test_an_items_cache_folder_lost_under_the_running_server_is_owned_up_to(start_ps, vault, tmp_path, lost):
     """Acknowledged batches vanish from the cache while the server runs: it must not keep
     claiming them; it answers with what storage holds, so the agent resynchronizes."""
     item_id = uuid.uuid4()
@@ -614,7 +615,7 @@ def test_an_items_cache_folder_lost_under_the_running_server_is_owned_up_to(star
     ps = start_ps()
     for seq in range(1, 4):
         assert post_batch(ps, item_id, vault.item_token(item_id), make_batch(item_id, seq)).status == 200
-    shutil.rmtree(tmp_path / "ps-cache" / "items" / str(item_id))
+    shutil.rmtree(tmp_path / "ps-cache" / ("items/" + str(item_id) if lost == "the item's folder" else ""))
     blocker.unlink()
     answer = None
     for _ in range(3):  # the first answer may be "retry" (the loss found on this very request)
