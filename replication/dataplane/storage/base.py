@@ -21,10 +21,14 @@ block blobs for objects, page blobs and blob snapshots for disks).
 from __future__ import annotations
 
 import abc
+import os
 import re
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
-from ..buffers import BufferPool, Held
+from blake3 import blake3
+
+from ..buffers import BufferPool, Held, write_all
 
 SECTOR = 512
 MAX_PAGE_WRITE = 4 * 1024 * 1024  # the largest single page write Azure accepts
@@ -117,6 +121,114 @@ def check_read(name: str, offset: int, length: int, disk_size: int) -> None:
         raise InvalidRequest(
             f"read of disk {name!r} at {offset}+{length} is outside its {disk_size} bytes"
         )
+
+
+# -- disk image digests ----------------------------------------------------------------------
+
+DIGEST_ALGORITHM = "blake3"
+HASH_PIECE = 32 * 1024 * 1024  # bytes handed to BLAKE3 at once: enough for all its threads
+_ZEROS = memoryview(bytes(HASH_PIECE))
+
+
+class ImageHasher:
+    """BLAKE3 of a raw disk image, fed in order as data pieces and runs of zeros.
+
+    ``digest()`` is ``"blake3:<hex>"``, the same as hashing the plain byte image (holes read
+    as zeros), so a recovered flat file, a datastore download and a page blob can all be
+    compared with a replica snapshot. Runs of zeros are hashed from a shared zero buffer,
+    never read from anywhere. Big pieces are hashed on all cores (BLAKE3's own threads)."""
+
+    __slots__ = ("_h", "length")
+
+    def __init__(self) -> None:
+        self._h = blake3(max_threads=blake3.AUTO)
+        self.length = 0
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._h.update(data)
+        self.length += len(data)
+
+    def zeros(self, count: int) -> None:
+        while count > 0:
+            take = min(count, HASH_PIECE)
+            self._h.update(_ZEROS[:take])
+            self.length += take
+            count -= take
+
+    def update_file(self, path: str) -> int:
+        """Add a whole file's bytes (memory-mapped; holes cost no reads); their count."""
+        size = os.path.getsize(path)
+        if size:
+            self._h.update_mmap(path)
+        self.length += size
+        return size
+
+    def digest(self) -> str:
+        return f"{DIGEST_ALGORITHM}:{self._h.hexdigest()}"
+
+
+def digest_pieces(pieces: Iterable[bytes | bytearray | memoryview]) -> str:
+    """The image digest of consecutive pieces of a disk (all-zero pieces included)."""
+    h = ImageHasher()
+    for piece in pieces:
+        h.update(piece)
+    return h.digest()
+
+
+def digest_flat_file(path: str, size_bytes: int | None = None) -> str:
+    """The image digest of a flat (possibly sparse) disk file of ``size_bytes`` (default:
+    the file's size; a shorter file reads as zeros past its end, a longer one is an error).
+    Holes are not read: the file is memory-mapped, and holes map to zero pages."""
+    actual = os.path.getsize(path)
+    size = actual if size_bytes is None else size_bytes
+    h = ImageHasher()
+    if actual <= size:
+        actual = h.update_file(path)  # the size again: the file may have changed meanwhile
+    if actual > size:
+        raise InvalidRequest(f"{path} holds {actual} bytes, more than the {size} expected")
+    h.zeros(size - actual)
+    return h.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    """What ``export_disk_at`` did: the file, its size, the data bytes it had to write
+    (holes are skipped) and how (``"clone"``: reflinked, no bytes copied; ``"sparse-copy"``:
+    copied in the kernel; ``"copy"``: read and written)."""
+
+    path: str
+    size_bytes: int
+    copied_bytes: int
+    method: str
+
+
+def create_export_file(path: str, size_bytes: int) -> int:
+    """Open a new file for an export (it must not exist), ``size_bytes`` long, all hole."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        raise InvalidRequest(f"cannot export to {path}: the file already exists") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise InvalidRequest(f"cannot export to {path}: its directory does not exist") from None
+    try:
+        os.ftruncate(fd, size_bytes)
+    except BaseException:
+        os.close(fd)
+        _remove_quiet(path)
+        raise
+    return fd
+
+
+def _remove_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _all_zero(piece: bytes | bytearray | memoryview) -> bool:
+    view = memoryview(piece)
+    return view == _ZEROS[: len(view)] if len(view) <= HASH_PIECE else not any(view)
 
 
 class Storage(abc.ABC):
@@ -217,6 +329,56 @@ class Storage(abc.ABC):
             length = min(chunk_bytes, size - offset)
             yield self.read_disk(name, offset, length, snapshot=snapshot)
             offset += length
+
+    # -- recovery: digests, exports and clones of a snapshot ----------------------------
+    def disk_digest(self, name: str, *, snapshot: str | None = None) -> str:
+        """``"blake3:<hex>"`` of the whole raw image of the disk now, or as of ``snapshot``
+        (see ``ImageHasher``). Backends override this to skip what was never written."""
+        return digest_pieces(self.iter_disk(name, snapshot=snapshot, chunk_bytes=HASH_PIECE))
+
+    def export_disk_at(self, name: str, *, snapshot: str, path: str, durable: bool = True) -> ExportResult:
+        """Write the snapshot's image into a new flat file at ``path`` (which must not exist),
+        sparse: ranges that were never written stay holes. With ``durable`` the file is
+        fsync'd before this returns. On any error the file is removed again. Backends
+        override this to copy only what the snapshot holds, in the kernel where they can."""
+        size = self.disk_size(name, snapshot=snapshot)
+        fd = create_export_file(path, size)
+        copied = 0
+        try:
+            offset = 0
+            for piece in self.iter_disk(name, snapshot=snapshot, chunk_bytes=4 * 1024 * 1024):
+                if not _all_zero(piece):
+                    write_all(fd, piece, offset)
+                    copied += len(piece)
+                offset += len(piece)
+            if durable:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _remove_quiet(path)
+            raise
+        os.close(fd)
+        return ExportResult(path, size, copied, "copy")
+
+    def clone_disk_at(self, name: str, *, snapshot: str, dest_name: str) -> str:
+        """Make a new, independent disk ``dest_name`` holding the snapshot's bytes; later
+        writes to either disk never change the other (nor any snapshot). ``DiskExists`` if
+        ``dest_name`` is taken. Returns how: ``"clone"`` (shares what it can, copy-on-write),
+        ``"server-copy"`` or ``"copy"`` (this generic version: read and written)."""
+        check_disk_name(dest_name)
+        size = self.disk_size(name, snapshot=snapshot)
+        self.create_disk(dest_name, size)
+        try:
+            offset = 0
+            for piece in self.iter_disk(name, snapshot=snapshot, chunk_bytes=4 * 1024 * 1024):
+                if not _all_zero(piece):
+                    self.write_disk(dest_name, offset, piece)
+                offset += len(piece)
+            self.flush_disk(dest_name)
+        except BaseException:
+            self.delete_disk(dest_name)
+            raise
+        return "copy"
 
     def close(self) -> None:
         """Release open files and connections."""

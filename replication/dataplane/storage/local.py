@@ -62,6 +62,16 @@ and fsynced before the first new chunk file after each flush) and deleted on ope
 snapshot deletion is a rename to ``.deleting`` first, then frees chunks, then removes the
 manifest, and an interrupted one is finished on open.
 
+**Clones and exports of a snapshot** (recovery). ``clone_disk_at`` makes a new disk whose
+chunk versions are hard links to the snapshot's files: no data is copied. A chunk file with
+more than one link is never written in place by either disk, whatever the watermark (the
+snapshot that pinned it may be deleted later): the writer copies it to a new version first,
+and once the map without the old version is durable it drops its link, leaving the other
+disk the sole owner. ``export_disk_at`` writes a snapshot into a flat sparse file: only the
+allocated ranges of its chunk versions, reflinked where the file system can, else copied
+with ``copy_file_range``. ``disk_digest`` of a snapshot reads only its chunk versions, with
+a few reads in flight, and hashes chunks never written as zeros without reading them.
+
 One process writes a disk at a time (the apply engine of its item holds the item's lock);
 other processes may read snapshots, and the writer may move from process to process. Every
 change to the live map, and every new snapshot, rewrites ``disk.map`` with a new random
@@ -76,6 +86,7 @@ import array
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import mmap
 import os
 import re
@@ -94,6 +105,8 @@ from ..buffers import write_all as _write_all
 from .base import (
     DiskExists,
     DiskNotFound,
+    ExportResult,
+    ImageHasher,
     InvalidRequest,
     ObjectNotFound,
     SnapshotNotFound,
@@ -105,6 +118,7 @@ from .base import (
     check_prefix,
     check_read,
     check_write,
+    create_export_file,
 )
 
 DEFAULT_CHUNK_BYTES = 1024 * 1024
@@ -122,6 +136,10 @@ _CHUNK_FILE = re.compile(r"^([0-9]+)\.([0-9]+)$")
 _MAX_OPEN = 256
 _DIRECT_DEPTH = 4  # whole-chunk direct writes under way at once, per disk
 _DIRECT_WRITERS = 2  # background writer threads per storage
+_DIGEST_PIECE = 16 * 1024 * 1024  # bytes of a snapshot hashed at once ...
+_DIGEST_DEPTH = 3  # ... while up to this many pieces are being read ...
+_DIGEST_READERS = 4  # ... by this many threads
+_ZEROS = memoryview(bytes(_DIGEST_PIECE))
 
 
 def _load_sync_file_range():
@@ -332,6 +350,9 @@ class _Disk:
         self.direct_free: list[mmap.mmap] = []
         self.inflight: dict[int, Future] = {}  # chunk index -> its direct write under way
         self.write_error: BaseException | None = None  # of a background write, for flush
+        # Chunk versions the live map stopped using that no snapshot pins (a shared version
+        # copied away, see _owns_version): unlinked once the map without them is durable.
+        self.released: list[str] = []
         self.load()
 
     # -- loading and recovery -------------------------------------------------------------
@@ -348,6 +369,7 @@ class _Disk:
         self.dirty_chunks.clear()
         self.dirty_dirs.clear()
         self.map_dirty = False
+        self.released = []
         self.snap_next_gen: dict[str, int] = {}
         self.last_snap_id = 0
         for sid, deleting in self._snapshot_files():
@@ -481,14 +503,23 @@ class _Disk:
 
     def _owns_version(self, idx: int) -> bool:
         """Whether the chunk's current version belongs to the live disk alone (no snapshot
-        pins it), so it is written in place rather than copied to a new version."""
+        pins it, no other disk shares its file), so it is written in place rather than
+        copied to a new version.
+
+        A file with more than one link is shared with a clone (``clone_disk_at`` links the
+        chunk versions of a snapshot into a new disk): neither disk may write it in place,
+        whatever the snapshots, because the snapshot that pinned it when it was linked may
+        be deleted later."""
         gen = self.map.gens[idx]
-        return bool(gen) and gen >= self.watermark
+        if not gen or gen < self.watermark:
+            return False
+        return os.fstat(self._live_fd(idx)).st_nlink == 1
 
     def _writable_fd(self, idx: int, whole_chunk: bool) -> int:
         gen = self.map.gens[idx]
         if self._owns_version(idx):
             return self._live_fd(idx)
+        shared = bool(gen) and gen >= self.watermark  # with a clone; no snapshot here pins it
         self._mark_allocating()
         new_gen = self.map.next_gen
         self.map.next_gen += 1
@@ -519,6 +550,8 @@ class _Disk:
         self.map.gens[idx] = new_gen
         self.map_dirty = True
         self.dirty_dirs.add(shard_dir)
+        if shared:
+            self.released.append(self.chunk_path(idx, gen))
         return fd
 
     # -- I/O ------------------------------------------------------------------------------
@@ -681,6 +714,12 @@ class _Disk:
         self.dirty_dirs.clear()
         if self.map_dirty:
             self.write_map()
+        if self.released:
+            # Only the other disk's link remains, so it may write there in place again.
+            touched = {os.path.dirname(p) for p in self.released if _unlink_quiet(p)}
+            for d in touched:
+                _fsync_dir(d)
+            self.released.clear()
         if self.allocating:
             _unlink_quiet(self.marker)  # a lost unlink only costs an orphan scan on open
             self.allocating = False
@@ -856,21 +895,63 @@ def _copy_sparse(src_path: str, dst_fd: int) -> None:
 
 
 def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
+    _copy_between(src, dst, offset, offset, length)
+
+
+def _copy_between(src: int, dst: int, src_offset: int, dst_offset: int, length: int) -> None:
+    """Copy ``length`` bytes from one file offset to another in the kernel."""
     done = 0
     while done < length:
         try:
-            n = os.copy_file_range(src, dst, length - done, offset + done, offset + done)
+            n = os.copy_file_range(src, dst, length - done, src_offset + done, dst_offset + done)
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
                 raise
             n = 0
         if n == 0:
-            data = os.pread(src, min(length - done, 1 << 20), offset + done)
+            data = os.pread(src, min(length - done, 1 << 20), src_offset + done)
             if not data:
                 raise StorageError("file shrank while being copied")
-            _write_all(dst, memoryview(data), offset + done)
+            _write_all(dst, memoryview(data), dst_offset + done)
             n = len(data)
         done += n
+
+
+_FICLONERANGE = 0x4020940D  # Linux: share a range of one file's blocks with another (reflink)
+_NO_REFLINK = {errno.EOPNOTSUPP, errno.EXDEV, errno.ENOTTY, errno.ENOSYS, errno.EBADF, errno.EPERM}
+
+
+def _reflink(src: int, dst: int, src_offset: int, dst_offset: int, length: int) -> None:
+    fcntl.ioctl(dst, _FICLONERANGE, struct.pack("=qQQQ", src, src_offset, length, dst_offset))
+
+
+def _data_ranges(fd: int, limit: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of the allocated ranges of a file, below ``limit``."""
+    size = min(os.fstat(fd).st_size, limit)
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return  # only a hole remains
+            raise
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        pos = end
+
+
+def _read_into(fd: int, view: memoryview) -> int:
+    """Fill ``view`` from the start of the file; the bytes read (fewer at its end)."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], got)
+        if n == 0:
+            break
+        got += n
+    return got
 
 
 # ----------------------------------------------------------------------------------------
@@ -1106,6 +1187,187 @@ class LocalStorage(Storage):
                     continue
                 total += _tree_allocated(os.path.join(self.disks_root, n))
         return total
+
+    # -- recovery: digests, exports and clones of a snapshot ----------------------------
+    # A snapshot's chunk versions never change while it exists, so these read them without
+    # holding the storage's lock; a file that disappears means the snapshot was deleted.
+
+    def _pinned(self, name: str, snapshot: str) -> tuple[_Disk, _Map]:
+        with self._lock:
+            d = self._disk(name)
+            return d, d.snapshot_map(snapshot)
+
+    def _open_pinned(self, d: _Disk, snapshot: str, idx: int, gen: int) -> int:
+        try:
+            return os.open(d.chunk_path(idx, gen), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._gone(d, snapshot, idx, gen)
+            raise  # not reached
+
+    def _gone(self, d: _Disk, snapshot: str, idx: int, gen: int) -> None:
+        if not os.path.exists(d._snap_path(snapshot)):
+            raise SnapshotNotFound(f"disk {d.name!r} has no snapshot {snapshot!r} (deleted meanwhile)") from None
+        raise StorageError(f"disk {d.name!r}: chunk {idx} version {gen} is missing from {d.chunks_dir}") from None
+
+    def disk_digest(self, name: str, *, snapshot: str | None = None) -> str:
+        """The image digest; of a snapshot, reading only the chunk versions it holds (a
+        chunk never written is hashed as zeros, unread). Chunk files are read by a few
+        threads at once (a device answers several reads faster than one after the other)
+        into a ring of page-aligned buffers, each hashed on all cores while the next ones
+        are read."""
+        if snapshot is None:
+            with self._lock:
+                return super().disk_digest(name)
+        d, m = self._pinned(name, snapshot)
+        cb = m.chunk_bytes
+        per_piece = max(1, _DIGEST_PIECE // cb)
+        count = len(m.gens)
+        groups = [range(i, min(i + per_piece, count)) for i in range(0, count, per_piece)]
+        ring = [mmap.mmap(-1, per_piece * cb) for _ in range(min(_DIGEST_DEPTH, len(groups)))]
+        views = [memoryview(buf) for buf in ring]
+
+        def read_chunk(view: memoryview, idx: int, gen: int) -> None:
+            fd = self._open_pinned(d, snapshot, idx, gen)
+            try:
+                got = _read_into(fd, view)
+            finally:
+                os.close(fd)
+            if got < len(view):  # past the end of a sparse or shortened chunk file
+                view[got:] = bytes(len(view) - got)
+
+        hasher = ImageHasher()
+        try:
+            with ThreadPoolExecutor(max_workers=_DIGEST_READERS, thread_name_prefix="digest-reader") as readers:
+
+                def submit(n: int) -> list[Future]:
+                    view = views[n % len(views)]
+                    futures = []
+                    pos = 0
+                    for idx in groups[n]:
+                        extent = m.extent(idx)
+                        gen = m.gens[idx]
+                        if gen:
+                            futures.append(readers.submit(read_chunk, view[pos : pos + extent], idx, gen))
+                        else:
+                            view[pos : pos + extent] = _ZEROS[:extent]
+                        pos += extent
+                    return futures
+
+                pending = {n: submit(n) for n in range(len(ring))}
+                try:
+                    for n, group in enumerate(groups):
+                        futures = pending.pop(n)
+                        length = sum(m.extent(idx) for idx in group)
+                        if futures:
+                            for f in futures:
+                                f.result()
+                            hasher.update(views[n % len(views)][:length])
+                        else:
+                            hasher.zeros(length)  # nothing written there: not even copied
+                        if n + len(ring) < len(groups):
+                            pending[n + len(ring)] = submit(n + len(ring))
+                finally:
+                    for futures in pending.values():
+                        for f in futures:
+                            f.cancel()
+                    wait([f for futures in pending.values() for f in futures])
+        finally:
+            for view in views:
+                view.release()
+            for buf in ring:
+                buf.close()
+        if hasher.length != m.size:
+            raise StorageError(f"disk {name!r}@{snapshot}: hashed {hasher.length} of {m.size} bytes")
+        return hasher.digest()
+
+    def export_disk_at(self, name: str, *, snapshot: str, path: str, durable: bool = True) -> ExportResult:
+        """Only the allocated ranges of the snapshot's chunk versions are written, each
+        shared with the file (reflink) where the file system allows it, else copied in the
+        kernel (``copy_file_range``); chunks never written stay holes."""
+        d, m = self._pinned(name, snapshot)
+        cb = m.chunk_bytes
+        fd = create_export_file(path, m.size)
+        copied = cloned = 0
+        reflink = True
+        try:
+            for idx, gen in enumerate(m.gens):
+                if not gen:
+                    continue
+                src = self._open_pinned(d, snapshot, idx, gen)
+                try:
+                    for start, end in _data_ranges(src, m.extent(idx)):
+                        at = idx * cb + start
+                        if reflink:
+                            try:
+                                _reflink(src, fd, start, at, end - start)
+                                cloned += end - start
+                                continue
+                            except OSError as e:
+                                if e.errno in _NO_REFLINK:
+                                    reflink = False  # this file system cannot: copy from now on
+                                elif e.errno != errno.EINVAL:  # EINVAL: this range is not aligned
+                                    raise
+                        _copy_between(src, fd, start, at, end - start)
+                        _start_writeback(fd, at, end - start)
+                        copied += end - start
+                finally:
+                    os.close(src)
+            if durable:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quiet(path)
+            raise
+        os.close(fd)
+        if durable:
+            _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        return ExportResult(path, m.size, copied, "clone" if cloned and not copied else "sparse-copy")
+
+    def clone_disk_at(self, name: str, *, snapshot: str, dest_name: str) -> str:
+        """A new disk whose chunk versions are hard links to the snapshot's: no data is
+        copied. Both disks then copy a shared version before writing to it (a file with
+        more than one link is never written in place), so neither disk, nor any
+        snapshot, ever sees the other's writes."""
+        check_disk_name(dest_name)
+        dest = self._disk_path(dest_name)
+        with self._lock:
+            d, m = self._pinned(name, snapshot)
+            if os.path.exists(os.path.join(dest, "disk.map")):
+                raise DiskExists(f"disk {dest_name!r} already exists")
+            if os.path.isdir(dest):  # the remains of a creation a crash interrupted
+                shutil.rmtree(dest)
+            _makedirs_durable(os.path.join(dest, "chunks"))
+            _makedirs_durable(os.path.join(dest, "snapshots"))
+        try:
+            shards: set[str] = set()
+            for idx, gen in enumerate(m.gens):
+                if not gen:
+                    continue
+                shard = os.path.join(dest, "chunks", str(idx // SHARD))
+                if shard not in shards:
+                    os.makedirs(shard, exist_ok=True)
+                    shards.add(shard)
+                try:
+                    os.link(d.chunk_path(idx, gen), os.path.join(shard, f"{idx}.{gen}"))
+                except FileNotFoundError:
+                    self._gone(d, snapshot, idx, gen)
+            for shard in shards:
+                _fsync_dir(shard)
+            _fsync_dir(os.path.join(dest, "chunks"))
+            # The snapshot still existing now means it pinned every linked version from the
+            # moment its map was read (a deleted snapshot never comes back): the links hold
+            # exactly its bytes.
+            if not os.path.exists(d._snap_path(snapshot)):
+                raise SnapshotNotFound(f"disk {name!r} has no snapshot {snapshot!r} (deleted meanwhile)")
+            clone = _Map(m.chunk_bytes, m.size, m.next_gen, time.time_ns(), array.array("Q", m.gens),
+                         int.from_bytes(os.urandom(8), "little"))
+            _atomic_write(os.path.join(dest, "disk.map"), clone.encode(KIND_LIVE))
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        with self._lock:
+            self._disks.pop(dest_name, None)
+        return "clone"
 
     def chunk_files(self, name: str) -> Iterator[str]:
         """Paths of every chunk version file of a disk (for tests and diagnostics)."""
