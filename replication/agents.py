@@ -16,8 +16,10 @@ from vault.services import event_record, vault_keys
 
 logger = logging.getLogger(__name__)
 
-# The agent replicates an item in these states (ENABLING ends when replica disks exist).
-ASSIGNED_STATES = frozenset({P.INITIAL_REPLICATION, P.PROTECTED, P.RESYNC_REQUIRED, P.RESYNCING})
+# The agent replicates an item in these states (ENABLING ends when replica disks exist; a
+# planned failover still takes the source's last writes and its final bookmark).
+ASSIGNED_STATES = frozenset({P.INITIAL_REPLICATION, P.PROTECTED, P.RESYNC_REQUIRED, P.RESYNCING,
+                             P.FAILOVER_IN_PROGRESS})
 
 
 def _auth_key(vault: Vault) -> bytes:

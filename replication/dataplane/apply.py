@@ -711,6 +711,28 @@ class ReplicaApplier:
         self._recover(st)
         return victims
 
+    def delete_points(self, point_ids) -> list[RecoveryPoint]:
+        """Delete the given points (with their snapshots); unknown ids are ignored. Returns
+        the deleted points. Like pruning, the points go from the state before their
+        snapshots do, so a crash never leaves a point without its snapshots."""
+        st = self._load_state(create=False)
+        if st is None:
+            return []
+        if st.deleting:
+            raise ApplyStateError(f"the replica of item {self.item_id} is being deleted")
+        self._recover(st)
+        gone = set(point_ids)
+        victims = [p for p in st.points if p.point_id in gone]
+        if not victims:
+            return []
+        st.points = [p for p in st.points if p.point_id not in gone]
+        st.doomed_snapshots = [
+            (st.disks[index].name, sid) for p in victims for index, sid in sorted(p.snapshots.items())
+        ]
+        self._save(st)
+        self._recover(st)
+        return victims
+
     def delete_replica(self) -> None:
         """Remove the item's replica disks (with every point), its logs and its state."""
         st = self._load_state(create=False)

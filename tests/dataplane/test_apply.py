@@ -605,3 +605,23 @@ def test_a_reupload_of_an_applied_log_and_a_cut_short_clean_up_are_dropped_quiet
     assert storage.list_objects(f"logs/{source.item_id}/") == []
     assert storage.list_objects(f"quarantine/{source.item_id}/") == []
     assert live_sha(source, 0) == source.hashes[source.seq][0]
+
+
+def test_delete_points_removes_exactly_those_points_and_their_snapshots(tmp_path):
+    """Commit releases the points a failed-over VM no longer needs, newer ones included: the
+    kept point stays byte-exact and no snapshot is left behind."""
+    storage = LocalStorage(str(tmp_path))
+    source = Source(storage, {0: 2 * MiB, 1: MiB}, seed=23)
+    source.initial_copy()
+    for _ in range(5):
+        source.send(source.random_writes(4))
+    applier = source.applier()
+    applier.apply_pending(crash_consistent_interval_s=0)
+    points = applier.list_points()
+    assert len(points) >= 4
+    keep = points[1]
+    gone = applier.delete_points([p.point_id for p in points if p is not keep] + ["no-such-point"])
+    assert sorted(p.point_id for p in gone) == sorted(p.point_id for p in points if p is not keep)
+    assert [p.point_id for p in applier.list_points()] == [keep.point_id]
+    assert_no_stray_snapshots(source, applier)
+    assert assert_points_exact(applier, source) == 1
