@@ -45,6 +45,7 @@ test: peers check
 
 bench: install
 	$(PY) bench/bench_replication.py
+	$(PY) bench/bench_rto.py
 
 clean:
 	rm -rf var build staticfiles
