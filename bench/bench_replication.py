@@ -475,7 +475,8 @@ def write_doc(path: str, info: dict, args, figures, e2e, raw, backlog, runs) -> 
     lines = [
         "# Benchmarks",
         "",
-        "Written by `make bench` (`python bench/bench_replication.py`); every run replaces this page.",
+        "Written by `make bench`: `python bench/bench_replication.py` replaces this page up to its RTO section,",
+        "which `python bench/bench_rto.py` replaces.",
         "Ratios compare figures measured in the same run, on the same data.",
         "",
         "## Machine",
@@ -568,8 +569,17 @@ def write_doc(path: str, info: dict, args, figures, e2e, raw, backlog, runs) -> 
         "",
     ]
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    keep = ""
+    if os.path.exists(path):  # the RTO benchmark's section (bench_rto.py) is its own
+        with open(path) as fh:
+            old = fh.read()
+        at = old.find(RTO_SECTION)
+        keep = old[at:] if at >= 0 else ""
     with open(path, "w") as fh:
-        fh.write("\n".join(lines))
+        fh.write("\n".join(lines) + ("\n" + keep if keep else ""))
+
+
+RTO_SECTION = "## Recovery time (RTO)"
 
 
 if __name__ == "__main__":
