@@ -2,9 +2,9 @@ from django.urls import path
 from rest_framework.routers import DefaultRouter
 
 from core.api_views import JobViewSet
-from recovery_plans.api.views import RecoveryPlanViewSet
+from recovery_plans.api.views import RecoveryPlanViewSet, RecoveryProtectedItemViewSet
 from replication.api import agents
-from replication.api.views import ProtectedItemViewSet, RecoveryPointViewSet
+from replication.api.views import RecoveryPointViewSet
 from vault.api import views as v
 
 router = DefaultRouter()
@@ -16,8 +16,11 @@ router.register("masterTargetServers", v.MasterTargetServerViewSet)
 router.register("replicationvCenters", v.VCenterViewSet)
 router.register("replicationProtectableItems", v.MachineViewSet, basename="machine")
 router.register("replicationPolicies", v.PolicyViewSet)
-router.register("replicationProtectedItems", ProtectedItemViewSet, basename="protecteditem")
+# The item viewset with the recovery actions (testFailover, plannedFailover, ...), which
+# live in recovery_plans because replication must not import it.
+router.register("replicationProtectedItems", RecoveryProtectedItemViewSet, basename="protecteditem")
 router.register("recoveryPoints", RecoveryPointViewSet)
+router.register("recoverySites", v.RecoverySiteViewSet)
 router.register("replicationRecoveryPlans", RecoveryPlanViewSet)
 router.register("replicationJobs", JobViewSet, basename="job")
 router.register("replicationEvents", v.EventViewSet)

@@ -235,5 +235,7 @@ LIFEBOAT_MAX_CONCURRENT_INITIAL = int(os.environ.get("LIFEBOAT_MAX_CONCURRENT_IN
 LIFEBOAT_CONFIG_URL = os.environ.get("LIFEBOAT_CONFIG_URL", "http://127.0.0.1:8000")
 # How long enabling replication waits for a hand-installed agent to register.
 LIFEBOAT_AGENT_INSTALL_TIMEOUT = int(os.environ.get("LIFEBOAT_AGENT_INSTALL_TIMEOUT", "900"))
+# A planned failover waits this long (s) for the source's last writes to be replicated.
+LIFEBOAT_FAILOVER_DRAIN_TIMEOUT = int(os.environ.get("LIFEBOAT_FAILOVER_DRAIN_TIMEOUT", "600"))
 
 from lifeboat.schedules import BEAT_SCHEDULE as CELERY_BEAT_SCHEDULE  # noqa: E402,F401

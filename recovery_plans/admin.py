@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from recovery_plans.models import RecoveryPlan, RecoveryPlanAction, RecoveryPlanGroup
+from recovery_plans.models import RecoveredVm, RecoveryPlan, RecoveryPlanAction, RecoveryPlanGroup
 
 
 class GroupInline(admin.TabularInline):
@@ -23,3 +23,10 @@ class ActionInline(admin.TabularInline):
 class RecoveryPlanGroupAdmin(admin.ModelAdmin):
     list_display = ["plan", "order", "name"]
     inlines = [ActionInline]
+
+
+@admin.register(RecoveredVm)
+class RecoveredVmAdmin(admin.ModelAdmin):
+    list_display = ["name", "kind", "item", "site", "network", "power_state", "point_time", "created_at", "removed_at"]
+    list_filter = ["kind", "site"]
+    readonly_fields = ["disks", "verified_bytes", "point_id", "point_time", "point_type", "vm_id"]

@@ -4,6 +4,7 @@ from django.core.validators import MinValueValidator
 from django.db import models
 
 from core.models import TimeStampedModel
+from replication.choices import RecoveryPointType
 
 
 class ActionPhase(models.TextChoices):
@@ -59,3 +60,49 @@ class RecoveryPlanAction(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class RecoveredVmKind(models.TextChoices):
+    TEST = "TEST", "Test failover VM"
+    FAILOVER = "FAILOVER", "Failover VM"
+
+
+class RecoveredVm(models.Model):
+    """A VM brought up at a recovery site from one of an item's recovery points.
+
+    The item's current test VM and current failover VM are its rows of each kind whose
+    ``removed_at`` is empty; removed ones stay as the record of past drills.
+    """
+
+    item = models.ForeignKey("replication.ProtectedItem", on_delete=models.CASCADE, related_name="recovered_vms")
+    kind = models.CharField(max_length=16, choices=RecoveredVmKind.choices, db_index=True)
+    site = models.ForeignKey("vault.RecoverySite", on_delete=models.PROTECT, related_name="recovered_vms")
+    network = models.ForeignKey("vault.RecoveryNetwork", on_delete=models.PROTECT, related_name="recovered_vms")
+    vm_id = models.CharField(max_length=255, help_text="The VM's identifier at the recovery site.")
+    name = models.CharField(max_length=255)
+    power_state = models.CharField(max_length=20, blank=True)
+    point_id = models.CharField(max_length=64, help_text="The data plane's identifier of the recovery point the disks came from.")
+    point_time = models.DateTimeField(help_text="Source time of the newest write the recovery point contains.")
+    point_type = models.CharField(max_length=20, choices=RecoveryPointType.choices)
+    # One entry per disk: index, size_bytes, digest, method, location.
+    disks = models.JSONField(default=list, blank=True)
+    verified_bytes = models.BigIntegerField(default=0, help_text="Bytes of disk checked against the replica's digest.")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    removed_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    cleanup_notes = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["item", "kind"], condition=models.Q(removed_at__isnull=True), name="uniq_current_recovered_vm"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def disks_verified(self) -> int:
+        return len(self.disks)

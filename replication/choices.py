@@ -18,6 +18,8 @@ class ProtectionState(models.TextChoices):
 P = ProtectionState
 # Data flows from the source to the replica in these states.
 ProtectionState.REPLICATING = frozenset({P.INITIAL_REPLICATION, P.PROTECTED, P.RESYNC_REQUIRED, P.RESYNCING})
+# Test failover (a drill) may start: replication is going on and the item has points.
+ProtectionState.TEST_FAILOVER_ALLOWED = frozenset({P.PROTECTED, P.RESYNC_REQUIRED, P.RESYNCING})
 # An operation is under way: the item's page polls, no other operation may start.
 ProtectionState.IN_PROGRESS = frozenset(
     {P.ENABLING, P.INITIAL_REPLICATION, P.RESYNCING, P.FAILOVER_IN_PROGRESS, P.REPROTECTING, P.DISABLING}

@@ -2,11 +2,16 @@ from __future__ import annotations
 
 import uuid
 
+from django.core.exceptions import ValidationError
 from django.db import models
 
 from core.models import TimeStampedModel
 from replication.choices import Direction, ProtectionState, RecoveryPointType, TestFailoverState
 from vault.choices import Health
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
 
 
 class ProtectedItem(TimeStampedModel):
@@ -45,6 +50,19 @@ class ProtectedItem(TimeStampedModel):
     # [{"id", "label", "positions": {disk index: journal seq}, "requested_at"}].
     pending_bookmarks = models.JSONField(default=list, blank=True, editable=False)
     last_app_consistent_request_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Where the item is recovered: the recovery site, and the networks a failed-over VM and a
+    # test VM are attached to (network mapping; by default the site's first of each purpose).
+    recovery_site = models.ForeignKey(
+        "vault.RecoverySite", on_delete=models.PROTECT, null=True, blank=True, related_name="protected_items"
+    )
+    recovery_network = models.ForeignKey(
+        "vault.RecoveryNetwork", on_delete=models.PROTECT, null=True, blank=True, related_name="items_recovering",
+        help_text="The network a failed-over VM is attached to.",
+    )
+    test_network = models.ForeignKey(
+        "vault.RecoveryNetwork", on_delete=models.PROTECT, null=True, blank=True, related_name="items_testing",
+        help_text="The isolated network a test-failover VM is attached to.",
+    )
 
     class Meta:
         ordering = ["name"]
@@ -52,6 +70,25 @@ class ProtectedItem(TimeStampedModel):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        from vault.models import NetworkPurpose
+
+        errors = {}
+        site = self.recovery_site
+        if site is not None and site.vault_id != self.vault_id:
+            errors["recovery_site"] = "The recovery site belongs to another vault."
+        for field, purpose in (("recovery_network", NetworkPurpose.RECOVERY), ("test_network", NetworkPurpose.TEST)):
+            network = getattr(self, field)
+            if network is None:
+                continue
+            if site is None or network.site_id != site.pk:
+                errors[field] = f"The network '{network.name}' is not a network of the item's recovery site."
+            elif network.purpose != purpose:
+                have, want = network.get_purpose_display().lower(), NetworkPurpose(purpose).label.lower()
+                errors[field] = f"The network '{network.name}' is {_a(have)}, not {_a(want)}."
+        if errors:
+            raise ValidationError(errors)
 
 
 class ReplicaDisk(models.Model):

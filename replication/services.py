@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 from django.utils import timezone
 
@@ -70,7 +71,7 @@ def protected_item_test_failover_transition(*, item_id, to_state: str, operation
 ENABLE_STEPS = ["Check prerequisites", "Install the mobility agent", "Create replica disks", "Initial replication", "Start delta replication"]
 
 
-def protected_item_enable(*, vault, machine, policy, process_server, user=None):
+def protected_item_enable(*, vault, machine, policy, process_server, recovery_site=None, user=None):
     """Protect a machine: the item row (ENABLING) and its enable-replication job, together."""
     problems = []
     if machine.vault_id != vault.pk or policy.vault_id != vault.pk or process_server.vault_id != vault.pk:
@@ -79,6 +80,8 @@ def protected_item_enable(*, vault, machine, policy, process_server, user=None):
         problems.append("A failback policy cannot be used to enable replication; choose its replication policy.")
     if machine.missing:
         problems.append(f"{machine.name} was not found by the last discovery.")
+    if recovery_site is not None and recovery_site.vault_id != vault.pk:
+        problems.append("The recovery site must belong to this vault.")
     if problems:
         raise ValidationFailed(" ".join(problems))
     from vault.models import DiscoveredMachine
@@ -88,9 +91,9 @@ def protected_item_enable(*, vault, machine, policy, process_server, user=None):
         DiscoveredMachine.objects.select_for_update().get(pk=machine.pk)
         if ProtectedItem.objects.filter(machine=machine).exists():
             raise Conflict(f"{machine.name} is already protected.", code="already_protected")
-        item = ProtectedItem.objects.create(
-            vault=vault, machine=machine, policy=policy, process_server=process_server, name=machine.name
-        )
+        item = ProtectedItem(vault=vault, machine=machine, policy=policy, process_server=process_server, name=machine.name)
+        _recovery_mapping(item, recovery_site=recovery_site)
+        item.save()
         job = job_create(
             job_type=JobType.ENABLE_REPLICATION, vault=vault, target_type="protected_item", target_id=str(item.pk),
             target_name=item.name, steps=ENABLE_STEPS, created_by=user,
@@ -150,3 +153,46 @@ def protected_item_mark_resync_required(*, item, reason: str) -> bool:
         return False
     event_record(vault=item.vault, kind="resync_required", message=f"{item.name} needs resynchronization: {reason}", severity=Severity.WARNING, protected_item=item)
     return True
+
+
+# --- recovery settings ----------------------------------------------------------------------
+
+# While a recovered VM of the item exists (or is being made) its site and networks stay.
+RECOVERY_SETTINGS_FROZEN = frozenset({ProtectionState.FAILOVER_IN_PROGRESS, ProtectionState.FAILED_OVER,
+                                      ProtectionState.FAILOVER_COMMITTED, ProtectionState.REPROTECTING})
+
+
+def _recovery_mapping(item: ProtectedItem, *, recovery_site, recovery_network=None, test_network=None) -> None:
+    """Set the item's recovery site and network mapping; a network not given is the site's
+    first of its purpose. Validated by the item's ``clean()``."""
+    from vault.models import NetworkPurpose
+
+    item.recovery_site = recovery_site
+    if recovery_site is None:
+        item.recovery_network = item.test_network = None
+        return
+    networks = list(recovery_site.networks.order_by("name"))
+    item.recovery_network = recovery_network or next((n for n in networks if n.purpose == NetworkPurpose.RECOVERY), None)
+    item.test_network = test_network or next((n for n in networks if n.purpose == NetworkPurpose.TEST), None)
+    item.full_clean(exclude=["vault", "machine", "policy", "process_server", "name"], validate_unique=False)
+
+
+def protected_item_set_recovery(*, item: ProtectedItem, recovery_site, recovery_network=None, test_network=None) -> ProtectedItem:
+    """Choose where the item is recovered: its recovery site and network mapping."""
+    from replication.choices import TestFailoverState
+
+    with transaction.atomic():
+        item = ProtectedItem.objects.select_for_update().get(pk=item.pk)
+        if item.protection_state in RECOVERY_SETTINGS_FROZEN or item.test_failover_state != TestFailoverState.NONE:
+            state = (item.get_protection_state_display() if item.protection_state in RECOVERY_SETTINGS_FROZEN
+                     else f"test failover {item.get_test_failover_state_display()}")
+            raise InvalidTransition(
+                f"The recovery site of '{item.name}' cannot change while a recovered VM of it exists ({state.lower()}).",
+                current_state=item.protection_state, operation="change the recovery site",
+            )
+        try:
+            _recovery_mapping(item, recovery_site=recovery_site, recovery_network=recovery_network, test_network=test_network)
+        except DjangoValidationError as exc:
+            raise ValidationFailed(" ".join(exc.messages), extra={"fields": exc.message_dict if hasattr(exc, "error_dict") else {}}) from None
+        item.save(update_fields=["recovery_site", "recovery_network", "test_network", "updated_at"])
+    return item

@@ -86,3 +86,37 @@ class ReplicaDiskFactory(factory.django.DjangoModelFactory):
     source_disk_key = 2000
     capacity_bytes = 8 * 1024 * 1024
     storage_name = factory.LazyAttribute(lambda o: f"{o.item.pk}-{o.index}")
+
+
+class RecoverySiteFactory(factory.Factory):
+    """A simulated recovery site with a recovery and a test network (through its service)."""
+
+    class Meta:
+        model = dict
+
+    vault = factory.SubFactory(VaultFactory)
+    name = factory.Sequence(lambda n: f"recovery-site-{n}")
+    host = factory.Sequence(lambda n: f"/tmp/lifeboat-tests/recovery-site-{n}")
+    networks = factory.LazyFunction(lambda: [("recovery-net", "RECOVERY"), ("test-net", "TEST")])
+
+    @classmethod
+    def _create(cls, model_class, **kwargs):
+        return services.recovery_site_create(**kwargs)
+
+    _build = _create
+
+
+import datetime as _dt  # noqa: E402  (this file is appended to)
+
+_POINT_EPOCH = _dt.datetime(2026, 11, 30, tzinfo=_dt.timezone.utc)
+
+
+class RecoveryPointFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = "replication.RecoveryPoint"
+
+    item = factory.SubFactory(ProtectedItemFactory)
+    seq = factory.Sequence(lambda n: n + 1)
+    point_id = factory.LazyAttribute(lambda o: f"replica-{o.seq:012d}")
+    time = factory.LazyAttribute(lambda o: _POINT_EPOCH + _dt.timedelta(seconds=o.seq))
+    type = "crash_consistent"

@@ -280,3 +280,94 @@ class Alert(models.Model):
 
     def __str__(self) -> str:
         return self.message
+
+
+class RecoverySiteKind(models.TextChoices):
+    SIMULATED = "simulated", "Simulated recovery site"
+    VSPHERE = "vsphere", "vSphere (vCenter / ESXi)"
+
+
+class NetworkPurpose(models.TextChoices):
+    RECOVERY = "RECOVERY", "Recovery network"
+    TEST = "TEST", "Isolated test network"
+
+
+class RecoverySite(TimeStampedModel):
+    """Where failed-over VMs run: the simulated recovery site or a vSphere endpoint."""
+
+    vault = models.ForeignKey(Vault, on_delete=models.CASCADE, related_name="recovery_sites")
+    name = models.CharField(max_length=120)
+    kind = models.CharField(max_length=16, choices=RecoverySiteKind.choices, default=RecoverySiteKind.SIMULATED)
+    host = models.CharField(
+        max_length=1000, help_text="Host name or address of the vCenter / ESXi server; for the simulated site, its data directory."
+    )
+    port = models.PositiveIntegerField(default=443, validators=[MinValueValidator(1), MaxValueValidator(65535)])
+    username = models.CharField(max_length=255, blank=True)
+    password_encrypted = models.TextField(blank=True, editable=False)
+    allow_untrusted = models.BooleanField(default=False, help_text="Accept a certificate no trusted authority signed.")
+    thumbprint = models.CharField(max_length=128, blank=True, help_text="Pin this certificate thumbprint (SHA-1 or SHA-256).")
+    datacenter = models.CharField(max_length=255, blank=True, help_text="vSphere: the datacenter recovered VMs are created in.")
+    datastore = models.CharField(max_length=255, blank=True, help_text="vSphere: the datastore recovered disks are uploaded to.")
+    placement = models.CharField(max_length=255, blank=True, help_text="vSphere: the host or cluster recovered VMs run on.")
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["vault", "name"], name="uniq_recovery_site_name")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        errors = {}
+        if self.kind == RecoverySiteKind.SIMULATED:
+            if self.host and not self.host.startswith("/"):
+                errors["host"] = "The simulated recovery site's data directory must be an absolute path."
+        elif self.kind == RecoverySiteKind.VSPHERE:
+            for field, what in (("username", "a user name"), ("datacenter", "the datacenter"),
+                                ("datastore", "the datastore"), ("placement", "the host or cluster recovered VMs run on")):
+                if not getattr(self, field):
+                    errors[field] = f"A vSphere recovery site needs {what}."
+            if self.thumbprint:
+                from vault.connectors.base import normalize_thumbprint
+
+                try:
+                    normalize_thumbprint(self.thumbprint)
+                except ValueError as exc:
+                    errors["thumbprint"] = str(exc)
+        if errors:
+            raise ValidationError(errors)
+
+    def connector(self, *, workload: dict | None = None):
+        """An unopened RecoverySiteConnector for this site (use it as a context manager).
+
+        ``workload`` (simulated site only): how the VMs it creates write to their disks once
+        running, as the simulated source VMs do (``vault.simulation.machine_workload``).
+        """
+        from core.secrets import decrypt_secret
+        from vault.connectors.recovery import open_recovery_site
+
+        if self.kind == RecoverySiteKind.SIMULATED:
+            return open_recovery_site(
+                "simulated", data_dir=self.host, networks=[n.name for n in self.networks.all()], workload=workload
+            )
+        return open_recovery_site(
+            "vsphere", host=self.host, port=self.port, username=self.username,
+            password=decrypt_secret(self.password_encrypted).decode(), allow_untrusted=self.allow_untrusted,
+            thumbprint=self.thumbprint or None, datacenter=self.datacenter, datastore=self.datastore,
+            placement=self.placement,
+        )
+
+
+class RecoveryNetwork(models.Model):
+    """A network of a recovery site that recovered VMs are attached to (a port group on vSphere)."""
+
+    site = models.ForeignKey(RecoverySite, on_delete=models.CASCADE, related_name="networks")
+    name = models.CharField(max_length=255)
+    purpose = models.CharField(max_length=16, choices=NetworkPurpose.choices, default=NetworkPurpose.RECOVERY)
+
+    class Meta:
+        ordering = ["site", "purpose", "name"]
+        constraints = [models.UniqueConstraint(fields=["site", "name"], name="uniq_recovery_network_name")]
+
+    def __str__(self) -> str:
+        return f"{self.site} / {self.name}"

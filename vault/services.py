@@ -18,7 +18,11 @@ from vault.models import (
     ConfigurationServer,
     Event,
     MasterTargetServer,
+    NetworkPurpose,
     ProcessServer,
+    RecoveryNetwork,
+    RecoverySite,
+    RecoverySiteKind,
     ReplicationPolicy,
     Vault,
     VCenter,
@@ -219,6 +223,153 @@ def vcenter_update(*, vcenter: VCenter, password: str | None = None, **fields) -
 
 def vcenter_password(*, vcenter: VCenter) -> str:
     return decrypt_secret(vcenter.password_encrypted).decode()
+
+
+# --- recovery sites --------------------------------------------------------------------
+
+RECOVERY_SITE_FIELDS = ("name", "kind", "host", "port", "username", "allow_untrusted", "thumbprint", "datacenter", "datastore", "placement")
+
+
+def _networks_check(networks, *, site_name: str) -> list[dict]:
+    """[{name, purpose}] or [(name, purpose)]: names unique, at least one recovery and one
+    test network."""
+    cleaned, seen = [], set()
+    for n in networks:
+        if isinstance(n, dict):
+            name, purpose = str(n.get("name", "")).strip(), n.get("purpose", NetworkPurpose.RECOVERY)
+        else:
+            name, purpose = str(n[0]).strip(), n[1]
+        if not name:
+            raise ValidationFailed("Every network needs a name.", extra={"fields": {"networks": ["a network has no name"]}})
+        if purpose not in NetworkPurpose.values:
+            raise ValidationFailed(f"'{purpose}' is not a network purpose; use RECOVERY or TEST.",
+                                   extra={"fields": {"networks": ["unknown purpose"]}})
+        if name in seen:
+            raise ValidationFailed(f"The network '{name}' is listed twice.", extra={"fields": {"networks": ["duplicate name"]}})
+        seen.add(name)
+        cleaned.append({"name": name, "purpose": purpose})
+    purposes = {n["purpose"] for n in cleaned}
+    missing = [NetworkPurpose(p).label.lower() for p in (NetworkPurpose.RECOVERY, NetworkPurpose.TEST) if p not in purposes]
+    if missing:
+        raise ValidationFailed(
+            f"The recovery site {site_name} needs at least one {' and one '.join(missing)}.",
+            extra={"fields": {"networks": [f"no {m}" for m in missing]}},
+        )
+    return cleaned
+
+
+def recovery_site_create(
+    *,
+    vault: Vault,
+    name: str,
+    host: str,
+    networks: list[dict] | list[tuple[str, str]],
+    kind: str = RecoverySiteKind.SIMULATED,
+    port: int = 443,
+    username: str = "",
+    password: str = "",
+    allow_untrusted: bool = False,
+    thumbprint: str = "",
+    datacenter: str = "",
+    datastore: str = "",
+    placement: str = "",
+) -> RecoverySite:
+    """A recovery site with its networks (at least one recovery and one test network)."""
+    if kind == RecoverySiteKind.VSPHERE and not password:
+        raise ValidationFailed("A vSphere recovery site needs a password.", extra={"fields": {"password": ["required"]}})
+    site = RecoverySite(
+        vault=vault, name=name, kind=kind, host=host, port=port, username=username, allow_untrusted=allow_untrusted,
+        thumbprint=thumbprint, datacenter=datacenter, datastore=datastore, placement=placement,
+        password_encrypted=encrypt_secret(password) if password else "",
+    )
+    if RecoverySite.objects.filter(vault=vault, name=name).exists():
+        raise Conflict(f"A recovery site named '{name}' already exists in this vault.")
+    _full_clean(site)
+    cleaned = _networks_check(networks, site_name=name)
+    try:
+        with transaction.atomic():
+            site.save()
+            for n in cleaned:
+                network = RecoveryNetwork(site=site, **n)
+                _full_clean(network)
+                network.save()
+    except IntegrityError:
+        raise Conflict(f"A recovery site named '{name}' already exists in this vault.") from None
+    return site
+
+
+def recovery_site_update(*, site: RecoverySite, password: str | None = None, **fields) -> RecoverySite:
+    for field, value in fields.items():
+        if field not in RECOVERY_SITE_FIELDS:
+            raise ValidationFailed(f"'{field}' cannot be changed.")
+        setattr(site, field, value)
+    if password:
+        site.password_encrypted = encrypt_secret(password)
+    if site.kind == RecoverySiteKind.VSPHERE and not site.password_encrypted:
+        raise ValidationFailed("A vSphere recovery site needs a password.", extra={"fields": {"password": ["required"]}})
+    if RecoverySite.objects.filter(vault=site.vault_id, name=site.name).exclude(pk=site.pk).exists():
+        raise Conflict(f"A recovery site named '{site.name}' already exists in this vault.")
+    _full_clean(site)
+    site.save()
+    return site
+
+
+def _site_in_use(site: RecoverySite) -> str:
+    # Reverse relations only: the items and recovered VMs live in apps vault must not import.
+    items = list(site.protected_items.values_list("name", flat=True)[:3])
+    if items:
+        return f"it is the recovery site of {', '.join(items)}; map those items to another site first"
+    vms = list(site.recovered_vms.filter(removed_at__isnull=True).values_list("name", flat=True)[:3])
+    if vms:
+        return f"the recovered VMs {', '.join(vms)} run there; clean them up (or fail back) first"
+    return ""
+
+
+def recovery_site_delete(*, site: RecoverySite) -> None:
+    from django.db.models import ProtectedError
+
+    reason = _site_in_use(site)
+    if reason:
+        raise Conflict(f"The recovery site {site.name} cannot be deleted: {reason}.", code="in_use")
+    try:
+        with transaction.atomic():
+            site.delete()
+    except ProtectedError:  # a removed recovered VM still records the site: keep it
+        raise Conflict(
+            f"The recovery site {site.name} cannot be deleted: past test failovers and failovers record it.", code="in_use"
+        ) from None
+
+
+def recovery_site_password(*, site: RecoverySite) -> str:
+    return decrypt_secret(site.password_encrypted).decode()
+
+
+def recovery_network_create(*, site: RecoverySite, name: str, purpose: str = NetworkPurpose.RECOVERY) -> RecoveryNetwork:
+    network = RecoveryNetwork(site=site, name=(name or "").strip(), purpose=purpose)
+    if RecoveryNetwork.objects.filter(site=site, name=network.name).exists():
+        raise Conflict(f"The recovery site {site.name} already has a network named '{network.name}'.")
+    _full_clean(network)
+    network.save()
+    return network
+
+
+def recovery_network_delete(*, network: RecoveryNetwork) -> None:
+    from django.db.models import ProtectedError
+
+    site = network.site
+    users = [*network.items_recovering.values_list("name", flat=True)[:3], *network.items_testing.values_list("name", flat=True)[:3]]
+    if users:
+        raise Conflict(f"The network {network.name} is mapped for {', '.join(users)}; map them to another network first.", code="in_use")
+    if network.recovered_vms.filter(removed_at__isnull=True).exists():
+        raise Conflict(f"Recovered VMs run on the network {network.name}.", code="in_use")
+    if not site.networks.filter(purpose=network.purpose).exclude(pk=network.pk).exists():
+        raise ValidationFailed(
+            f"{network.name} is the last {network.get_purpose_display().lower()} of {site.name}; a recovery site needs one."
+        )
+    try:
+        network.delete()
+    except ProtectedError:
+        raise Conflict(f"Past test failovers and failovers record the network {network.name}; it is kept.", code="in_use") from None
 
 
 # --- events and alerts -----------------------------------------------------------------

@@ -5,13 +5,19 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import mixins, viewsets
 from rest_framework.decorators import action
+from rest_framework.response import Response
 
 from core.api import accepted_job
 from core.api_views import JobSerializer
 from core.exceptions import NotFound
 from core.permissions import ReadOrAdmin
 from replication import services
-from replication.api.serializers import EnableReplicationSerializer, ProtectedItemSerializer, RecoveryPointSerializer
+from replication.api.serializers import (
+    EnableReplicationSerializer,
+    ProtectedItemSerializer,
+    RecoveryPointSerializer,
+    RecoverySettingsSerializer,
+)
 from replication.filters import ProtectedItemFilter, RecoveryPointFilter
 from replication.models import ProtectedItem, RecoveryPoint
 
@@ -22,7 +28,9 @@ class ProtectedItemViewSet(mixins.CreateModelMixin, mixins.DestroyModelMixin, vi
     POST enables replication (202 + the job), DELETE disables it (202 + the job).
     """
 
-    queryset = ProtectedItem.objects.select_related("machine", "policy", "process_server").prefetch_related("replica_disks")
+    queryset = ProtectedItem.objects.select_related(
+        "machine", "policy", "process_server", "recovery_site", "recovery_network", "test_network"
+    ).prefetch_related("replica_disks")
     serializer_class = ProtectedItemSerializer
     permission_classes = [ReadOrAdmin]
     filterset_class = ProtectedItemFilter
@@ -35,6 +43,15 @@ class ProtectedItemViewSet(mixins.CreateModelMixin, mixins.DestroyModelMixin, vi
         s.is_valid(raise_exception=True)
         _, job = services.protected_item_enable(user=request.user, **s.validated_data)
         return accepted_job(request, job, JobSerializer)
+
+    @extend_schema(request=RecoverySettingsSerializer, responses=ProtectedItemSerializer)
+    def partial_update(self, request, *args, **kwargs):
+        """Choose where the item is recovered: recovery_site and its network mapping."""
+        item = self.get_object()
+        s = RecoverySettingsSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        item = services.protected_item_set_recovery(item=item, **s.validated_data)
+        return Response(self.get_serializer(self.get_queryset().get(pk=item.pk)).data)
 
     @extend_schema(request=None, responses={202: JobSerializer})
     def destroy(self, request, *args, **kwargs):

@@ -62,11 +62,22 @@ def test_simultaneous_enable_of_one_machine_protects_it_once(transactional_db, a
 
 def test_operation_refused_in_wrong_state_changes_nothing(db, api):
     item = ProtectedItemFactory()
-    ProtectedItem.objects.filter(pk=item.pk).update(protection_state="PROTECTED")
+    ProtectedItem.objects.filter(pk=item.pk).update(protection_state="INITIAL_REPLICATION")
     response = api.post(f"/api/v1/replicationProtectedItems/{item.pk}/repairReplication/")
     assert response.status_code == 409
-    assert response.json()["error"]["current_state"] == "PROTECTED"
+    assert response.json()["error"]["current_state"] == "INITIAL_REPLICATION"
     assert not Job.objects.exists()
+
+
+def test_a_protected_item_may_always_be_repaired(db, api):
+    """An admin who doubts a replica asks for a repair on a protected item: a resync job."""
+    item = ProtectedItemFactory()
+    ProtectedItem.objects.filter(pk=item.pk).update(protection_state="PROTECTED")
+    response = api.post(f"/api/v1/replicationProtectedItems/{item.pk}/repairReplication/")
+    assert response.status_code == 202
+    item.refresh_from_db()
+    assert item.protection_state == "RESYNCING"
+    assert Job.objects.get().type == "RESYNC"
 
 
 def test_enable_replication_bad_input(db, api):

@@ -14,6 +14,8 @@ from vault.models import (
     Event,
     MasterTargetServer,
     ProcessServer,
+    RecoveryNetwork,
+    RecoverySite,
     ReplicationPolicy,
     Vault,
     VCenter,
@@ -205,3 +207,56 @@ class WorkloadSerializer(serializers.Serializer):
         if value % 512:
             raise serializers.ValidationError("Writes are whole 512-byte sectors.")
         return value
+
+
+class RecoveryNetworkSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = RecoveryNetwork
+        fields = ["id", "name", "purpose"]
+        read_only_fields = ["id"]
+        validators = []  # a duplicate name is a conflict (409), raised by the service
+
+
+class RecoverySiteSerializer(serializers.ModelSerializer):
+    """A recovery site with its networks (given on creation; changed later through
+    ``recoverySites/{id}/networks``)."""
+
+    password = serializers.CharField(
+        write_only=True, required=False, allow_blank=True, max_length=512, style={"input_type": "password"},
+        help_text="vSphere: stored encrypted; never returned.",
+    )
+    networks = RecoveryNetworkSerializer(
+        many=True, required=False,
+        help_text="On creation: at least one RECOVERY and one TEST network. Afterwards: read-only here.",
+    )
+
+    class Meta:
+        model = RecoverySite
+        fields = [
+            "id", "vault", "name", "kind", "host", "port", "username", "password", "allow_untrusted", "thumbprint",
+            "datacenter", "datastore", "placement", "networks", "created_at", "updated_at",
+        ]
+        read_only_fields = ["id", "created_at", "updated_at"]
+        validators = []  # a duplicate name is a conflict (409), raised by the service
+
+    def get_fields(self):
+        fields = super().get_fields()
+        if self.instance is not None and not isinstance(self.instance, list):
+            fields["vault"].read_only = True
+            fields["networks"].read_only = True
+        return fields
+
+    def validate(self, attrs):
+        if self.instance is None and not attrs.get("networks"):
+            raise serializers.ValidationError(
+                {"networks": "A recovery site needs its networks: at least one RECOVERY and one TEST network."}
+            )
+        return attrs
+
+    def create(self, validated_data):
+        return services.recovery_site_create(**validated_data)
+
+    def update(self, instance, validated_data):
+        validated_data.pop("vault", None)
+        validated_data.pop("networks", None)
+        return services.recovery_site_update(site=instance, **validated_data)

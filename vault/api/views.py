@@ -19,6 +19,8 @@ from vault.models import (
     Event,
     MasterTargetServer,
     ProcessServer,
+    RecoveryNetwork,
+    RecoverySite,
     ReplicationPolicy,
     Vault,
     VCenter,
@@ -143,3 +145,44 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet):
     def acknowledge(self, request, pk=None):
         alert = services.alert_acknowledge(alert=self.get_object(), user=request.user)
         return Response(s.AlertSerializer(alert).data)
+
+
+class RecoverySiteViewSet(viewsets.ModelViewSet):
+    """recoverySites: where failed-over VMs run, with their networks (recovery and test).
+
+    Deleting a site that an item is mapped to, or where a recovered VM runs, is 409.
+    """
+
+    queryset = RecoverySite.objects.select_related("vault").prefetch_related("networks")
+    serializer_class = s.RecoverySiteSerializer
+    permission_classes = [ReadOrAdmin]
+    filterset_fields = ["vault", "kind"]
+
+    def perform_destroy(self, instance):
+        services.recovery_site_delete(site=instance)
+
+    @extend_schema(methods=["GET"], request=None, responses=s.RecoveryNetworkSerializer(many=True))
+    @extend_schema(methods=["POST"], request=s.RecoveryNetworkSerializer, responses={201: s.RecoveryNetworkSerializer})
+    @action(detail=True, methods=["get", "post"], url_path="networks")
+    def networks(self, request, pk=None):
+        """The site's networks; POST adds one ({name, purpose: RECOVERY|TEST})."""
+        site = self.get_object()
+        if request.method == "GET":
+            return Response(s.RecoveryNetworkSerializer(site.networks.all(), many=True).data)
+        data = s.RecoveryNetworkSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        network = services.recovery_network_create(site=site, **data.validated_data)
+        return Response(s.RecoveryNetworkSerializer(network).data, status=201)
+
+    @extend_schema(request=None, responses={204: None})
+    @action(detail=True, methods=["delete"], url_path=r"networks/(?P<network_id>[0-9]+)")
+    def delete_network(self, request, pk=None, network_id=None):
+        """Remove a network (not the last of its purpose, nor one an item is mapped to)."""
+        from core.exceptions import NotFound
+
+        site = self.get_object()
+        network = RecoveryNetwork.objects.filter(site=site, pk=network_id).first()
+        if network is None:
+            raise NotFound(f"The recovery site {site.name} has no network {network_id}.")
+        services.recovery_network_delete(network=network)
+        return Response(status=204)
