@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from django import forms
 
-from vault.models import DiscoveredMachine, ProcessServer, ReplicationPolicy, Vault
+from vault.forms import ServiceForm
+from replication.models import ProtectedItem
+from vault.models import DiscoveredMachine, NetworkPurpose, ProcessServer, RecoveryNetwork, ReplicationPolicy, Vault
 
 
 class EnableReplicationForm(forms.Form):
@@ -32,3 +34,32 @@ class EnableReplicationForm(forms.Form):
         self.fields["process_server"].queryset = vault.process_servers.all()
         self.fields["policy"].queryset = vault.policies.filter(is_failback=False)
         self.source = source
+
+
+class NetworkMappingForm(ServiceForm):
+    """Where the item's recovered VMs go: its recovery site and that site's networks."""
+
+    recovery_site = forms.ModelChoiceField(queryset=None, label="Recovery site", empty_label=None)
+    recovery_network = forms.ModelChoiceField(queryset=None, label="Recovery network", required=False,
+                                              help_text="Failover puts the VM here. Empty: the site's first recovery network.")
+    test_network = forms.ModelChoiceField(queryset=None, label="Test network", required=False,
+                                          help_text="Test failover puts the VM here. Empty: the site's first test network.")
+
+    def __init__(self, *args, item: ProtectedItem, **kwargs):
+        kwargs.setdefault("initial", {
+            "recovery_site": item.recovery_site_id, "recovery_network": item.recovery_network_id,
+            "test_network": item.test_network_id,
+        })
+        super().__init__(*args, **kwargs)
+        self.item = item
+        self.fields["recovery_site"].queryset = item.vault.recovery_sites.order_by("name")
+        networks = RecoveryNetwork.objects.filter(site__vault=item.vault).select_related("site").order_by("site__name", "name")
+        self.fields["recovery_network"].queryset = networks.filter(purpose=NetworkPurpose.RECOVERY)
+        self.fields["test_network"].queryset = networks.filter(purpose=NetworkPurpose.TEST)
+        self.fields["recovery_network"].label_from_instance = lambda n: f"{n.site.name} / {n.name}"
+        self.fields["test_network"].label_from_instance = lambda n: f"{n.site.name} / {n.name}"
+
+    def save(self):
+        from replication import services
+
+        return self.save_with(services.protected_item_set_recovery, item=self.item, **self.cleaned_data)

@@ -5,8 +5,32 @@ from django.core.paginator import Paginator
 from django.shortcuts import get_object_or_404, redirect
 
 from core.portal import current_vault, render_page
+from replication.choices import ProtectionState, TestFailoverState
 from replication.filters import ProtectedItemFilter
 from replication.models import ProtectedItem
+
+
+def recovery_operations(*, item: ProtectedItem) -> list[tuple[str, str]]:
+    """(operation, button label) of the recovery operations the item's state allows now."""
+    operations = []
+    if item.protection_state in ProtectionState.TEST_FAILOVER_ALLOWED and item.test_failover_state == TestFailoverState.NONE:
+        operations.append(("test-failover", "Test failover"))
+    if item.test_failover_state == TestFailoverState.SUCCEEDED:
+        operations.append(("test-failover-cleanup", "Cleanup test failover"))
+    if item.protection_state == ProtectionState.PROTECTED:
+        operations.append(("failover", "Failover"))
+    if item.protection_state == ProtectionState.FAILED_OVER:
+        operations.append(("apply-recovery-point", "Change recovery point"))
+        operations.append(("commit", "Commit"))
+    return operations
+
+
+def recovered_vms(*, item: ProtectedItem) -> list:
+    """The item's current test VM and failover VM (those not removed), test VM first."""
+    return sorted(
+        item.recovered_vms.filter(removed_at__isnull=True).select_related("site", "network"),
+        key=lambda vm: (vm.kind != "TEST", vm.created_at),
+    )
 
 
 @login_required
@@ -23,7 +47,9 @@ def item_list(request):
 @login_required
 def item_detail(request, pk):
     item = get_object_or_404(
-        ProtectedItem.objects.select_related("vault", "policy", "process_server", "machine"), pk=pk
+        ProtectedItem.objects.select_related(
+            "vault", "policy", "process_server", "machine", "recovery_site", "recovery_network", "test_network"
+        ), pk=pk,
     )
     from replication.selectors import item_rpo_history, item_actions
     from vault.forms import WorkloadForm
@@ -37,9 +63,13 @@ def item_detail(request, pk):
         "points": points,
         "events": item.events.order_by("-created_at")[:20],
         "actions": item_actions(item=item),
+        "recovery_operations": recovery_operations(item=item),
+        "recovered_vms": recovered_vms(item=item),
         "pending_apply": max(0, item.acked_seq - item.applied_seq),
     }
     if not (request.htmx and not request.htmx.boosted):
+        if item.vault.recovery_sites.exists():
+            context["mapping_form"] = NetworkMappingForm(item=item)
         context["rpo_history"] = item_rpo_history(item=item)
         workload = machine_workload(machine=item.machine)
         context["workload_form"] = WorkloadForm(initial=workload) if workload is not None else None
@@ -56,7 +86,7 @@ from django.views.decorators.http import require_POST  # noqa: E402
 
 from core.exceptions import LifeboatError  # noqa: E402
 from replication import services  # noqa: E402
-from replication.forms import EnableReplicationForm  # noqa: E402
+from replication.forms import EnableReplicationForm, NetworkMappingForm  # noqa: E402
 
 
 def _require_admin(request) -> None:
@@ -136,4 +166,20 @@ def workload_update(request, pk):
     else:
         for field, errors in form.errors.items():
             messages.error(request, f"{field}: {'; '.join(errors)}")
+    return redirect("portal:item-detail", pk=pk)
+
+
+@login_required
+@require_POST
+def network_mapping_update(request, pk):
+    """Change where the item's recovered VMs go: recovery site, recovery and test network."""
+    _require_admin(request)
+    item = get_object_or_404(ProtectedItem.objects.select_related("vault"), pk=pk)
+    form = NetworkMappingForm(request.POST, item=item)
+    if form.is_valid() and form.save() is not None:
+        messages.success(request, "Network mapping saved.")
+    else:
+        for field, errors in form.errors.items():
+            for error in errors:
+                messages.error(request, error if field == "__all__" else f"{form.fields[field].label}: {error}")
     return redirect("portal:item-detail", pk=pk)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Run Lifeboat on one machine with the embedded defaults: web, worker, beat, a process
-server, the simulated VMware site's workload and its agents. Ctrl-C stops everything."""
+server, the simulated VMware site's workload and its agents, and the workload of the VMs
+recovered onto the simulated recovery site. Ctrl-C stops everything."""
 from __future__ import annotations
 
 import os
@@ -30,6 +31,9 @@ PROCESSES = {
     "process-server": [PY, "-m", "replication.dataplane.process_server", "--config", str(DATA / "process-server-ps-01.json")],
     "simsite": [PY, "-m", "vault.connectors.simsite", "--data-dir", str(DATA / "simsite")],
     "agents": [PY, "-m", "replication.agent_host", "--site-dir", str(DATA / "simsite")],
+    # A VM failed over (or test-failed-over) to the demo's recovery site writes to its disks
+    # while it runs, like the source VMs: the same runner, on the recovery site's directory.
+    "recovery-site": [PY, "-m", "vault.connectors.simsite", "--data-dir", str(DATA / "recovery-site")],
 }
 
 

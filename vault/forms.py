@@ -7,7 +7,7 @@ from django.core.validators import validate_email
 from core.exceptions import LifeboatError
 from vault import services
 from vault.choices import MAX_RETENTION_HOURS
-from vault.models import ReplicationPolicy, Vault, VCenter
+from vault.models import NetworkPurpose, RecoverySite, RecoverySiteKind, ReplicationPolicy, Vault, VCenter
 from vault.simulation import PATTERNS
 
 
@@ -124,6 +124,49 @@ class VCenterForm(ServiceForm):
 
     def save(self, *, vault: Vault):
         return self.save_with(services.vcenter_create, vault=vault, **self.cleaned_data)
+
+
+class NameListField(forms.CharField):
+    """Names separated by commas or new lines."""
+
+    def to_python(self, value):
+        text = super().to_python(value) or ""
+        names = [n.strip() for n in text.replace("\n", ",").split(",") if n.strip()]
+        return list(dict.fromkeys(names))
+
+
+class RecoverySiteForm(ServiceForm):
+    """Add a recovery site with its networks (at least one recovery and one test network)."""
+
+    name = forms.CharField(max_length=120)
+    kind = forms.ChoiceField(choices=RecoverySiteKind.choices, initial=RecoverySiteKind.SIMULATED)
+    host = forms.CharField(
+        max_length=1000, label="Host or data directory",
+        help_text="vSphere: the vCenter or ESXi host name or address. Simulated: an absolute path for its data directory.",
+    )
+    port = forms.IntegerField(min_value=1, max_value=65535, initial=443, help_text="vSphere only.")
+    username = forms.CharField(max_length=255, required=False, help_text="vSphere only.")
+    password = forms.CharField(widget=forms.PasswordInput, max_length=512, required=False, help_text="vSphere only.")
+    allow_untrusted = forms.BooleanField(required=False, help_text="vSphere: accept a self-signed certificate.")
+    thumbprint = forms.CharField(required=False, max_length=128, help_text="vSphere: or pin the certificate's thumbprint.")
+    datacenter = forms.CharField(required=False, max_length=255, help_text="vSphere: the datacenter recovered VMs are created in.")
+    datastore = forms.CharField(required=False, max_length=255, help_text="vSphere: the datastore recovered disks are uploaded to.")
+    placement = forms.CharField(required=False, max_length=255, label="Host or cluster",
+                                help_text="vSphere: the host or cluster recovered VMs run on.")
+    recovery_networks = NameListField(
+        label="Recovery networks", initial="recovery-net",
+        help_text="Comma-separated. Failed-over VMs are attached here (vSphere: port group names).",
+    )
+    test_networks = NameListField(
+        label="Test networks", initial="test-net",
+        help_text="Comma-separated. Isolated networks for test failover (vSphere: port group names).",
+    )
+
+    def save(self, *, vault: Vault) -> RecoverySite | None:
+        data = dict(self.cleaned_data)
+        networks = [{"name": name, "purpose": NetworkPurpose.RECOVERY} for name in data.pop("recovery_networks")]
+        networks += [{"name": name, "purpose": NetworkPurpose.TEST} for name in data.pop("test_networks")]
+        return self.save_with(services.recovery_site_create, vault=vault, networks=networks, **data)
 
 
 class WorkloadForm(forms.Form):

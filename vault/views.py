@@ -13,7 +13,7 @@ from core.portal import current_vault, render_page
 from replication.choices import ProtectionState
 from vault import selectors, services
 from vault.filters import AlertFilter
-from vault.forms import PolicyForm, VaultForm, VCenterForm
+from vault.forms import PolicyForm, RecoverySiteForm, VaultForm, VCenterForm
 from vault.models import Alert, ReplicationPolicy, VCenter
 
 
@@ -84,6 +84,7 @@ def infrastructure(request):
         "vcenters": vcenters,
         "machines": vault.machines.filter(missing=False).select_related("vcenter").prefetch_related("disks")[:200],
         "vcenter_form": form,
+        "recovery_sites": vault.recovery_sites.prefetch_related("networks"),
     }
     return render(request, "vault/infrastructure.html", context)
 
@@ -103,6 +104,33 @@ def vcenter_add(request):
         for error in errors:
             messages.error(request, f"{field}: {error}" if field != "__all__" else error)
     return redirect("portal:infrastructure")
+
+
+@login_required
+def recovery_site_list(request):
+    vault, setup = _vault_or_setup(request)
+    if setup:
+        return setup
+    sites = vault.recovery_sites.prefetch_related("networks").annotate(item_count=Count("protected_items", distinct=True))
+    form = RecoverySiteForm(initial={"port": 443})
+    return render(request, "vault/recovery_sites.html", {"vault": vault, "sites": sites, "form": form})
+
+
+@login_required
+@require_POST
+def recovery_site_add(request):
+    _require_admin(request)
+    vault, setup = _vault_or_setup(request)
+    if setup:
+        return setup
+    form = RecoverySiteForm(request.POST)
+    if form.is_valid():
+        site = form.save(vault=vault)
+        if site is not None:
+            messages.success(request, f"Recovery site {site.name} added. Map items to it on their pages.")
+            return redirect("portal:recovery-sites")
+    sites = vault.recovery_sites.prefetch_related("networks").annotate(item_count=Count("protected_items", distinct=True))
+    return render(request, "vault/recovery_sites.html", {"vault": vault, "sites": sites, "form": form, "form_open": True})
 
 
 @login_required

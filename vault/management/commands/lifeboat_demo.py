@@ -1,5 +1,6 @@
 """Seed the embedded-default demo: an admin, a vault, a policy, a simulated VMware site with
-VMs writing data, a process server, discovery, and protection of every demo VM.
+VMs writing data, a process server, discovery, a simulated recovery site with a recovery and
+a test network, and protection of every demo VM mapped to that site.
 
 Idempotent: run again, it keeps what exists and prints the credentials again.
 """
@@ -16,11 +17,11 @@ from django.db import transaction
 
 from core.exceptions import LifeboatError
 from replication.process_servers import process_server_config
-from replication.services import protected_item_enable
+from replication.services import protected_item_enable, protected_item_set_recovery
 from vault import services
 from vault.choices import VCenterKind
 from vault.discovery import connector_for, machines_upsert
-from vault.models import ProcessServer, ReplicationPolicy, Vault, VCenter
+from vault.models import NetworkPurpose, ProcessServer, RecoverySite, RecoverySiteKind, ReplicationPolicy, Vault, VCenter
 
 MiB = 1024 * 1024
 DEMO_VMS = [
@@ -90,17 +91,35 @@ class Command(BaseCommand):
         )
         with connector_for(vcenter) as site:
             summary = machines_upsert(vcenter=vcenter, vms=site.discover().vms)
+        # Where the demo's VMs fail over to: a simulated recovery site beside the source site,
+        # whose recovered VMs write to their disks like the source VMs do (scripts/run.py runs
+        # its workload too).
+        recovery_dir = data / "recovery-site"
+        recovery_site = RecoverySite.objects.filter(vault=vault, name="recovery-site").first() or services.recovery_site_create(
+            vault=vault, name="recovery-site", kind=RecoverySiteKind.SIMULATED, host=str(recovery_dir),
+            networks=[{"name": "recovery-net", "purpose": NetworkPurpose.RECOVERY},
+                      {"name": "test-net", "purpose": NetworkPurpose.TEST}],
+        )
+        with recovery_site.connector() as recovery:
+            recovery.networks()  # lays out the site's data directory on first use
         protected = 0
         if not options["no_protect"]:
             for machine in vault.machines.filter(vcenter=vcenter, protected_items__isnull=True):
                 try:
                     with transaction.atomic():
-                        protected_item_enable(vault=vault, machine=machine, policy=policy, process_server=ps, user=admin)
+                        protected_item_enable(vault=vault, machine=machine, policy=policy, process_server=ps,
+                                              recovery_site=recovery_site, user=admin)
                     protected += 1
                 except LifeboatError as exc:
                     self.stderr.write(f"{machine.name}: {exc.message}")
+        for item in vault.protected_items.filter(recovery_site__isnull=True):
+            try:
+                protected_item_set_recovery(item=item, recovery_site=recovery_site)
+            except LifeboatError as exc:
+                self.stderr.write(f"{item.name}: {exc.message}")
         self.stdout.write(self.style.SUCCESS(
-            f"Demo ready: vault {vault.name}, {summary['machines_found']} simulated VMs, {protected} newly protected.\n"
+            f"Demo ready: vault {vault.name}, {summary['machines_found']} simulated VMs, {protected} newly protected, "
+            f"recovery site {recovery_site.name} ({recovery_dir}).\n"
             f"  Portal:  {settings.LIFEBOAT_PORTAL_URL}  user: admin  password: {creds['admin_password']}\n"
             f"  Vault registration passphrase (for agents): {creds['vault_passphrase']}\n"
             f"  Alert e-mails are written to {data / 'mail'}"
