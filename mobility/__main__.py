@@ -24,7 +24,7 @@ import socket
 import sys
 import threading
 
-from mobility.agent import Agent, AgentError, _read_json, _write_json, write_request
+from mobility.agent import Agent, AgentError, _read_json, _write_json, guest_freeze, write_request
 from mobility.transport import TransportError
 from mobility.tuning import tune_allocator
 
@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--item", required=True)
         if name == "bookmark":
             p.add_argument("--label", default="")
+    freeze = command("freeze", "the guest's freeze hook: bookmark every item at this quiesced moment "
+                               "(run it from VMware Tools' freeze script)")
+    freeze.add_argument("--label", default="")
     command("status", "print the items' replication status")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -130,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             agent.close()
         elif args.command in ("bookmark", "resync"):
             print(write_request(args.state_dir, args.command, args.item, getattr(args, "label", "")))
+        elif args.command == "freeze":
+            for path in guest_freeze(args.state_dir, label=args.label):
+                print(path)
         elif args.command == "status":
             print(json.dumps(_agent(args.state_dir).status(), indent=2))
     except (AgentError, TransportError, OSError, ValueError) as e:

@@ -269,6 +269,7 @@ class _ItemRunner:
         self._buffers: list[bytearray] = []  # batch-sized read buffers, reused (no fresh pages per batch)
         self._drop_due = False
         self._gathered_full = False
+        self.dropped_bookmarks = 0  # taken too late to be placed where they were taken
         # Saves wait for the disk; the main thread meanwhile reads and hashes the next batch.
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="save")
 
@@ -997,16 +998,30 @@ class _ItemRunner:
     # -- bookmarks and status
 
     def add_bookmark(self, bookmark_id: str, label: str, *, positions: dict[str, int] | None = None) -> None:
-        """Queue a bookmark after every write journaled so far (or up to ``positions``)."""
+        """Queue a bookmark after every write journaled so far (or up to ``positions``: where
+        the journals stood when the VM was quiesced). A bookmark whose positions the stream
+        has already gone past is dropped: placed later, its point would hold writes made
+        after the quiesce and be app-consistent in name only."""
         if not self.state:
             self._start()
+        seen = self.state.setdefault("bookmark_ids_seen", [])
+        if bookmark_id in seen:
+            return  # the same bookmark, asked for twice (the guest's freeze hook and the vault)
+        seen.append(bookmark_id)
+        del seen[:-200]
         if positions is None:
             positions = {str(d.index): journal.last_seq(d.journal_dir) for d in self.journaled}
         else:
             positions = {str(d.index): positions.get(str(d.index), 0) for d in self.journaled}
-        seen = self.state.setdefault("bookmark_ids_seen", [])
-        seen.append(bookmark_id)
-        del seen[:-200]
+            past = {k: (self.state["journal_planned"].get(k, 0), v) for k, v in positions.items()
+                    if self.state["journal_planned"].get(k, 0) > v}
+            if past:
+                log.warning("item %s: bookmark %s (%s) dropped: writes made after it was taken were already "
+                            "sent (journal seq shipped / at the bookmark, per disk: %s), so its point would not "
+                            "be app-consistent", self.item.item_id, bookmark_id, label, past)
+                self.dropped_bookmarks += 1
+                self.save()
+                return
         self.state["bookmarks"].append({
             "id": bookmark_id,
             "label": label,
@@ -1054,6 +1069,7 @@ class _ItemRunner:
             "acked_seq": st.get("acked_seq", 0),
             # the last batch of the newest initial copy or resync pass (None while planning it)
             "pass_done_seq": st.get("pass_done_seq"),
+            "resync_id": st.get("resync_taken_id", ""),  # the vault's resync request it serves
             "backlog_bytes": self.backlog_bytes() if st else 0,
             "progress": progress,
             "resync_reason": st.get("resync_reason", ""),
@@ -1365,6 +1381,21 @@ def write_request(state_dir: str, kind: str, item_id: str, label: str = "") -> s
         return _write_bookmark_request(requests_dir, assigned, str(uuid.uuid4()), label,
                                        with_positions=bool(assigned.disks))
     raise AgentError(f"unknown request {kind!r}")
+
+
+def guest_freeze(state_dir: str, *, bookmark_id: str | None = None, label: str = "") -> list[str]:
+    """The guest's freeze hook: called while the VM's writes are held for a quiesced
+    snapshot (VMware Tools runs its freeze scripts then; ``python -m mobility freeze``), it
+    bookmarks every assigned item at the journal positions of that very moment. The running
+    agent places the bookmarks there, so their points are the quiesced state even though
+    the VM writes on once thawed. Returns the request files written."""
+    requests_dir = os.path.join(os.path.abspath(state_dir), "requests")
+    os.makedirs(requests_dir, mode=0o700, exist_ok=True)
+    cached = _read_json(os.path.join(os.path.abspath(state_dir), "assignment.json"), {"items": []})
+    bookmark_id = bookmark_id or uuid.uuid4().hex
+    label = label or f"quiesced by the guest at {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC"
+    return [_write_bookmark_request(requests_dir, ItemAssignment.from_dict(raw), bookmark_id, label)
+            for raw in cached.get("items", []) if any(d.get("journal_dir") for d in raw.get("disks", []))]
 
 
 def _write_bookmark_request(requests_dir: str, item: ItemAssignment, bookmark_id: str, label: str, *,

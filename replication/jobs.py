@@ -198,28 +198,27 @@ def _agent_phase(item: ProtectedItem) -> dict:
     return {}
 
 
-def _resync_sent(item: ProtectedItem, *, since) -> bool:
-    """The agent reported its resynchronization pass complete (a short pass can begin and
-    end between two heartbeats)."""
-    from vault.models import Event
-
-    return Event.objects.filter(protected_item=item, kind="resync_sent", created_at__gte=since).exists()
-
-
 @job_handler(JobType.RESYNC, queue=queues.DATA, on_failure=_resync_failed)
 def run_resync(ctx: JobContext) -> dict:
     item = _item(ctx)
     applied_before = item.applied_seq
+    # The request this job serves, as the agent's assignment names it: the agent's status
+    # says which request its pass belongs to, so a report of an earlier pass is never
+    # taken for this one.
+    request = item.state_changed_at.isoformat()
+
+    def serving(status: dict) -> bool:
+        return status.get("resync_id") == request
+
     with ctx.step("Start resynchronization"):
         # RESYNCING puts "resync" in the agent's assignment; wait until the agent takes it.
         started = time.monotonic()
-        while (_agent_phase(item).get("phase") != "resync" and not _resync_sent(item, since=ctx.job.started_at)
-               and time.monotonic() - started < 120):
+        while not serving(_agent_phase(item)) and time.monotonic() - started < 120:
             item.refresh_from_db(fields=["protection_state"])
             if item.protection_state != P.RESYNCING:
                 raise LifeboatError(f"{item.name} left resynchronization ({item.get_protection_state_display().lower()}).")
             _sleep(ctx)
-        if _agent_phase(item).get("phase") != "resync" and not _resync_sent(item, since=ctx.job.started_at):
+        if not serving(_agent_phase(item)):
             raise LifeboatError(
                 f"The mobility agent of {item.name} did not start the resynchronization within 2 minutes. "
                 "Check that it runs and reaches the vault and its process server, then resynchronize again."
@@ -230,10 +229,10 @@ def run_resync(ctx: JobContext) -> dict:
             item.refresh_from_db(fields=["protection_state"])
             if item.protection_state != P.RESYNCING:
                 raise LifeboatError(f"{item.name} left resynchronization ({item.get_protection_state_display().lower()}).")
-            if status.get("phase") == "delta" and isinstance(status.get("pass_done_seq"), int):
+            if serving(status) and status.get("phase") == "delta" and isinstance(status.get("pass_done_seq"), int):
                 break
             progress = status.get("progress")
-            if isinstance(progress, (int, float)):
+            if serving(status) and isinstance(progress, (int, float)):
                 ctx.progress(progress * 100)
             _sleep(ctx)
         # The pass is over when the replica has applied its last batch, not when the agent

@@ -78,31 +78,47 @@ def models_q_app():
 
 
 def protected_item_app_consistent_snapshot(*, item: ProtectedItem, now=None) -> dict:
-    """Quiesce the VM (vCenter CreateSnapshot with quiesce), bookmark that position in the
-    replication stream, and remove the snapshot: the point cut there is app-consistent."""
+    """Quiesce the VM (vCenter CreateSnapshot with quiesce) and remove the snapshot; the
+    point cut at the quiesced moment is app-consistent.
+
+    The moment is caught inside the guest: while vCenter holds the VM's writes, VMware Tools
+    runs the guest's freeze scripts, and the mobility agent's freeze hook (``python -m
+    mobility freeze``) bookmarks the replication stream right there. A bookmark asked for
+    after the snapshot would land after writes made once the VM thawed, so the vault queues
+    one itself only where it knows the journal positions of the quiesced moment (the
+    simulated site reports them; it also runs the guest's hook, with this bookmark's id);
+    the agent drops any bookmark the stream has already gone past."""
     from vault.connectors import ConnectorError
     from vault.discovery import connector_for
 
     now = now or timezone.now()
     machine = item.machine
     bookmark = {"id": uuid.uuid4().hex, "label": f"app-consistent {now:%Y-%m-%d %H:%M:%S}", "requested_at": now.isoformat()}
+    queue = machine.vcenter is None  # an agent-managed machine: the agent bookmarks when asked
     if machine.vcenter is not None:
         connector = connector_for(machine.vcenter)
         try:
             connector.connect()
-            snap = connector.create_quiesced_snapshot(machine.instance_uuid, f"lifeboat-{bookmark['id'][:12]}")
             positions_fn = getattr(connector, "snapshot_journal_seq", None)
+            name = f"lifeboat-{bookmark['id'][:12]}"
             if positions_fn is not None:
-                # The simulated site tells where its write journals stood while quiesced.
+                snap = connector.create_quiesced_snapshot(machine.instance_uuid, name, guest_bookmark=bookmark)
                 by_key = positions_fn(machine.instance_uuid, snap.id)
                 index_of = {d.source_disk_key: d.index for d in item.replica_disks.all()}
                 bookmark["positions"] = {str(index_of[k]): seq for k, seq in by_key.items() if k in index_of}
+                queue = True
+            else:
+                snap = connector.create_quiesced_snapshot(machine.instance_uuid, name)
+                bookmark["via"] = "guest freeze hook"
             connector.remove_snapshot(machine.instance_uuid, snap.id)
         except ConnectorError as exc:
             raise LifeboatError(str(exc)) from None
         finally:
             connector.close()
-    ProtectedItem.objects.filter(pk=item.pk).update(
-        pending_bookmarks=[*item.pending_bookmarks[-9:], bookmark], last_app_consistent_request_at=now
-    )
+    if queue:
+        ProtectedItem.objects.filter(pk=item.pk).update(
+            pending_bookmarks=[*item.pending_bookmarks[-9:], bookmark], last_app_consistent_request_at=now
+        )
+    else:
+        ProtectedItem.objects.filter(pk=item.pk).update(last_app_consistent_request_at=now)
     return bookmark

@@ -467,3 +467,39 @@ def test_concurrent_updates_from_two_processes_lose_nothing(site):
     assert sorted(ids) == sorted(f"snapshot-{i}" for i in range(1, 2 * count + 1))
     assert vms[uuid_of("web-01")]["workload"]["rate_bytes_per_s"] == count - 1
     assert vms[uuid_of("db-01")]["workload"]["rate_bytes_per_s"] == count - 1
+
+
+def test_a_quiesced_snapshot_runs_the_guests_freeze_hook(site):
+    """As VMware Tools runs a guest's freeze scripts while vCenter holds its writes, the
+    simulated site runs the VM's agent's freeze hook: a bookmark request at exactly the
+    journal positions of the quiesced moment, with the vault's id and label."""
+    import json as _json
+
+    web = uuid_of("web-01")
+    site.set_workload(web, rate_bytes_per_s=MiB, write_size=4096, pattern="uniform")
+    clock = FakeClock()
+    runner = WorkloadRunner(site, seed=6, clock=clock)
+    agent_dir = os.path.join(site.data_dir, "agents", web)
+    os.makedirs(agent_dir)
+    disks = site.get_vm(web).disks
+    item = "6f1c0c1e-1111-4222-8333-944455556666"
+    with open(os.path.join(agent_dir, "assignment.json"), "w") as f:
+        _json.dump({"items": [{"item_id": item, "item_token": "t", "process_server_url": "https://127.0.0.1:1",
+                               "process_server_thumbprint": "x",
+                               "disks": [{"index": i, "key": str(d.key), "path": site.disk_path(web, d.key),
+                                          "journal_dir": site.journal_dir(web, d.key)} for i, d in enumerate(disks)]}]}, f)
+    try:
+        run_steps(runner, clock, seconds=1.0)
+        snap = site.create_quiesced_snapshot(web, "app", guest_bookmark={"id": "b-1", "label": "nightly"})
+        run_steps(runner, clock, seconds=1.0)  # the VM writes on
+    finally:
+        runner.close()
+    [name] = os.listdir(os.path.join(agent_dir, "requests"))
+    with open(os.path.join(agent_dir, "requests", name)) as f:
+        request = _json.load(f)
+    at_quiesce = site.snapshot_journal_seq(web, snap.id)
+    assert (request["item_id"], request["id"], request["label"]) == (item, "b-1", "nightly")
+    assert request["positions"] == {str(i): at_quiesce[d.key] for i, d in enumerate(disks)}
+    assert all(at_quiesce[d.key] > 0 for d in disks)
+    # A VM with no agent (nothing to call) is quiesced as before.
+    site.create_quiesced_snapshot(uuid_of("idle-01"), "cold", guest_bookmark={"id": "b-2", "label": "x"})

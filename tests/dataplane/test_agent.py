@@ -599,3 +599,80 @@ def test_a_resync_asked_for_without_known_trouble_compares_every_block(tmp_path,
     [event] = wait_for(lambda: stub.events_of("resync_complete"), timeout=10, what="resync_complete")
     assert event["seq"] == status["pass_done_seq"]
     agent.close()
+
+
+def _bookmark_batch(batches, bookmark_id: str) -> int:
+    for i, b in enumerate(batches):
+        for r in b.records:
+            if r.kind == batch_format.KIND_BOOKMARK and json.loads(bytes(r.data))["id"] == bookmark_id:
+                return i
+    raise AssertionError(f"no batch carries bookmark {bookmark_id}")
+
+
+def test_the_guest_freeze_hook_bookmarks_the_quiesced_moment_while_the_vm_writes_on(tmp_path, start_ps, vault,
+                                                                                    config_server):
+    """The freeze hook runs while the VM's writes are held; the VM writes on once thawed and
+    the agent ships those writes too, yet the bookmark's point is exactly the quiesced disk.
+    A bookmark asked for with positions the stream has already gone past is dropped, never
+    placed late (its point would not be app-consistent)."""
+    from mobility.agent import guest_freeze
+
+    ps = start_ps()
+    size = 2 * MiB
+    disk = make_disk(str(tmp_path / "d.img"), size, seed=8)
+    jdir = str(tmp_path / "j")
+    item_id = uuid.uuid4()
+    stub = config_server()
+    stub.items = [assignment_for(ps, vault, item_id, [(0, disk, jdir)])]
+    wf = WriteFilter(disk, jdir, cap_bytes=8 * MiB, segment_bytes=256 * 1024)
+    agent = Agent(state_dir=str(tmp_path / "agent"), config_url=stub.url, passphrase=stub.passphrase,
+                  machine={"name": "vm", "disks": []}, block_bytes=BLOCK, batch_bytes=MiB, retry=FAST_RETRY,
+                  assignment_interval=0)
+    agent.register()
+    agent.replicate_until_caught_up(timeout=60)
+    rng = random.Random(12)
+    random_writes(wf, size, 20, rng)
+    stale = {"0": journal.last_seq(jdir)}  # where the journal stands now ...
+    random_writes(wf, size, 20, rng)
+    agent.replicate_until_caught_up(timeout=60)  # ... and the stream goes past it
+
+    io = threading.Lock()
+    stop = threading.Event()
+
+    def vm():  # writes all the time, except while quiesced
+        r = random.Random(13)
+        while not stop.is_set():
+            with io:
+                random_writes(wf, size, 1, r)
+            time.sleep(0.002)
+
+    writer = threading.Thread(target=vm, daemon=True)
+    writer.start()
+    try:
+        for _ in range(3):
+            agent.run_once()
+        with io:  # quiesced: the hook runs, the disk is what the point must hold
+            [request] = guest_freeze(str(tmp_path / "agent"), bookmark_id="quiesce-1", label="nightly")
+            frozen = sha256_file(disk)
+        for _ in range(5):
+            agent.run_once()
+        # The vault's own copy of the same bookmark, and a late one, arrive by the assignment.
+        stub.items[0]["bookmarks"] = [{"id": "quiesce-1", "label": "nightly", "positions": {"0": 1}},
+                                      {"id": "late", "label": "too late", "positions": stale}]
+        for _ in range(3):
+            agent.run_once()
+    finally:
+        stop.set()
+        writer.join(timeout=10)
+    status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
+    batches = uploaded(ps, vault, item_id, status["acked_seq"])
+    at = _bookmark_batch(batches, "quiesce-1")
+    assert any(r.kind == batch_format.KIND_WRITE for b in batches[at + 1:] for r in b.records), \
+        "the VM's writes after the thaw must be shipped after the bookmark"
+    image = zero_image(str(tmp_path / "at-bookmark.img"), size)
+    replay(batches[: at + 1], {0: image})
+    assert sha256_file(image) == frozen
+    marks = [json.loads(bytes(r.data))["id"] for b in batches for r in b.records if r.kind == batch_format.KIND_BOOKMARK]
+    assert marks.count("quiesce-1") == 1 and "late" not in marks
+    assert_replica_matches(tmp_path, batches, {0: disk})
+    agent.close()

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, Iterator, Mapping, Sequence
 
+from mobility.agent import guest_freeze
 from mobility.filter import last_seq
 from vault.connectors.base import (
     POWER_STATES,
@@ -352,12 +353,21 @@ class SimulatedSite(SiteConnector):
         finally:
             os.close(fd)
 
-    def create_quiesced_snapshot(self, vm_uuid: str, name: str) -> SnapshotInfo:
+    def create_quiesced_snapshot(self, vm_uuid: str, name: str, *, guest_bookmark: dict | None = None) -> SnapshotInfo:
         """A quiesced snapshot of a running VM (a powered-off VM's snapshot is not marked quiesced,
-        as in vSphere). Records each disk's journal position."""
+        as in vSphere). Records each disk's journal position.
+
+        While the VM's writes are held, the guest's freeze hook runs, as VMware Tools runs a
+        guest's freeze scripts: the VM's mobility agent (``<data_dir>/agents/<vm_uuid>``)
+        bookmarks its items at that very moment (``mobility.agent.guest_freeze``), with the
+        vault's ``guest_bookmark`` id and label when given."""
         self._check()
-        self._vm(self.read_state(), vm_uuid)
+        vm_state = self._vm(self.read_state(), vm_uuid)
         with self._quiesced(vm_uuid):
+            agent_dir = os.path.join(self.data_dir, "agents", vm_uuid)
+            if vm_state["power_state"] == POWERED_ON and os.path.isdir(agent_dir):
+                guest_freeze(agent_dir, bookmark_id=(guest_bookmark or {}).get("id"),
+                             label=(guest_bookmark or {}).get("label", ""))
             with self._update() as state:
                 vm = self._vm(state, vm_uuid)
                 snapshot = {
