@@ -42,11 +42,19 @@ def pump(name: str, proc: subprocess.Popen) -> None:
         sys.stdout.write(f"{name:>14} | {line}")
 
 
+def start(name: str) -> subprocess.Popen:
+    proc = subprocess.Popen(PROCESSES[name], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    threading.Thread(target=pump, args=(name, proc), daemon=True).start()
+    return proc
+
+
+RESTART_DELAY = 2.0  # a process that exits is started again after this long, as a service manager would
+RESTARTS_PER_MINUTE = 5  # ... unless it keeps exiting: then everything stops
+
+
 def main() -> int:
-    procs: dict[str, subprocess.Popen] = {}
-    for name, cmd in PROCESSES.items():
-        procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        threading.Thread(target=pump, args=(name, procs[name]), daemon=True).start()
+    procs: dict[str, subprocess.Popen] = {name: start(name) for name in PROCESSES}
+    exits: dict[str, list[float]] = {name: [] for name in PROCESSES}
     print("Lifeboat is starting: http://127.0.0.1:8000 (Ctrl-C stops it)", flush=True)
     stopping = False
 
@@ -57,10 +65,18 @@ def main() -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     while not stopping:
-        for name, proc in procs.items():
-            if proc.poll() is not None:
-                print(f"{name} exited with {proc.returncode}; stopping everything", flush=True)
+        for name, proc in list(procs.items()):
+            if proc.poll() is None:
+                continue
+            now = time.monotonic()
+            exits[name] = [t for t in exits[name] if now - t < 60] + [now]
+            if len(exits[name]) > RESTARTS_PER_MINUTE:
+                print(f"{name} exited with {proc.returncode} {len(exits[name])} times within a minute; stopping everything", flush=True)
                 stopping = True
+                break
+            print(f"{name} exited with {proc.returncode}; starting it again in {RESTART_DELAY:.0f} s", flush=True)
+            time.sleep(RESTART_DELAY)
+            procs[name] = start(name)
         time.sleep(0.5)
     for proc in procs.values():
         if proc.poll() is None:
