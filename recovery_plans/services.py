@@ -180,7 +180,7 @@ def protected_item_test_failover(*, item: ProtectedItem, point: str, recovery_po
         )
     if item.test_failover_state != T.NONE:
         raise InvalidTransition(
-            f"Cannot test failover '{item.name}' while its test failover is {item.get_test_failover_state_display().lower()}.",
+            f"Cannot test failover '{item.name}' now: {item.get_test_failover_state_display().lower()}.",
             current_state=item.test_failover_state, operation="test failover",
         )
     chosen_network = recovery_network_choose(item=item, network=network, purpose=NetworkPurpose.TEST)

@@ -10,7 +10,7 @@ from django.utils import timezone
 from core.choices import JobType
 from core.exceptions import Conflict, InvalidTransition, ValidationFailed
 from core.jobs import job_create
-from replication.choices import ProtectionState
+from replication.choices import ProtectionState, TestFailoverState
 from replication.models import ProtectedItem
 from replication.transitions import PROTECTION_TRANSITIONS, TEST_FAILOVER_TRANSITIONS, sources_for
 from vault.choices import Severity
@@ -58,7 +58,9 @@ def protected_item_test_failover_transition(*, item_id, to_state: str, operation
     item = ProtectedItem.objects.get(pk=item_id)
     if updated != 1:
         raise InvalidTransition(
-            f"Cannot {operation} '{item.name}' while its test failover is {item.get_test_failover_state_display().lower()}.",
+            f"Cannot {operation} '{item.name}' now: "
+            + ("it has no test failover." if item.test_failover_state == TestFailoverState.NONE
+               else f"{item.get_test_failover_state_display().lower()}."),
             current_state=item.test_failover_state,
             operation=operation,
         )
@@ -179,8 +181,6 @@ def _recovery_mapping(item: ProtectedItem, *, recovery_site, recovery_network=No
 
 def protected_item_set_recovery(*, item: ProtectedItem, recovery_site, recovery_network=None, test_network=None) -> ProtectedItem:
     """Choose where the item is recovered: its recovery site and network mapping."""
-    from replication.choices import TestFailoverState
-
     with transaction.atomic():
         item = ProtectedItem.objects.select_for_update().get(pk=item.pk)
         if item.protection_state in RECOVERY_SETTINGS_FROZEN or item.test_failover_state != TestFailoverState.NONE:

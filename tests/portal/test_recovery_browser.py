@@ -143,7 +143,7 @@ def test_drill_then_fail_over_change_point_and_commit_in_chromium(live_server, p
 
     # The second submit while the first runs: the 409 sentence on the form, not a traceback.
     second.get_by_role("button", name="Start test failover", exact=True).click()
-    expect(second.locator("#recovery-form .error")).to_contain_text("Cannot test failover 'app-br' while its test failover is")
+    expect(second.locator("#recovery-form .error")).to_contain_text("Cannot test failover 'app-br' now: test failover")
     second.close()
     _wait_job(page, expect_text="2 disks verified")
 

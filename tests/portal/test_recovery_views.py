@@ -252,7 +252,7 @@ def test_test_failover_starts_a_job_and_a_second_click_gets_the_409_sentence(adm
     again = admin_client.post(_form_url(item, "test-failover"), data)
     assert again.status_code == 409
     html = again.content.decode()
-    assert "Cannot test failover &#x27;db-01&#x27; while its test failover is test failover in progress." in html
+    assert "Cannot test failover &#x27;db-01&#x27; now: test failover in progress." in html
     assert "Traceback" not in html
     assert _snapshot(item) == before
 
