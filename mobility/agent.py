@@ -17,8 +17,16 @@ process server:
    server lost acknowledged batches, the agent reports ``resync_required`` to the
    configuration server and stops shipping the item. When told (assignment ``"resync":
    true``, ``Agent.request_resync`` or ``python -m mobility resync``) it takes a new journal
-   base, re-arms the journal and sends, flagged FLAG_RESYNC, every block whose checksum
-   differs from the block map (every block, if the replica itself may have lost data).
+   base, re-arms the journal and compares the source with the replica as it is: once every
+   batch before the pass is acknowledged it sends an empty FLAG_RESYNC batch (the pass's
+   *digest seq*) and asks the process server for the replica's 64 KiB group digests computed
+   after that seq (``mobility.checksums``; while the worker computes them the cycle ends
+   "waiting for the replica's checksums" and the next one asks again). Each source block
+   read is cut into 4 KiB blocks and 64 KiB groups; for the groups that differ the replica's
+   4 KiB digests are fetched (one request per few MiB of source) and only the 4 KiB blocks
+   that differ are sent, adjacent ones as one record, in batches planned as ``"ranges"``.
+   A process server that does not serve digests (404) gets the older pass: every block
+   whose checksum differs from the block map (every block, if the replica may have lost data).
 
 Crash safety. Before a batch is sent its *plan* (which blocks, or which journal records) is
 saved durably with the item's state (``slots.SlotFile``); a batch whose answer the agent
@@ -52,10 +60,19 @@ from typing import Any, Iterator
 from mobility import filter as journal
 from mobility import wire
 from mobility.blockmap import UNKNOWN, BlockMap, map_path
-from mobility.checksums import block_digest
+from mobility.checksums import (
+    FINE_BYTES,
+    FINE_DIGEST_BYTES,
+    GROUP_BLOCKS,
+    GROUP_BYTES,
+    block_digest,
+    fine_digests,
+    group_digests,
+)
 from mobility.slots import SlotFile
 from mobility.transport import (
     BatchAnswer,
+    DigestAnswer,
     JsonClient,
     PinMismatch,
     ProcessServerClient,
@@ -76,6 +93,10 @@ PHASE_INITIAL = "initial"
 PHASE_DELTA = "delta"
 PHASE_RESYNC_REQUIRED = "resync_required"
 PHASE_RESYNC = "resync"
+
+COMPARE_BYTES = 8 * 1024 * 1024  # source read ahead of one request for the replica's 4 KiB digests
+MAX_GROUPS_PER_REQUEST = 4096  # the process server's limit per block-digest request
+DIGEST_POLL_SECONDS = 0.2  # at most this long between asks for the replica's checksums
 
 
 class AgentError(Exception):
@@ -183,11 +204,17 @@ class _Built:
     block_digests: list[tuple[int, int, bytes]] = field(default_factory=list)  # (disk, block, digest)
     journal_blocks: list[tuple[int, int]] = field(default_factory=list)  # (disk, block) touched
     copy_bytes: int = 0
+    sent_data: int = 0  # bytes of disk data the batch carries (a resync's "bytes sent")
     rebuilt: bool = False  # made again from a saved plan (already in the state's inflight list)
     buffer: bytearray | None = None  # pooled read buffer the records point into
 
 
 _BARRIER = object()  # yielded among batches: wait for every batch in flight to be answered
+
+
+class _Waiting(Exception):
+    """The pass cannot go on before something outside the agent happens (the replica's
+    checksums being computed): the cycle ends and the next one tries again."""
 
 
 class _NeedsResync(Exception):
@@ -238,6 +265,10 @@ class _Sender:
         return self.retry.run(lambda: self._client().item_state(item_id=self.item.item_id,
                                                                 token=self.item.item_token))
 
+    def replica_digests(self, *, disk: int, min_seq: int, groups: str | None = None) -> DigestAnswer:
+        return self.retry.run(lambda: self._client().replica_digests(
+            item_id=self.item.item_id, token=self.item.item_token, disk=disk, min_seq=min_seq, groups=groups))
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         with self._lock:
@@ -270,6 +301,9 @@ class _ItemRunner:
         self._drop_due = False
         self._gathered_full = False
         self.dropped_bookmarks = 0  # taken too late to be placed where they were taken
+        self.waiting = ""  # what the last cycle waited for, if anything
+        self._replica_groups: dict = {}  # the replica's group digests for the current pass
+        self._digests_retry_at = 0.0
         # Saves wait for the disk; the main thread meanwhile reads and hashes the next batch.
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="save")
 
@@ -404,6 +438,7 @@ class _ItemRunner:
     def cycle(self, *, flush: bool, scan: bool = False) -> None:
         if not self.state:
             self._start()
+        self.waiting = ""
         try:
             self._take_assigned_bookmarks()
             if self.item.resync_id:
@@ -427,6 +462,9 @@ class _ItemRunner:
         except _NeedsResync as e:
             self._reload()
             self._require_resync(e.reason, full=e.full)
+        except _Waiting as e:
+            self._reload()  # everything sent so far is saved; the pass goes on from its cursor
+            self.waiting = str(e)
         except BaseException:
             # What is on disk is consistent (plans are saved before they are sent); whatever
             # this pass changed in memory since is dropped and redone by the next pass.
@@ -519,6 +557,7 @@ class _ItemRunner:
                 st["journal_acked"][disk] = last
                 st["journal_pos"][disk] = [seg, end]
         st["pass_acked"] += built.copy_bytes
+        st["pass_sent_bytes"] = st.get("pass_sent_bytes", 0) + built.sent_data
         st["acked_seq"] = built.seq
         st["last_ack_at"] = time.time()
         st["inflight"] = [p for p in st["inflight"] if p["seq"] != built.seq]
@@ -539,7 +578,10 @@ class _ItemRunner:
         yield from self._resend_inflight()
         if st["phase"] in (PHASE_INITIAL, PHASE_RESYNC):
             flags = wire.FLAG_INITIAL if st["phase"] == PHASE_INITIAL else wire.FLAG_RESYNC
-            yield from self._copy_pass(self.disks, flags=flags, whole_pass=True)
+            if st["phase"] == PHASE_RESYNC and st.get("resync_mode") == "replica":
+                yield from self._replica_pass(self.disks, flags=flags)
+            else:
+                yield from self._copy_pass(self.disks, flags=flags, whole_pass=True)
             yield from self._catch_up(flags)
             log.info("item %s: %s pass planned through seq %d", self.item.item_id, st["phase"],
                      st["next_seq"] - 1)
@@ -624,15 +666,209 @@ class _ItemRunner:
         st["cursor"] = [len(disks), 0]
         catch_up = False
         if whole_pass:
-            until = {str(d.index): journal.last_seq(d.journal_dir) for d in self.journaled}
-            catch_up = any(until[k] > st["journal_planned"][k] for k in until)
-            st["catch_up_until"] = until if catch_up else None
-            st["consistent_from"] = until
+            catch_up = self._end_of_pass()
         last_flags = flags | (wire.FLAG_INITIAL_DONE if flags & wire.FLAG_INITIAL and not catch_up else 0)
         if records or last_flags != flags:
             yield self._copy_batch(last_flags, blocks, records, digests, t_ns, buf)
         else:
             self._give_buffer(buf)
+
+    def _end_of_pass(self) -> bool:
+        """Note where the journals stand as the reading of a whole pass ends: the pass's
+        catch-up ships the records up to there. True if there is a catch-up."""
+        st = self.state
+        until = {str(d.index): journal.last_seq(d.journal_dir) for d in self.journaled}
+        catch_up = any(until[k] > st["journal_planned"][k] for k in until)
+        st["catch_up_until"] = until if catch_up else None
+        st["consistent_from"] = until
+        return catch_up
+
+    def _replica_pass(self, disks: list[DiskAssignment], *, flags: int) -> Iterator[_Built]:
+        """A resync pass that compares the source with the replica's own digests and sends
+        only the 4 KiB blocks that differ (module docstring, 3.)."""
+        st = self.state
+        if st["cursor"][0] >= len(disks):
+            return  # the pass was planned to its end before a restart
+        if self.bb % GROUP_BYTES:
+            st["resync_mode"] = "blocks"  # blocks not made of whole groups: compare with the block map
+            yield from self._copy_pass(disks, flags=flags, whole_pass=True)
+            return
+        if not st.get("digest_seq"):
+            yield _BARRIER  # every batch before the pass is in: the replica's digests will cover them
+            seq = st["next_seq"]
+            st["digest_seq"] = seq
+            t_ns = time.time_ns()
+            plan = {"seq": seq, "kind": "ranges", "flags": flags, "ranges": [], "time_ns": t_ns, "compared": 0}
+            yield _Built(seq, plan, wire.encode(item_id=self.item.item_id, seq=seq, source_time_ns=t_ns, records=[],
+                                                flags=flags))
+        yield _BARRIER
+        replica = self._replica_group_digests(disks)
+        if replica is None:
+            log.info("item %s: the process server serves no replica digests: the resync compares with the "
+                     "block map", self.item.item_id)
+            st["resync_mode"] = "blocks"
+            yield from self._copy_pass(disks, flags=flags, whole_pass=True)
+            return
+        bb = self.bb
+        budget = self.agent.batch_bytes - wire.HEADER.size
+        client_seq = st["digest_seq"]
+        read_buf = bytearray(max(COMPARE_BYTES, bb))
+        batch: dict[str, Any] = {"ranges": [], "records": [], "digests": [], "forget": [], "used": 0,
+                                 "compared": 0, "sent": 0, "t_ns": time.time_ns()}
+
+        def take_batch(last_flags: int) -> _Built:
+            seq = st["next_seq"]
+            plan = {"seq": seq, "kind": "ranges", "flags": last_flags, "ranges": batch["ranges"],
+                    "time_ns": batch["t_ns"], "compared": batch["compared"]}
+            encoded = wire.encode(item_id=self.item.item_id, seq=seq, source_time_ns=batch["t_ns"],
+                                  records=batch["records"], flags=last_flags)
+            built = _Built(seq, plan, encoded, block_digests=batch["digests"], journal_blocks=batch["forget"],
+                           copy_bytes=batch["compared"], sent_data=batch["sent"])
+            batch.update(ranges=[], records=[], digests=[], forget=[], used=0, compared=0, sent=0,
+                         t_ns=time.time_ns())
+            return built
+
+        disk_pos, block = st["cursor"]
+        while disk_pos < len(disks):
+            disk = disks[disk_pos]
+            cap = st["capacity"][str(disk.index)]
+            nblocks = -(-cap // bb)
+            fd = self._fd(disk)
+            bmap = self._map(disk)
+            groups_r, replica_size = replica[disk.index]
+            same_size = replica_size == cap
+            fine_total = -(-cap // FINE_BYTES)
+            pending: list[tuple[int, int, int, bytes, list[int]]] = []  # block, offset in read_buf, length, fine, groups
+            used_read = 0
+
+            def settle() -> Iterator[_Built]:
+                """Fetch the replica's 4 KiB digests of the pending blocks' differing groups,
+                then plan the differing 4 KiB blocks."""
+                theirs: dict[int, bytes] = {}
+                wanted = sorted({g for p in pending for g in p[4]}) if same_size else []
+                for i in range(0, len(wanted), MAX_GROUPS_PER_REQUEST):
+                    chunk = wanted[i : i + MAX_GROUPS_PER_REQUEST]
+                    answer = self.sender.replica_digests(disk=disk.index, min_seq=client_seq,
+                                                         groups=_format_groups(chunk))
+                    if answer.state != "ready":
+                        raise _Waiting("waiting for the replica's checksums")
+                    at = 0
+                    for g in chunk:
+                        n = min(GROUP_BLOCKS, fine_total - g * GROUP_BLOCKS) * FINE_DIGEST_BYTES
+                        theirs[g] = answer.data[at : at + n]
+                        at += n
+                    if at != len(answer.data):
+                        raise TransportError(f"the process server sent {len(answer.data)} bytes of block digests "
+                                             f"for groups that hold {at}", transient=True)
+                for blk, off, length, fine, diff in pending:
+                    runs: list[list[int]] = []  # [start, end) within the block
+                    first_fine = blk * bb // FINE_BYTES
+                    for g in diff:
+                        other = theirs.get(g)
+                        for j in range(g * GROUP_BLOCKS, min((g + 1) * GROUP_BLOCKS, fine_total)):
+                            local = j - first_fine
+                            if local < 0 or local * FINE_BYTES >= length:
+                                continue
+                            mine = fine[local * FINE_DIGEST_BYTES : (local + 1) * FINE_DIGEST_BYTES]
+                            k = (j - g * GROUP_BLOCKS) * FINE_DIGEST_BYTES
+                            if other is not None and other[k : k + FINE_DIGEST_BYTES] == mine:
+                                continue
+                            start, end = local * FINE_BYTES, min(length, (local + 1) * FINE_BYTES)
+                            if runs and runs[-1][1] == start:
+                                runs[-1][1] = end
+                            else:
+                                runs.append([start, end])
+                    view = memoryview(read_buf)[off : off + length]
+                    if not runs:  # every 4 KiB block the same after all
+                        st["pass_acked"] += length
+                        self._note_block(disk, bmap, blk, view, batch=None)
+                        continue
+                    sent = sum(e - b for b, e in runs)
+                    if batch["records"] and batch["used"] + sent + len(runs) * wire.RECORD.size > budget:
+                        st["cursor"] = [disk_pos, blk]
+                        yield take_batch(flags)
+                    for b, e in runs:
+                        batch["records"].append(wire.Record(wire.KIND_WRITE, disk.index, blk * bb + b,
+                                                            bytes(view[b:e])))
+                        batch["ranges"].append([disk.index, blk * bb + b, e - b])
+                    batch["used"] += sent + len(runs) * wire.RECORD.size
+                    batch["compared"] += length
+                    batch["sent"] += sent
+                    st["pass_sent"] = st.get("pass_sent", 0) + 1
+                    self._note_block(disk, bmap, blk, view, batch=batch)
+                pending.clear()
+
+            while block < nblocks:
+                length = min(bb, cap - block * bb)
+                if used_read + length > len(read_buf):
+                    yield from settle()
+                    used_read = 0
+                view = memoryview(read_buf)[used_read : used_read + length]
+                _pread_exact(fd, view, block * bb)
+                fine = fine_digests(view)
+                mine = group_digests(fine)
+                g0 = block * bb // GROUP_BYTES
+                diff = [g0 + i for i in range(len(mine) // FINE_DIGEST_BYTES)
+                        if not same_size or groups_r[(g0 + i) * FINE_DIGEST_BYTES : (g0 + i + 1) * FINE_DIGEST_BYTES]
+                        != mine[i * FINE_DIGEST_BYTES : (i + 1) * FINE_DIGEST_BYTES]]
+                st["pass_compared"] = st.get("pass_compared", 0) + length
+                if diff:
+                    pending.append((block, used_read, length, fine, diff))
+                    used_read += length
+                else:
+                    st["pass_acked"] += length
+                    self._note_block(disk, bmap, block, view, batch=None)
+                block += 1
+            yield from settle()
+            disk_pos, block = disk_pos + 1, 0
+        st["cursor"] = [len(disks), 0]
+        self._end_of_pass()
+        if batch["records"]:
+            yield take_batch(flags)
+
+    def _note_block(self, disk: DiskAssignment, bmap: BlockMap, block: int, view: memoryview, *,
+                    batch: dict | None) -> None:
+        """Keep the block map true to a block the resync found equal (``batch`` None) or is
+        sending (set once its batch is acknowledged). Only scanned disks compare with the
+        map; a journaled disk's entry is forgotten (hashing it would only cost time)."""
+        if disk.journal_dir:
+            if batch is None:
+                bmap.forget(block)
+            else:
+                batch["forget"].append((disk.index, block))
+            return
+        value = block_digest(view)
+        if batch is None:
+            bmap.set(block, value)
+        else:
+            batch["digests"].append((disk.index, block, value))
+
+    def _replica_group_digests(self, disks: list[DiskAssignment]) -> dict[int, tuple[bytes, int]] | None:
+        """The replica's group digests and size of every disk, computed after the pass's
+        digest seq: None if the process server serves none; ``_Waiting`` while they are
+        being computed (the answers already had are kept for the next cycle)."""
+        seq = self.state["digest_seq"]
+        if self._replica_groups.get("seq") != seq:
+            self._replica_groups = {"seq": seq}
+        have = self._replica_groups
+        for d in disks:
+            if d.index in have:
+                continue
+            if time.monotonic() < self._digests_retry_at:
+                raise _Waiting("waiting for the replica's checksums")
+            answer = self.sender.replica_digests(disk=d.index, min_seq=seq)
+            if answer.state == "absent":
+                return None
+            if answer.state == "pending":
+                # Retry-After is in whole seconds; a digest object often comes sooner
+                self._digests_retry_at = time.monotonic() + min(max(answer.retry_after, 0.1), DIGEST_POLL_SECONDS)
+                raise _Waiting("waiting for the replica's checksums")
+            groups = -(-answer.disk_size // GROUP_BYTES) if answer.disk_size >= 0 else -1
+            if groups < 0 or len(answer.data) != groups * FINE_DIGEST_BYTES:
+                raise TransportError(f"the process server sent {len(answer.data)} bytes of group digests for a "
+                                     f"disk of {answer.disk_size} bytes", transient=True)
+            have[d.index] = (answer.data, answer.disk_size)
+        return {d.index: have[d.index] for d in disks}
 
     def _take_buffer(self) -> bytearray:
         return self._buffers.pop() if self._buffers else bytearray(max(self.agent.batch_bytes, self.bb))
@@ -832,6 +1068,21 @@ class _ItemRunner:
     def _rebuild(self, plan: dict) -> _Built:
         """The batch of a saved plan, for the same seq."""
         seq = plan["seq"]
+        if plan["kind"] == "ranges":
+            # the same ranges, read again; the blocks they touch become unknown in the map
+            # (what the source holds now need not be what the plan was made from)
+            records, touched = [], set()
+            bb = self.bb
+            for index, offset, length in plan["ranges"]:
+                disk = next(d for d in self.disks if d.index == index)
+                buf = bytearray(length)
+                _pread_exact(self._fd(disk), memoryview(buf), offset)
+                records.append(wire.Record(wire.KIND_WRITE, index, offset, buf))
+                touched.update((index, b) for b in range(offset // bb, (offset + length - 1) // bb + 1))
+            encoded = wire.encode(item_id=self.item.item_id, seq=seq, source_time_ns=plan["time_ns"],
+                                  records=records, flags=plan["flags"])
+            return _Built(seq, plan, encoded, journal_blocks=sorted(touched), copy_bytes=plan.get("compared", 0),
+                          sent_data=sum(r[2] for r in plan["ranges"]))
         if plan["kind"] == "copy":
             bb = self.bb
             records, digests = [], []
@@ -946,6 +1197,7 @@ class _ItemRunner:
                 self._map(d).flush()
         st.update(phase=PHASE_INITIAL if initial else PHASE_RESYNC, cursor=[0, 0], pass_full=full,
                   pass_kind="initial" if initial else "resync", pass_acked=0, pass_sent=0,
+                  resync_mode="replica", digest_seq=None, pass_compared=0, pass_sent_bytes=0,
                   pass_total=sum(st["capacity"].values()), bookmarks=[], pass_done_seq=None, pass_reported=False,
                   catch_up_until=None)
         self.save()
@@ -1074,6 +1326,11 @@ class _ItemRunner:
             "progress": progress,
             "resync_reason": st.get("resync_reason", ""),
             "last_error": self.last_error,
+            # the newest resync pass: bytes of source compared with the replica, bytes sent
+            "total_bytes": total,
+            "compared_bytes": st.get("pass_compared", 0),
+            "sent_bytes": st.get("pass_sent_bytes", 0),
+            "waiting": self.waiting,
         }
 
 
@@ -1083,6 +1340,19 @@ def _bookmark_label(bookmark: dict) -> bytes:
     if len(label) > wire.MAX_BOOKMARK_BYTES:
         raise AgentError(f"bookmark label is {len(label)} bytes, over {wire.MAX_BOOKMARK_BYTES}")
     return label
+
+
+def _format_groups(groups: list[int]) -> str:
+    """Ascending groups as the process server's ``a-b,c`` list."""
+    parts: list[str] = []
+    i = 0
+    while i < len(groups):
+        j = i
+        while j + 1 < len(groups) and groups[j + 1] == groups[j] + 1:
+            j += 1
+        parts.append(f"{groups[i]}-{groups[j]}" if j > i else str(groups[i]))
+        i = j + 1
+    return ",".join(parts)
 
 
 def _pread_exact(fd: int, view: memoryview, offset: int) -> None:

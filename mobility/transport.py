@@ -120,6 +120,7 @@ class ProcessServerClient:
         self.thumbprint = normalize_thumbprint(thumbprint)
         self.timeout = timeout
         self._conn: _PinnedHTTPSConnection | None = None
+        self._last_headers: dict[str, str] = {}
 
     def close(self) -> None:
         if self._conn is not None:
@@ -136,6 +137,7 @@ class ProcessServerClient:
             send(self._conn)
             resp = self._conn.getresponse()
             raw = resp.read()
+            self._last_headers = {k.lower(): v for k, v in resp.getheaders()}
             if resp.will_close:
                 self.close()
         except PinMismatch:
@@ -184,6 +186,50 @@ class ProcessServerClient:
             raise TransportError(f"process server answered {status}: {body or raw[:200]!r}",
                                  transient=status >= 500, status=status, body=body)
         return int(body["acked_seq"])
+
+    def replica_digests(self, *, item_id: uuid.UUID, token: str, disk: int, min_seq: int,
+                        groups: str | None = None) -> "DigestAnswer":
+        """The replica's group digests of a disk (or, with ``groups`` like ``"0-3,7"``, the
+        4 KiB block digests of those groups), computed at an applied seq of at least
+        ``min_seq``. "absent" is a process server that does not serve digests (404)."""
+        path = f"{self.base}/v1/items/{item_id}/digests/{int(disk)}"
+        query = {"min_seq": str(int(min_seq))}
+        if groups is not None:
+            path += "/blocks"
+            query["groups"] = groups
+        url = f"{path}?{urllib.parse.urlencode(query, safe=',-')}"
+
+        def send(conn: http.client.HTTPConnection) -> None:
+            conn.request("GET", url, headers={"Authorization": f"Bearer {token}"})
+
+        status, raw = self._exchange(send, f"asking for the replica's digests of item {item_id} at")
+        if status == 200:
+            resp_headers = self._last_headers
+            return DigestAnswer("ready", raw, int(resp_headers.get("x-lifeboat-applied-seq", "0")),
+                                int(resp_headers.get("x-lifeboat-disk-size", "-1")))
+        if status == 202:
+            try:
+                retry = float(self._last_headers.get("retry-after", "1"))
+            except ValueError:
+                retry = 1.0
+            return DigestAnswer("pending", b"", 0, -1, retry_after=retry)
+        if status == 404:
+            return DigestAnswer("absent", b"", 0, -1)
+        body = _json_or_empty(raw)
+        raise TransportError(f"process server answered {status} to a digest request: {body or raw[:200]!r}",
+                             transient=status in (408, 429) or status >= 500, status=status, body=body)
+
+
+@dataclass(frozen=True)
+class DigestAnswer:
+    """``state``: "ready" (``data`` holds the digests), "pending" (ask again after
+    ``retry_after`` seconds) or "absent" (the process server does not serve digests)."""
+
+    state: str
+    data: bytes
+    applied_seq: int
+    disk_size: int
+    retry_after: float = 0.0
 
 
 def _send_parts(conn: http.client.HTTPConnection, parts: Iterable[bytes | memoryview]) -> None:

@@ -19,6 +19,7 @@ from django.utils import timezone
 from replication.choices import ProtectionState as P
 from replication.choices import RecoveryPointType
 from replication.dataplane.apply import DiskSpec, ReplicaApplier
+from replication.dataplane.digests import digest_request_answer
 from replication.dataplane.storage import open_storage
 from replication.models import ProtectedItem, RecoveryPoint
 from vault.choices import Severity
@@ -102,6 +103,11 @@ def item_apply(*, item_id, max_batches: int | None = 64) -> dict | None:
             logger.warning("item %s: %s", item.pk, "; ".join(str(e) for e in result.errors))
         if result.misplaced:
             _misplaced_logs(item, result.misplaced)
+        if item.protection_state == P.RESYNCING:
+            # The agent's resync pass compares the source with the replica as it is: under
+            # this lease nothing writes the disks, so their digests are read here.
+            digest_request_answer(storage(), item_id=item.pk, applied_seq=result.applied_seq,
+                                  disks={d.index: d.storage_name for d in item.replica_disks.all()})
         if result.initial_copy_complete and item.protection_state == P.INITIAL_REPLICATION:
             from replication.services import protected_item_transition
 

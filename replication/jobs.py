@@ -198,6 +198,25 @@ def _agent_phase(item: ProtectedItem) -> dict:
     return {}
 
 
+def _resync_message(status: dict) -> str:
+    """"Compared X of Y, sent Z" from the agent's status (its pass compares the source with
+    the replica's own checksums)."""
+    if status.get("waiting"):
+        return f"The agent is {status['waiting']}."
+    compared, total, sent = (status.get(k) for k in ("compared_bytes", "total_bytes", "sent_bytes"))
+    if not all(isinstance(v, int) for v in (compared, total, sent)):
+        return ""
+    return f"Compared {_size(compared)} of {_size(total)}, sent {_size(sent)}."
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
 @job_handler(JobType.RESYNC, queue=queues.DATA, on_failure=_resync_failed)
 def run_resync(ctx: JobContext) -> dict:
     item = _item(ctx)
@@ -233,7 +252,7 @@ def run_resync(ctx: JobContext) -> dict:
                 break
             progress = status.get("progress")
             if serving(status) and isinstance(progress, (int, float)):
-                ctx.progress(progress * 100)
+                ctx.progress(progress * 100, message=_resync_message(status) or None)
             _sleep(ctx)
         # The pass is over when the replica has applied its last batch, not when the agent
         # has sent it: that batch's seq is the target.

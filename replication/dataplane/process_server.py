@@ -21,6 +21,16 @@ temp directory and holds no memory and no ingest slot, so it never keeps its pre
 ``receiving_batches``; ``GET /v1/status`` (status token) the server's own figures;
 ``GET /v1/health`` needs no token.
 
+A resynchronizing agent compares the source with the replica as it is (``digests``):
+``GET /v1/items/<item_id>/digests/<disk>?min_seq=N`` (item token) answers 200 with the
+disk's 64 KiB group digests (16 bytes each, ``application/octet-stream``; headers
+``X-Lifeboat-Applied-Seq``, ``X-Lifeboat-Disk-Size``, ``X-Lifeboat-Block-Bytes``,
+``X-Lifeboat-Group-Blocks`` describe them) once storage holds digests computed at an
+applied seq of at least N; otherwise it leaves a request for the worker that applies the
+item and answers 202 with ``Retry-After``. ``GET .../digests/<disk>/blocks?min_seq=N&groups=
+a-b,c`` answers the 4 KiB block digests of those groups, in order, the same way. Malformed
+parameters get 400 and write nothing.
+
 Background uploader threads put the cached batches, already sealed, into cache storage as
 ``logs/<item_id>/<seq:020d>.lbs`` in seq order per item (``Storage.put_object_file``: a hard
 link when the local storage shares the cache's file system, so the bytes are written once),
@@ -68,6 +78,7 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 import zlib
@@ -77,9 +88,11 @@ from typing import Any
 from mobility.tuning import tune_allocator
 from replication.dataplane import batch as batch_format
 from replication.dataplane import buffers
+from replication.dataplane import digests as replica_digests
 from replication.dataplane import sealing
 from replication.dataplane.apply import stream_floor
 from replication.dataplane.auth import STATUS_SUBJECT, item_subject, verify_token
+from replication.dataplane.storage import ObjectNotFound
 
 log = logging.getLogger("lifeboat.process_server")
 
@@ -92,6 +105,8 @@ DISK_FREE_MARGIN = 64 * 1024 * 1024
 # bytes and the ciphertext.
 SEAL_MEMORY_FACTOR = 3
 GAP_GRACE_SECONDS = 1.0
+DIGEST_RETRY_SECONDS = 1  # Retry-After while the replica's digests are being computed
+DIGEST_CACHE_ENTRIES = 8  # digest objects kept in memory (the agent asks for slices of one)
 
 
 class ConfigError(ValueError):
@@ -345,6 +360,33 @@ class ProcessServer:
         self.upload_errors = 0
         self.last_upload_error = ""
         self._proc = None
+        self._digest_lock = threading.Lock()
+        self._digests: dict[tuple[uuid.UUID, int], tuple[replica_digests.DigestObject, list[bytes]]] = {}
+
+    def digests_for(self, item_id: uuid.UUID, disk: int,
+                    min_seq: int) -> tuple[replica_digests.DigestObject, list[bytes]] | None:
+        """The digest object of a replica disk computed at an applied seq of at least
+        ``min_seq`` (with its group digests, made once), or None after asking the worker
+        for it. Storage errors propagate."""
+        key = (item_id, disk)
+        with self._digest_lock:
+            cached = self._digests.get(key)
+        if cached is not None and cached[0].applied_seq >= min_seq:
+            return cached
+        try:
+            obj = replica_digests.decode_object(self.storage.get_object(replica_digests.digest_key(item_id, disk)))
+        except (ObjectNotFound, replica_digests.DigestError):
+            obj = None
+        if obj is None or obj.applied_seq < min_seq:
+            replica_digests.digest_request_write(self.storage, item_id, min_seq)
+            return None
+        entry = (obj, [])
+        with self._digest_lock:
+            self._digests.pop(key, None)
+            self._digests[key] = entry
+            while len(self._digests) > DIGEST_CACHE_ENTRIES:
+                self._digests.pop(next(iter(self._digests)))
+        return entry
 
     # -- life cycle
 
@@ -800,12 +842,18 @@ class ProcessServer:
             item.lost = True
             if self.items.get(item.id) is item:
                 del self.items[item.id]
+            lost = sorted(item.pending)
             self.pending_bytes -= sum(item.pending.values())
             item.pending.clear()
             item.claimed.clear()
             self.lock.notify_all()
-        log.error("item %s: the process server lost acknowledged data (%s); the item's stream goes on "
-                  "after what storage holds and the agent will resynchronize it", item.id, why)
+        if lost:
+            log.error("item %s: the process server lost acknowledged data (%s): batches %d-%d never reached "
+                      "storage; the item's stream goes on after what storage holds and the agent will "
+                      "resynchronize it", item.id, why, lost[0], lost[-1])
+        else:
+            log.warning("item %s: %s, but no acknowledged batch was waiting in it; the item goes on after "
+                        "what storage holds", item.id, why)
 
     # -- status
 
@@ -992,6 +1040,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._error(_Reject(401, "unauthenticated", "a valid process-server token is required"))
                 return
             self._json(200, ps.status())
+        elif self.path.startswith("/v1/items/") and "/digests/" in self.path:
+            self._get_digests()
         elif self.path.startswith("/v1/items/"):
             try:
                 item_id = uuid.UUID(self.path[len("/v1/items/"):].strip("/"))
@@ -1019,6 +1069,92 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._json(200, state)
         else:
             self._error(_Reject(404, "not_found", f"no such resource: {self.path}"))
+
+    def _get_digests(self) -> None:
+        """``GET /v1/items/<id>/digests/<disk>[/blocks]?min_seq=N[&groups=...]``."""
+        ps = self.server.ps
+        path, _, query = self.path.partition("?")
+        parts = path.strip("/").split("/")
+        if not (len(parts) == 5 or (len(parts) == 6 and parts[5] == "blocks")) or parts[3] != "digests":
+            self._error(_Reject(404, "not_found", f"no such resource: {path}"))
+            return
+        try:
+            item_id = uuid.UUID(parts[2])
+        except ValueError:
+            self._error(_Reject(404, "not_found", f"{parts[2]!r} is not an item id"))
+            return
+        if not verify_token(ps.config.auth_key, self._bearer() or "", item_subject(item_id)):
+            log.warning("refused digests of item %s to %s: the token is not valid for this item",
+                        item_id, self.client_address[0])
+            self._error(_Reject(403, "forbidden", f"the token is not valid for item {item_id}"))
+            return
+        blocks = len(parts) == 6
+        try:
+            params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
+            names = [k for k, _ in urllib.parse.parse_qsl(query, keep_blank_values=True)]
+        except ValueError:
+            self._error(_Reject(400, "bad_request", f"the query {query!r} is malformed"))
+            return
+        allowed = {"min_seq", "groups"} if blocks else {"min_seq"}
+        disk_text, seq_text = parts[4], params.get("min_seq", "")
+        problem = ""
+        if len(names) != len(set(names)) or set(names) - allowed:
+            problem = f"the parameters must be {' and '.join(sorted(allowed))}, each once"
+        elif not (disk_text.isdigit() and len(disk_text) <= 3 and int(disk_text) < batch_format.MAX_DISKS):
+            problem = f"disk {disk_text!r} is not a disk index 0..{batch_format.MAX_DISKS - 1}"
+        elif not (seq_text.isdigit() and len(seq_text) <= 19 and int(seq_text) < 2**63):
+            problem = f"min_seq {seq_text!r} is not a sequence number"
+        elif blocks and not params.get("groups"):
+            problem = "groups (like 0-3,7) is required"
+        if problem:
+            self._error(_Reject(400, "bad_request", problem))
+            return
+        disk, min_seq = int(disk_text), int(seq_text)
+        if blocks:  # the syntax is checked before anything is read or written
+            try:
+                replica_digests.parse_groups(params["groups"], group_count=2**62)
+            except replica_digests.DigestError as e:
+                self._error(_Reject(400, "bad_request", str(e)))
+                return
+        try:
+            found = ps.digests_for(item_id, disk, min_seq)
+        except Exception as e:
+            self._error(_Reject(503, "storage_unavailable", f"cache storage cannot give the replica's digests ({e})",
+                                retry_after=2))
+            return
+        if found is None:
+            self._json(202, {"status": "computing", "min_seq": min_seq,
+                             "message": "the replica's digests are being computed; ask again"},
+                       {"Retry-After": str(DIGEST_RETRY_SECONDS)})
+            return
+        obj, groups_cache = found
+        if blocks:
+            try:
+                wanted = replica_digests.parse_groups(params["groups"], group_count=obj.group_count)
+            except replica_digests.DigestError as e:
+                self._error(_Reject(400, "bad_request", str(e)))
+                return
+            body = replica_digests.blocks_of_groups(obj, wanted)
+        else:
+            if not groups_cache:
+                groups_cache.append(obj.groups())
+            body = groups_cache[0]
+        self._binary(200, body, {
+            "X-Lifeboat-Applied-Seq": str(obj.applied_seq), "X-Lifeboat-Disk-Size": str(obj.disk_size),
+            "X-Lifeboat-Block-Bytes": str(replica_digests.FINE_BYTES),
+            "X-Lifeboat-Group-Blocks": str(replica_digests.GROUP_BLOCKS)})
+
+    def _binary(self, status: int, data: bytes, headers: dict) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+        except (ConnectionError, TimeoutError, ssl.SSLError):
+            self.close_connection = True
 
     def do_POST(self) -> None:
         self.body_read = False

@@ -24,6 +24,8 @@ from mobility.blockmap import BlockMap, changed_blocks, map_path
 from mobility.filter import WriteFilter
 from mobility.transport import RetryPolicy, TransportError
 from replication.dataplane import batch as batch_format
+from replication.dataplane import digests, process_server, sealing
+from replication.dataplane.apply import DiskSpec, ReplicaApplier
 
 try:
     from tests.dataplane.fixtures_ps import (  # noqa: F401 - fixtures
@@ -66,6 +68,101 @@ def assert_replica_matches(tmp_path, batches, disks: dict[int, str]):
     replay(batches, images)
     for i, p in disks.items():
         assert sha256_file(images[i]) == sha256_file(p), f"replica of disk {i} differs from the source"
+
+
+class ReplicaWorker:
+    """Plays the Celery worker's part for one item, with the real data plane: applies the
+    item's logs from the process server's storage to replica disks there
+    (``ReplicaApplier``), keeping every batch it applied (``batches``, by seq), and answers
+    the replica-digest requests (``digests.digest_request_answer``) as ``engine.item_apply``
+    does for a resynchronizing item. Runs in a background thread."""
+
+    def __init__(self, ps, vault, item_id: uuid.UUID, sizes: dict[int, int]) -> None:
+        self.storage = ps.storage()
+        self.item_id = item_id
+        self.seal_key = vault.seal_key
+        self.names = {i: f"{item_id}-{i}" for i in sizes}
+        self.applier = ReplicaApplier(self.storage, key=vault.seal_key, item_id=item_id,
+                                      disks={i: DiskSpec(self.names[i], size) for i, size in sizes.items()})
+        self.batches: dict[int, batch_format.Batch] = {}
+        self.plain: dict[int, bytes] = {}
+        self.answered = 0
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @property
+    def applied_seq(self) -> int:
+        return self.applier.status().applied_seq
+
+    def _step(self) -> None:
+        with self.lock:
+            applied = self.applied_seq
+            seqs = sorted(s for s in stored_seqs(self.storage, self.item_id) if s > applied)
+            n = 0
+            for seq in seqs:
+                if seq != applied + n + 1:
+                    break
+                if seq not in self.batches:
+                    sealed = self.storage.get_object(process_server.object_key(self.item_id, seq))
+                    plain = sealing.unseal(sealed, key=self.seal_key,
+                                           context=process_server.seal_context(self.item_id, seq))
+                    self.plain[seq], self.batches[seq] = plain, batch_format.decode(plain)
+                n += 1
+            if n:
+                result = self.applier.apply_pending(crash_consistent_interval_s=3600, max_batches=n)
+                assert not result.errors, result.errors
+            if digests.digest_request_answer(self.storage, item_id=self.item_id, disks=self.names,
+                                             applied_seq=self.applied_seq):
+                self.answered += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._step()
+            except BaseException as e:  # reported by the test, not lost in a thread
+                self.error = e
+                return
+            self._stop.wait(0.02)
+
+    def wait_applied(self, seq: int) -> None:
+        wait_for(lambda: self.error is not None or self.applied_seq >= seq, timeout=60, what=f"apply of seq {seq}")
+        assert self.error is None, self.error
+
+    def flip(self, disk: int, offset: int, data: bytes) -> None:
+        """Change the replica behind Lifeboat's back (while no apply runs)."""
+        with self.lock:
+            self.storage.write_disk(self.names[disk], offset, data)
+            self.storage.flush_disk(self.names[disk])
+
+    def assert_matches(self, disks: dict[int, str]) -> None:
+        with self.lock:
+            for i, path in disks.items():
+                with open(path, "rb") as f:
+                    source = f.read()
+                replica = self.storage.read_disk(self.names[i], 0, len(source))
+                assert replica == source, f"the replica of disk {i} differs from the source"
+
+    def since(self, seq: int) -> list[batch_format.Batch]:
+        return [self.batches[s] for s in sorted(self.batches) if s > seq]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        assert self.error is None, self.error
+
+
+def fine_blocks(batches) -> list[tuple[int, int]]:
+    """The (disk, 4 KiB block) pairs the batches' writes cover, sorted, each once."""
+    out = set()
+    for b in batches:
+        for r in b.records:
+            if r.kind == batch_format.KIND_WRITE:
+                assert r.offset % 4096 == 0
+                out.update((r.disk, k) for k in range(r.offset // 4096, -(-(r.offset + len(r.data)) // 4096)))
+    return sorted(out)
 
 
 def random_writes(wf: WriteFilter, size: int, n: int, rng: random.Random, *, max_len: int = 16 * 1024):
@@ -302,13 +399,14 @@ def test_journal_overflow_is_reported_and_a_resync_repairs_the_replica(tmp_path,
                   machine={"name": "vm", "disks": []}, block_bytes=BLOCK, batch_bytes=MiB, retry=FAST_RETRY,
                   assignment_interval=0)
     agent.register()
+    worker = ReplicaWorker(ps, vault, item_id, {0: size})
     acked = agent.replicate_until_caught_up(timeout=60)[str(item_id)]["acked_seq"]
     touched = set()
     rng = random.Random(9)
     for _ in range(120):  # 120 x 4 KiB: well over the 256 KiB journal cap
-        block = rng.randrange(size // BLOCK)
-        wf.write(block * BLOCK + 4096 * rng.randrange(BLOCK // 4096), rng.randbytes(4096))
-        touched.add(block)
+        offset = 4096 * rng.randrange(size // 4096)
+        wf.write(offset, rng.randbytes(4096))
+        touched.add((0, offset // 4096))
     assert journal.overflowed(jdir)
     for _ in range(2):
         status = agent.run_once()[str(item_id)]
@@ -320,20 +418,21 @@ def test_journal_overflow_is_reported_and_a_resync_repairs_the_replica(tmp_path,
     stub.items[0]["resync"] = True  # the configuration server moves the item to RESYNCING
     status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
     assert status["phase"] == "delta" and not journal.overflowed(jdir)
-    batches = uploaded(ps, vault, item_id, status["acked_seq"])
-    resync = [b for b in batches[acked:] if b.flags & batch_format.FLAG_RESYNC]
+    worker.wait_applied(status["acked_seq"])
+    resync = [b for b in worker.since(acked) if b.flags & batch_format.FLAG_RESYNC]
     assert resync, "no batch flagged FLAG_RESYNC"
-    assert sorted(r.offset // BLOCK for b in resync for r in b.records) == sorted(touched)  # only what changed
-    assert_replica_matches(tmp_path, batches, {0: disk})
+    assert fine_blocks(resync) == sorted(touched)  # only the 4 KiB blocks that changed
+    worker.assert_matches({0: disk})
     wait_for(lambda: stub.events_of("resync_complete"), timeout=10, what="resync_complete")
 
     # the flag may stay up until the configuration server has seen the resync through:
     # it is not taken twice; journaling and delta replication go on
     random_writes(wf, size, 10, rng, max_len=8192)
     status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
-    batches = uploaded(ps, vault, item_id, status["acked_seq"])
-    assert sum(1 for b in batches if b.flags & batch_format.FLAG_RESYNC) == len(resync)
-    assert_replica_matches(tmp_path, batches, {0: disk})
+    worker.wait_applied(status["acked_seq"])
+    assert sum(1 for b in worker.since(0) if b.flags & batch_format.FLAG_RESYNC) == len(resync)
+    worker.assert_matches({0: disk})
+    worker.close()
     agent.close()
 
 
@@ -572,9 +671,10 @@ def test_the_agent_runs_from_its_own_folder_with_only_its_own_requirements(tmp_p
     assert usage.returncode == 0 and "usage" in usage.stdout.lower(), usage.stderr
 
 
-def test_a_resync_asked_for_without_known_trouble_compares_every_block(tmp_path, start_ps, vault, config_server):
+def test_a_resync_asked_for_without_known_trouble_compares_with_the_replica(tmp_path, start_ps, vault, config_server):
     """An admin who doubts a protected item's replica asks for a resync: the block map is no
-    evidence then, so every block goes again; the pass's last seq is reported (with the
+    evidence then, so every block is compared with the replica's own digests; nothing
+    differs, so no data is sent, and the pass still ends: its last seq is reported (with the
     event and in the status) so the vault can wait for the replica to apply it."""
     ps = start_ps()
     size = 2 * MiB
@@ -588,16 +688,20 @@ def test_a_resync_asked_for_without_known_trouble_compares_every_block(tmp_path,
                   machine={"name": "vm", "disks": []}, block_bytes=BLOCK, batch_bytes=MiB, retry=FAST_RETRY,
                   assignment_interval=0)
     agent.register()
+    worker = ReplicaWorker(ps, vault, item_id, {0: size})
     acked = agent.replicate_until_caught_up(timeout=60)[str(item_id)]["acked_seq"]
     stub.items[0]["resync"] = True
     status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
     assert status["phase"] == "delta" and status["pass_done_seq"] == status["acked_seq"] > acked
-    batches = uploaded(ps, vault, item_id, status["acked_seq"])
-    resync = [b for b in batches[acked:] if b.flags & batch_format.FLAG_RESYNC]
-    assert sorted(r.offset // BLOCK for b in resync for r in b.records) == list(range(size // BLOCK))
-    assert_replica_matches(tmp_path, batches, {0: disk})
+    assert (status["compared_bytes"], status["sent_bytes"], status["total_bytes"]) == (size, 0, size)
+    worker.wait_applied(status["acked_seq"])
+    resync = [b for b in worker.since(acked) if b.flags & batch_format.FLAG_RESYNC]
+    assert resync and not [r for b in resync for r in b.records]  # compared, nothing sent
+    assert worker.answered == 1
+    worker.assert_matches({0: disk})
     [event] = wait_for(lambda: stub.events_of("resync_complete"), timeout=10, what="resync_complete")
     assert event["seq"] == status["pass_done_seq"]
+    worker.close()
     agent.close()
 
 
@@ -676,3 +780,116 @@ def test_the_guest_freeze_hook_bookmarks_the_quiesced_moment_while_the_vm_writes
     assert marks.count("quiesce-1") == 1 and "late" not in marks
     assert_replica_matches(tmp_path, batches, {0: disk})
     agent.close()
+
+
+def _flip_replica(worker: ReplicaWorker, rng: random.Random, disk: int, size: int, blocks: list[int]) -> set:
+    flipped = set()
+    for k in blocks:
+        worker.flip(disk, k * 4096, rng.randbytes(4096))
+        flipped.add((disk, k))
+    return flipped
+
+
+def _lose_block_maps(state_dir, item_id) -> None:
+    item_dir = os.path.join(str(state_dir), "items", str(item_id))
+    for name in os.listdir(item_dir):
+        if name.startswith("blockmap-"):
+            os.unlink(os.path.join(item_dir, name))
+
+
+def test_a_resync_sends_exactly_the_4k_blocks_that_differ_from_the_replica(tmp_path, start_ps, vault):
+    """Replica blocks flipped behind Lifeboat's back and the agent's block map lost: the
+    resync compares with the replica itself, ships exactly the differing 4 KiB blocks
+    (adjacent ones as one record), and the replica ends equal to the source."""
+    ps = start_ps()
+    s0, s1 = 4 * MiB, 2 * MiB + 8192  # the scanned disk ends in a short group
+    d0 = make_disk(str(tmp_path / "d0.img"), s0, seed=11)
+    d1 = make_disk(str(tmp_path / "d1.img"), s1, seed=12)
+    with open(d1, "ab") as f:
+        f.write(random.Random(12).randbytes(s1 - os.path.getsize(d1)))
+    jdir = str(tmp_path / "j0")
+    WriteFilter(d0, jdir)
+    item_id = uuid.uuid4()
+    items = [item_for(ps, vault, item_id, [(0, d0, jdir), (1, d1, None)])]
+    worker = ReplicaWorker(ps, vault, item_id, {0: s0, 1: s1})
+    agent = small_agent(tmp_path / "agent", items)
+    acked = agent.replicate_until_caught_up(timeout=60)[str(item_id)]["acked_seq"]
+    worker.wait_applied(acked)
+    worker.assert_matches({0: d0, 1: d1})
+    agent.close()
+
+    rng = random.Random(13)
+    flipped = _flip_replica(worker, rng, 0, s0, [0, 5, 6, 7, 100, 511, 1023])
+    flipped |= _flip_replica(worker, rng, 1, s1, [3, 16, 17, 513])  # 513: the very last 4 KiB block
+    _lose_block_maps(tmp_path / "agent", item_id)
+    agent = small_agent(tmp_path / "agent", items)
+    agent.request_resync(item_id)
+    status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
+    assert status["phase"] == "delta" and status["pass_done_seq"] == status["acked_seq"]
+    assert (status["compared_bytes"], status["sent_bytes"]) == (s0 + s1, 4096 * len(flipped))
+    worker.wait_applied(status["acked_seq"])
+    resync = worker.since(acked)
+    assert all(b.flags & batch_format.FLAG_RESYNC for b in resync)
+    assert fine_blocks(resync) == sorted(flipped)
+    writes = [r for b in resync for r in b.records if r.kind == batch_format.KIND_WRITE]
+    assert len(writes) == 8  # 5-7 and 16-17 went as one record each
+    worker.assert_matches({0: d0, 1: d1})
+
+    # the block map is right again: a scan finds nothing to send on the scanned disk
+    status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
+    worker.wait_applied(status["acked_seq"])
+    assert not [r for b in worker.since(resync[-1].seq) for r in b.records if r.kind == batch_format.KIND_WRITE]
+    worker.close()
+    agent.close()
+
+
+def test_a_resync_batch_lost_in_flight_is_rebuilt_the_same_after_a_restart(tmp_path, start_ps, vault):
+    """The answers to a resync's "ranges" batch are lost and the agent stops; a new agent
+    rebuilds the same batch from the saved plan, for the same seq, and the resync ends right."""
+    ps = start_ps()
+    size = 4 * MiB
+    disk = make_disk(str(tmp_path / "d.img"), size, seed=21)
+    item_id = uuid.uuid4()
+    worker = ReplicaWorker(ps, vault, item_id, {0: size})
+    proxy = AnswerDroppingProxy(ps.port, min_request=16 * 1024)
+    try:
+        raw = assignment_for(ps, vault, item_id, [(0, disk, None)])
+        agent = small_agent(tmp_path / "agent", [ItemAssignment.from_dict(raw)], window=1)
+        acked = agent.replicate_until_caught_up(timeout=60)[str(item_id)]["acked_seq"]
+        worker.wait_applied(acked)
+        agent.close()
+        flipped = _flip_replica(worker, random.Random(22), 0, size, list(range(40, 48)) + [300, 900])
+
+        raw["process_server_url"] = f"https://127.0.0.1:{proxy.port}"
+        agent = small_agent(tmp_path / "agent", [ItemAssignment.from_dict(raw)], window=1)
+        agent.request_resync(item_id)
+        proxy.armed = 1000  # every answer to a batch of 16 KiB or more is lost
+        deadline = time.monotonic() + 60
+        while True:
+            status = agent.run_once()[str(item_id)]
+            plans = load_item_state(str(tmp_path / "agent"), item_id)["inflight"]
+            if any(p["kind"] == "ranges" and p["ranges"] for p in plans):
+                break
+            assert time.monotonic() < deadline, status
+        assert status["last_error"]
+        agent.close()
+        [plan] = plans
+        worker.wait_applied(plan["seq"])  # the process server took it: only the answer was lost
+        proxy.armed = 0
+
+        agent = small_agent(tmp_path / "agent", [ItemAssignment.from_dict(raw)], window=1)
+        runner = agent._runner(agent.assignment[0])
+        runner.state = load_item_state(str(tmp_path / "agent"), item_id)
+        rebuilt = runner._rebuild(plan)
+        assert b"".join(bytes(p) for p in rebuilt.encoded.parts) == worker.plain[plan["seq"]]
+        status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
+        assert status["phase"] == "delta" and status["pass_done_seq"] == plan["seq"]
+        worker.wait_applied(status["acked_seq"])
+        assert fine_blocks(b for b in worker.since(acked) if b.flags & batch_format.FLAG_RESYNC) == sorted(flipped)
+        # the agent cannot know which bytes the process server kept for the replayed batch:
+        # the blocks it touched became unknown in the map, and the next scan sent them again
+        worker.assert_matches({0: disk})
+        agent.close()
+    finally:
+        proxy.close()
+        worker.close()

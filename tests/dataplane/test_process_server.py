@@ -625,7 +625,7 @@ def test_an_items_cache_folder_lost_under_the_running_server_is_owned_up_to(star
     assert (answer.status, answer.body["error"]["code"], answer.body["acked_seq"]) == (409, "sequence_gap", 0)
     assert item_state(ps, vault, item_id) == 0
     assert stored_seqs(ps.storage(), item_id) == []
-    assert "lost acknowledged data" in ps.log()
+    assert "lost acknowledged data" in ps.log() and "batches 1-3 never reached storage" in ps.log()
 
 
 def test_storage_that_cannot_say_where_a_stream_stands_gets_retry_not_a_guess(start_ps, vault, tmp_path):
@@ -641,3 +641,101 @@ def test_storage_that_cannot_say_where_a_stream_stands_gets_retry_not_a_guess(st
     assert answer.headers.get("retry-after")
     assert not (tmp_path / "ps-cache" / "items" / str(item_id)).exists()
     assert stored_seqs(ps.storage(), item_id) == []
+
+
+# --- the replica's digests, for resynchronization -----------------------------------------------------
+
+
+def digest_get(ps, path: str, token: str | None) -> tuple[int, dict, bytes]:
+    """GET a digest resource: (status, lower-case headers, raw body)."""
+    import http.client
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection("127.0.0.1", ps.port, timeout=30, context=ctx)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def test_replica_digests_are_asked_for_then_served(start_ps, vault):
+    from mobility.checksums import fine_digests, group_digests
+    from replication.dataplane import digests
+
+    ps = start_ps()
+    storage = ps.storage()
+    item_id = uuid.uuid4()
+    token = vault.item_token(item_id)
+    size = 2 * MiB + 8192
+    image = random.Random(4).randbytes(size)
+    storage.create_disk("replica-0", size)
+    storage.write_disk("replica-0", 0, image)
+    storage.flush_disk("replica-0")
+
+    status, headers, body = digest_get(ps, f"/v1/items/{item_id}/digests/0?min_seq=7", token)
+    assert status == 202 and headers["retry-after"] and json.loads(body)["status"] == "computing"
+    assert digests.digest_request_read(storage, item_id) == 7
+    status, _h, _b = digest_get(ps, f"/v1/items/{item_id}/digests/0/blocks?min_seq=7&groups=0-1", token)
+    assert status == 202
+
+    # the worker's part, with the real function: the replica has applied seq 7
+    assert digests.digest_request_answer(storage, item_id=item_id, disks={0: "replica-0"}, applied_seq=7)
+    assert digests.digest_request_read(storage, item_id) is None
+    fine = fine_digests(image)
+    status, headers, body = digest_get(ps, f"/v1/items/{item_id}/digests/0?min_seq=7", token)
+    assert status == 200 and body == group_digests(fine)
+    assert (headers["x-lifeboat-applied-seq"], headers["x-lifeboat-disk-size"], headers["x-lifeboat-block-bytes"],
+            headers["x-lifeboat-group-blocks"]) == ("7", str(size), "4096", "16")
+    status, _h, body = digest_get(ps, f"/v1/items/{item_id}/digests/0/blocks?min_seq=5&groups=0-1,32", token)
+    assert status == 200 and body == fine[: 2 * 256] + fine[32 * 256:]  # group 32 holds two blocks
+
+    # digests older than asked for are not served: a newer request is left
+    status, _h, _b = digest_get(ps, f"/v1/items/{item_id}/digests/0?min_seq=8", token)
+    assert status == 202 and digests.digest_request_read(storage, item_id) == 8
+
+    # a wrong token gets nothing and leaves nothing
+    other = uuid.uuid4()
+    status, _h, body = digest_get(ps, f"/v1/items/{other}/digests/0?min_seq=1", vault.item_token(item_id))
+    assert status == 403 and json.loads(body)["error"]["code"] == "forbidden"
+    status, _h, _b = digest_get(ps, f"/v1/items/{other}/digests/0?min_seq=1", None)
+    assert status == 403
+    assert digests.digest_request_read(storage, other) is None
+
+
+@pytest.mark.parametrize("query", [
+    "digests/0", "digests/0?min_seq=", "digests/0?min_seq=-1", "digests/0?min_seq=1x", "digests/0?min_seq=1&min_seq=2",
+    "digests/0?min_seq=1&groups=0", "digests/0?min_seq=99999999999999999999", "digests/0?min_seq=1&x=1",
+    "digests/x?min_seq=1", "digests/64?min_seq=1", "digests/-1?min_seq=1", "digests/0?min_seq=1&&",
+    "digests/0/blocks?min_seq=1", "digests/0/blocks?min_seq=1&groups=", "digests/0/blocks?min_seq=1&groups=3-1",
+    "digests/0/blocks?min_seq=1&groups=1,1", "digests/0/blocks?min_seq=1&groups=a", "digests/0/blocks?groups=1",
+    "digests/0/blocks?min_seq=1&groups=0-5000",
+])
+def test_malformed_digest_requests_get_400_and_write_nothing(start_ps, vault, query):
+    from replication.dataplane import digests
+
+    ps = start_ps()
+    item_id = uuid.uuid4()
+    status, _h, body = digest_get(ps, f"/v1/items/{item_id}/{query}", vault.item_token(item_id))
+    assert status == 400, body
+    error = json.loads(body)["error"]
+    assert error["code"] == "bad_request" and len(error["message"]) > 10  # a sentence saying what is wrong
+    assert digests.digest_request_read(ps.storage(), item_id) is None
+
+
+def test_block_digests_of_groups_outside_the_disk_get_400(start_ps, vault):
+    from replication.dataplane import digests
+
+    ps = start_ps()
+    storage = ps.storage()
+    item_id = uuid.uuid4()
+    storage.create_disk("r", 65536 * 2)
+    digests.digest_request_write(storage, item_id, 1)
+    assert digests.digest_request_answer(storage, item_id=item_id, disks={0: "r"}, applied_seq=1)
+    token = vault.item_token(item_id)
+    assert digest_get(ps, f"/v1/items/{item_id}/digests/0/blocks?min_seq=1&groups=1", token)[0] == 200
+    status, _h, body = digest_get(ps, f"/v1/items/{item_id}/digests/0/blocks?min_seq=1&groups=2", token)
+    assert status == 400 and "outside" in json.loads(body)["error"]["message"]

@@ -69,3 +69,62 @@ def test_resync_on_request_then_protected_and_byte_exact(site, api):
                          timeout=90, message="app-consistent point after the resync")
         body = api.get(f"/api/v1/recoveryPoints/{point.pk}/disks/0/image")
         assert hashlib.sha256(b"".join(body.streaming_content)).hexdigest() == source
+
+
+def test_a_replica_block_flipped_behind_lifeboats_back_is_found_and_repaired(site, api):
+    """A 4 KiB block of the replica disk changes in storage without Lifeboat knowing; the
+    admin's repairReplication compares the source with the replica's own checksums, sends
+    what differs, and a new app-consistent point equals the source byte for byte."""
+    from replication import engine
+    from replication.models import MobilityAgent
+    from replication.scheduling import protected_item_app_consistent_snapshot
+
+    machine = site.vault.machines.get(name="resync-e2e")
+    writer = site.start_workload()
+    with process_server(site.ps_config(), site.tmp):
+        site.start_agents()
+        site.start_beat()
+        r = api.post("/api/v1/replicationProtectedItems/", {"vault": site.vault.pk, "machine": machine.pk, "policy": site.policy.pk, "process_server": site.ps.pk}, format="json")
+        job = wait_for(lambda: Job.objects.filter(pk=r.data["id"], state__in=JobState.TERMINAL).first(), timeout=180, message="enable job")
+        assert job.state == JobState.SUCCEEDED, job.error
+        item = ProtectedItem.objects.get(machine=machine)
+        writer.set()
+        writer.thread.join(timeout=10)
+        disk = item.replica_disks.get()
+        source_path = site.site.disk_path(machine.instance_uuid, disk.source_disk_key)
+
+        def applied_all() -> bool:
+            item.refresh_from_db(fields=["applied_seq", "acked_seq", "agent_backlog_bytes"])
+            return item.agent_backlog_bytes == 0 and item.acked_seq and item.applied_seq >= item.acked_seq
+        wait_for(applied_all, timeout=120, message="the replica applying every write")
+
+        # flip a block of the replica disk, holding the apply lease as a worker would
+        wait_for(lambda: engine._lease(item.pk), timeout=60, message="the apply lease")
+        try:
+            storage = engine.storage()
+            offset = 37 * 4096
+            old = storage.read_disk(disk.storage_name, offset, 4096)
+            storage.write_disk(disk.storage_name, offset, bytes(b ^ 0xFF for b in old))
+            storage.flush_disk(disk.storage_name)
+            with open(source_path, "rb") as f:
+                source = f.read()
+            assert storage.read_disk(disk.storage_name, 0, len(source)) != source  # the replica is now wrong
+        finally:
+            engine._release(item.pk)
+
+        repair = api.post(f"/api/v1/replicationProtectedItems/{item.pk}/repairReplication")
+        assert repair.status_code == 202, repair.content
+        done = wait_for(lambda: Job.objects.filter(pk=repair.data["id"], state__in=JobState.TERMINAL).first(),
+                        timeout=240, message="the repair job")
+        assert done.state == JobState.SUCCEEDED, done.error
+        item.refresh_from_db()
+        assert item.protection_state == "PROTECTED"
+        status = next(s for s in MobilityAgent.objects.get(machine=machine).last_status["items"]
+                      if s["item_id"] == str(item.pk))
+        assert status["compared_bytes"] == 4 * MiB and 4096 <= status["sent_bytes"] < 4 * MiB
+
+        bookmark = protected_item_app_consistent_snapshot(item=item)
+        point = wait_for(lambda: RecoveryPoint.objects.filter(item=item, type="app_consistent", label=bookmark["label"]).first(),
+                         timeout=90, message="app-consistent point after the repair")
+        body = api.get(f"/api/v1/recoveryPoints/{point.pk}/disks/0/image")
+        assert hashlib.sha256(b"".join(body.streaming_content)).hexdigest() == sha256_file(source_path)
