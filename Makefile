@@ -46,6 +46,7 @@ test: peers check
 bench: install
 	$(PY) bench/bench_replication.py
 	$(PY) bench/bench_rto.py
+	$(PY) bench/bench_resync.py
 
 clean:
 	rm -rf var build staticfiles

@@ -41,6 +41,7 @@ import psutil  # noqa: E402
 import zstandard  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
+from benchdoc import sections_after_head  # noqa: E402
 from mobility.agent import Agent, DiskAssignment, ItemAssignment  # noqa: E402
 from mobility.tuning import tune_allocator  # noqa: E402
 from replication.dataplane import process_server  # noqa: E402
@@ -475,8 +476,8 @@ def write_doc(path: str, info: dict, args, figures, e2e, raw, backlog, runs) -> 
     lines = [
         "# Benchmarks",
         "",
-        "Written by `make bench`: `python bench/bench_replication.py` replaces this page up to its RTO section,",
-        "which `python bench/bench_rto.py` replaces.",
+        "Written by `make bench`: `python bench/bench_replication.py` writes this part of the page; the sections",
+        "after it belong to `bench/bench_rto.py` and `bench/bench_resync.py`, each replacing only its own.",
         "Ratios compare figures measured in the same run, on the same data.",
         "",
         "## Machine",
@@ -573,13 +574,10 @@ def write_doc(path: str, info: dict, args, figures, e2e, raw, backlog, runs) -> 
     if os.path.exists(path):  # the RTO benchmark's section (bench_rto.py) is its own
         with open(path) as fh:
             old = fh.read()
-        at = old.find(RTO_SECTION)
-        keep = old[at:] if at >= 0 else ""
+        keep = sections_after_head(old)  # the other benchmarks' sections are theirs
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + ("\n" + keep if keep else ""))
 
-
-RTO_SECTION = "## Recovery time (RTO)"
 
 
 if __name__ == "__main__":

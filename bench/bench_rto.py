@@ -45,6 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchdoc import replace_section  # noqa: E402
 from replication.dataplane.recovery import RecoveryDisk, snapshot_digests  # noqa: E402
 from replication.dataplane.storage.base import digest_flat_file  # noqa: E402
 from replication.dataplane.storage.local import LocalStorage  # noqa: E402
@@ -289,14 +290,7 @@ def write_doc(path: str, report: dict) -> None:
         lines += ["", "Where the time of the one-VM run goes, one stage at a time: "
                   + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in stages.items()) + "."]
     lines.append("")
-    text = ""
-    if os.path.exists(path):
-        with open(path) as fh:
-            text = fh.read()
-    at = text.find(SECTION)
-    head = text[:at] if at >= 0 else text
-    with open(path, "w") as fh:
-        fh.write(head.rstrip("\n") + "\n\n" + "\n".join(lines))
+    replace_section(path, SECTION, lines)
 
 
 if __name__ == "__main__":
