@@ -15,10 +15,8 @@ import os
 import time
 import uuid
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone as dt_timezone
 
 from django.conf import settings
-from django.db.models import Q
 from django.utils import timezone
 
 from core import queues
@@ -26,27 +24,32 @@ from core.choices import JobType
 from core.exceptions import InvalidTransition, LifeboatError
 from core.jobs import JobCancelled, JobContext, job_handler
 from core.models import Job
+from core.text import size_text
+from mobility.filter import last_seq
 from recovery_plans.models import RecoveredVm, RecoveredVmKind
 from replication.choices import ProtectionState as P
 from replication.choices import RecoveryPointType
 from replication.choices import TestFailoverState as T
+from replication.dataplane.apply import PointNotFound
+from replication.dataplane.recovery import VerificationFailed, point_disk_digests, recovery_disks
+from replication.engine import applier_for, apply_lease_release, apply_lease_take, ns_to_dt, points_mirror
 from replication.models import ProtectedItem
-from replication.services import protected_item_transition
+from replication.services import protected_item_test_failover_transition, protected_item_transition
 from vault.choices import Severity
+from vault.connectors.base import POWERED_OFF, ConnectorError, OperationFailed
+from vault.discovery import connector_for
 from vault.models import RecoveryNetwork
 from vault.services import event_record
+from vault.simulation import machine_workload
 
 logger = logging.getLogger(__name__)
 
 POLL = 1.0
-APPLY_LEASE_SECONDS = 300
 # A guest shutdown that has not powered the VM off by then is followed by a power-off.
 SHUTDOWN_TIMEOUT = 300
 # The simulated site's writer notices a power-off within a second; a journal that has not
 # moved for this long belongs to a VM that no longer writes.
 JOURNAL_SETTLE_SECONDS = 2.0
-GiB = 1024**3
-MiB = 1024**2
 
 
 def _drain_timeout() -> int:
@@ -59,46 +62,24 @@ def _item(ctx: JobContext) -> ProtectedItem:
     ).prefetch_related("replica_disks").get(pk=ctx.job.target_id)
 
 
-def _sleep(ctx: JobContext, seconds: float = POLL) -> None:
-    ctx.heartbeat()
-    time.sleep(seconds)
-
-
-def size_text(n: int) -> str:
-    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
-
-
 def verified_text(disks: int, size: int) -> str:
     return f"{disks} disk{'s' if disks != 1 else ''} verified, {size_text(size)}"
 
 
-def _ns_to_dt(ns: int) -> datetime:
-    return datetime.fromtimestamp(ns / 1e9, tz=dt_timezone.utc)
-
-
 # --- the apply lease ------------------------------------------------------------------------
-
-
-def _take_lease(item_id) -> bool:
-    now = timezone.now()
-    return bool(
-        ProtectedItem.objects.filter(pk=item_id)
-        .filter(Q(apply_lease_until__isnull=True) | Q(apply_lease_until__lt=now))
-        .update(apply_lease_until=now + timedelta(seconds=APPLY_LEASE_SECONDS))
-    )
 
 
 @contextmanager
 def apply_lease(ctx: JobContext, item: ProtectedItem):
     """Hold the item's apply lease (the one ``replication.engine.item_apply`` takes): no apply
     pass, and so no retention pruning, runs for the item meanwhile."""
-    while not _take_lease(item.pk):
+    while not apply_lease_take(item.pk):
         ctx.progress(0, message="Waiting for the apply pass under way to finish.")
-        _sleep(ctx, 0.2)
+        ctx.pause(0.2)
     try:
         yield
     finally:
-        ProtectedItem.objects.filter(pk=item.pk).update(apply_lease_until=None)
+        apply_lease_release(item.pk)
 
 
 def _apply_pass(item: ProtectedItem):
@@ -107,8 +88,6 @@ def _apply_pass(item: ProtectedItem):
     Used while the item is failing over: the periodic apply leaves items that are not
     replicating alone, so the failover applies the last writes itself.
     """
-    from replication.engine import applier_for, points_mirror
-
     applier = applier_for(item)
     result = applier.apply_pending(crash_consistent_interval_s=item.policy.crash_consistent_frequency_seconds, max_batches=64)
     points_mirror(item=item, points=applier.list_points())
@@ -123,10 +102,6 @@ def _apply_pass(item: ProtectedItem):
 
 def _recovery_disks(item: ProtectedItem, point_id: str):
     """What each recovered disk must hold: the replica's snapshot at the point and its digest."""
-    from replication.dataplane.apply import PointNotFound
-    from replication.dataplane.recovery import point_disk_digests, recovery_disks
-    from replication.engine import applier_for
-
     applier = applier_for(item)
     try:
         point = applier.get_point(point_id)
@@ -146,8 +121,6 @@ def _recovery_disks(item: ProtectedItem, point_id: str):
 @contextmanager
 def _site_errors(site_name: str, doing: str):
     """The recovery site's errors, and a failed verification, as sentences for the job."""
-    from replication.dataplane.recovery import VerificationFailed
-    from vault.connectors.base import ConnectorError
 
     try:
         yield
@@ -186,7 +159,7 @@ def _check_verified(vm_name: str, disks, info) -> tuple[list[dict], int]:
 def _point_fields(point) -> dict:
     return {
         "point_id": point.point_id,
-        "point_time": _ns_to_dt(point.source_time_ns),
+        "point_time": ns_to_dt(point.source_time_ns),
         "point_type": RecoveryPointType.APP_CONSISTENT if point.kind == "app_consistent" else RecoveryPointType.CRASH_CONSISTENT,
     }
 
@@ -197,9 +170,8 @@ def _build_vm(ctx: JobContext, item: ProtectedItem, *, kind: str, point_id: str,
     with ctx.step("Prepare the recovery point"):
         point, disks = _recovery_disks(item, point_id)
         ctx.progress(100, message=f"{len(disks)} disk{'s' if len(disks) != 1 else ''} at the point of "
-                                  f"{_ns_to_dt(point.source_time_ns):%Y-%m-%d %H:%M:%S} UTC")
+                                  f"{ns_to_dt(point.source_time_ns):%Y-%m-%d %H:%M:%S} UTC")
     with ctx.step(create_step):
-        from vault.simulation import machine_workload
 
         # A VM recovered onto the simulated site goes on writing like its simulated source.
         workload = None
@@ -232,7 +204,6 @@ def _build_vm(ctx: JobContext, item: ProtectedItem, *, kind: str, point_id: str,
 
 
 def _running(site, vm: RecoveredVm) -> str:
-    from vault.connectors.base import ConnectorError
 
     try:
         with site.connector() as connector:
@@ -310,8 +281,6 @@ def _hook(undo):
 
 def _shut_down_source(ctx: JobContext, item: ProtectedItem, *, required: bool) -> str:
     """Shut the source VM down through its vCenter (guest shutdown, else power-off)."""
-    from vault.connectors.base import POWERED_OFF, ConnectorError, OperationFailed
-    from vault.discovery import connector_for
 
     machine = item.machine
     if machine.vcenter is None:
@@ -336,7 +305,7 @@ def _shut_down_source(ctx: JobContext, item: ProtectedItem, *, required: bool) -
                         how = f"was powered off (its guest did not shut down within {SHUTDOWN_TIMEOUT // 60} minutes)"
                         break
                     ctx.progress(10, message=f"Waiting for {machine.name} to shut down.")
-                    _sleep(ctx)
+                    ctx.pause(POLL)
     except ConnectorError as exc:
         if required:
             raise LifeboatError(f"The source VM {machine.name} could not be shut down: {exc}") from None
@@ -348,7 +317,6 @@ def _shut_down_source(ctx: JobContext, item: ProtectedItem, *, required: bool) -
 
 def _journal_positions(item: ProtectedItem) -> dict[str, int]:
     """Where each locally readable write journal of the source stands (agents beside the disks)."""
-    from mobility.filter import last_seq
 
     out = {}
     for d in item.replica_disks.all():
@@ -364,7 +332,7 @@ def _journals_settled(ctx: JobContext, item: ProtectedItem) -> None:
         return
     still_since = time.monotonic()
     while time.monotonic() - still_since < JOURNAL_SETTLE_SECONDS:
-        _sleep(ctx, 0.25)
+        ctx.pause(0.25)
         now = _journal_positions(item)
         if now != last:
             last, still_since = now, time.monotonic()
@@ -406,7 +374,6 @@ def run_test_failover(ctx: JobContext) -> dict:
         ctx, item, kind=RecoveredVmKind.TEST, point_id=ctx.params["point_id"], network=network, name=test_vm_name(item),
         create_step="Create the test VM and verify its disks", check_step="Check the test VM is running",
     )
-    from replication.services import protected_item_test_failover_transition
 
     protected_item_test_failover_transition(item_id=item.pk, to_state=T.SUCCEEDED, operation="finish the test failover of")
     event_record(vault=item.vault, kind="test_failover_done", protected_item=item, job=ctx.job,
@@ -427,7 +394,6 @@ def _undo_cleanup(job: Job, error: str) -> str:
 @job_handler(JobType.TEST_FAILOVER_CLEANUP, queue=queues.CONTROL, on_failure=_hook(_undo_cleanup))
 @undoes(_undo_cleanup)
 def run_test_failover_cleanup(ctx: JobContext) -> dict:
-    from replication.services import protected_item_test_failover_transition
 
     item = _item(ctx)
     notes = ctx.params.get("notes", "")
@@ -542,8 +508,8 @@ def run_planned_failover(ctx: JobContext) -> dict:
                 )
             ctx.progress(50, message=f"Waiting for the agent's last writes: {item.acked_seq} batches acknowledged, "
                                      f"{item.applied_seq} applied, {size_text(item.agent_backlog_bytes)} left at the agent.")
-            _sleep(ctx, 0.5)
-        ctx.progress(100, message=f"Every write is in the recovery point of {_ns_to_dt(point.source_time_ns):%H:%M:%S} UTC (batch {point.seq}).")
+            ctx.pause(0.5)
+        ctx.progress(100, message=f"Every write is in the recovery point of {ns_to_dt(point.source_time_ns):%H:%M:%S} UTC (batch {point.seq}).")
     vm, result = _build_vm(
         ctx, item, kind=RecoveredVmKind.FAILOVER, point_id=point.point_id, network=network, name=item.name,
         create_step="Create the VM and verify its disks", check_step="Check the VM is running",
@@ -604,7 +570,7 @@ def run_apply_recovery_point(ctx: JobContext) -> dict:
     with ctx.step("Prepare the recovery point"):
         point, disks = _recovery_disks(item, ctx.params["point_id"])
         ctx.progress(100, message=f"{len(disks)} disk{'s' if len(disks) != 1 else ''} at the point of "
-                                  f"{_ns_to_dt(point.source_time_ns):%Y-%m-%d %H:%M:%S} UTC")
+                                  f"{ns_to_dt(point.source_time_ns):%Y-%m-%d %H:%M:%S} UTC")
     with ctx.step("Swap the VM's disks and verify them"):
         with _site_errors(vm.site.name, f"change the disks of {vm.name}"), vm.site.connector() as connector:
             info = connector.replace_disks(vm.vm_id, disks, progress=_progress(ctx))
@@ -638,9 +604,6 @@ def _undo_commit(job: Job, error: str) -> str:
 @job_handler(JobType.FAILOVER_COMMIT, queue=queues.CONTROL, on_failure=_hook(_undo_commit))
 @undoes(_undo_commit)
 def run_failover_commit(ctx: JobContext) -> dict:
-    from replication.dataplane.apply import PointNotFound
-    from replication.engine import applier_for, points_mirror
-
     item = _item(ctx)
     with ctx.step("Commit the failover"):
         vm = _current(item.pk, RecoveredVmKind.FAILOVER)

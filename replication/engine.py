@@ -53,11 +53,12 @@ def applier_for(item: ProtectedItem) -> ReplicaApplier:
     return ReplicaApplier(storage(), key=seal_key, item_id=item.pk, disks=disks)
 
 
-def _ns_to_dt(ns: int) -> datetime:
+def ns_to_dt(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / 1e9, tz=dt_timezone.utc)
 
 
-def _lease(item_id) -> bool:
+def apply_lease_take(item_id) -> bool:
+    """Take the item's apply lease if nobody holds it (compare-and-set); True if taken."""
     now = timezone.now()
     return bool(
         ProtectedItem.objects.filter(pk=item_id)
@@ -66,7 +67,7 @@ def _lease(item_id) -> bool:
     )
 
 
-def _release(item_id) -> None:
+def apply_lease_release(item_id) -> None:
     ProtectedItem.objects.filter(pk=item_id).update(apply_lease_until=None)
 
 
@@ -75,7 +76,7 @@ def item_apply(*, item_id, max_batches: int | None = 64) -> dict | None:
 
     Returns a summary, or None when another worker holds the item's lease.
     """
-    if not _lease(item_id):
+    if not apply_lease_take(item_id):
         return None
     try:
         item = ProtectedItem.objects.select_related("vault", "policy").prefetch_related("replica_disks").get(pk=item_id)
@@ -120,7 +121,7 @@ def item_apply(*, item_id, max_batches: int | None = 64) -> dict | None:
             "errors": [str(e) for e in result.errors],
         }
     finally:
-        _release(item_id)
+        apply_lease_release(item_id)
 
 
 def _misplaced_logs(item: ProtectedItem, misplaced) -> None:
@@ -152,14 +153,14 @@ def points_mirror(*, item: ProtectedItem, points) -> None:
         RecoveryPoint.objects.filter(item=item).exclude(point_id__in=wanted.keys()).delete()
         RecoveryPoint.objects.bulk_create([
             RecoveryPoint(
-                item=item, point_id=p.point_id, seq=p.seq, time=_ns_to_dt(p.source_time_ns),
+                item=item, point_id=p.point_id, seq=p.seq, time=ns_to_dt(p.source_time_ns),
                 type=RecoveryPointType.APP_CONSISTENT if p.kind == "app_consistent" else RecoveryPointType.CRASH_CONSISTENT,
                 label=_label(p.label),
             )
             for pid, p in wanted.items() if pid not in have
         ])
         newest = max((p.source_time_ns for p in points), default=None)
-        fields = {"last_recovery_point_at": _ns_to_dt(newest) if newest else None}
+        fields = {"last_recovery_point_at": ns_to_dt(newest) if newest else None}
         seen = {p.label.get("id") for p in points if isinstance(p.label, dict)}
         if item.pending_bookmarks and seen:
             fields["pending_bookmarks"] = [b for b in item.pending_bookmarks if b.get("id") not in seen]

@@ -13,6 +13,7 @@ from core import queues
 from core.choices import JobType
 from core.exceptions import InvalidTransition, LifeboatError
 from core.jobs import JobContext, job_handler
+from core.text import size_text
 from replication.agents import agent_push, agent_token
 from replication.choices import ProtectionState as P
 from replication.engine import storage
@@ -28,11 +29,6 @@ POLL = 1.0
 
 def _item(ctx: JobContext) -> ProtectedItem:
     return ProtectedItem.objects.select_related("vault", "machine", "machine__vcenter", "policy", "process_server").get(pk=ctx.job.target_id)
-
-
-def _sleep(ctx: JobContext, seconds: float = POLL) -> None:
-    ctx.heartbeat()
-    time.sleep(seconds)
 
 
 # --- enable ---------------------------------------------------------------------------------
@@ -87,7 +83,7 @@ def agent_install(ctx: JobContext, item: ProtectedItem) -> dict[int, tuple[str, 
                 f"Install it on the VM and run: {command}"
             )
         ctx.progress(0, message=f"Waiting for the mobility agent to register. Install it on the VM: {command}")
-        _sleep(ctx, 2)
+        ctx.pause(2)
 
 
 def _write_private_json(path: str, value: dict) -> None:
@@ -111,7 +107,7 @@ def _take_initial_slot(ctx: JobContext, item: ProtectedItem) -> None:
                 protected_item_transition(item_id=item.pk, to_state=P.INITIAL_REPLICATION, operation="start initial replication")
                 return
         ctx.progress(0, message=f"Waiting for a free initial-replication slot on {item.process_server.name} ({running} of {limit} in use).")
-        _sleep(ctx, 2)
+        ctx.pause(2)
 
 
 @job_handler(JobType.ENABLE_REPLICATION, queue=queues.DATA, on_failure=_enable_failed)
@@ -148,7 +144,7 @@ def run_enable(ctx: JobContext) -> dict:
             if item.protection_state != P.INITIAL_REPLICATION:
                 raise LifeboatError(f"Initial replication stopped: {item.name} is now {item.get_protection_state_display().lower()}. {item.last_error}".strip())
             ctx.progress(item.initial_replication_progress, message=f"{item.initial_replication_progress}% copied")
-            _sleep(ctx)
+            ctx.pause(POLL)
     with ctx.step("Start delta replication"):
         event_record(vault=item.vault, kind="protected", message=f"{item.name} is protected.", protected_item=item)
     return {"disks": len(disks)}
@@ -206,15 +202,7 @@ def _resync_message(status: dict) -> str:
     compared, total, sent = (status.get(k) for k in ("compared_bytes", "total_bytes", "sent_bytes"))
     if not all(isinstance(v, int) for v in (compared, total, sent)):
         return ""
-    return f"Compared {_size(compared)} of {_size(total)}, sent {_size(sent)}."
-
-
-def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    return f"Compared {size_text(compared)} of {size_text(total)}, sent {size_text(sent)}."
 
 
 @job_handler(JobType.RESYNC, queue=queues.DATA, on_failure=_resync_failed)
@@ -236,7 +224,7 @@ def run_resync(ctx: JobContext) -> dict:
             item.refresh_from_db(fields=["protection_state"])
             if item.protection_state != P.RESYNCING:
                 raise LifeboatError(f"{item.name} left resynchronization ({item.get_protection_state_display().lower()}).")
-            _sleep(ctx)
+            ctx.pause(POLL)
         if not serving(_agent_phase(item)):
             raise LifeboatError(
                 f"The mobility agent of {item.name} did not start the resynchronization within 2 minutes. "
@@ -253,7 +241,7 @@ def run_resync(ctx: JobContext) -> dict:
             progress = status.get("progress")
             if serving(status) and isinstance(progress, (int, float)):
                 ctx.progress(progress * 100, message=_resync_message(status) or None)
-            _sleep(ctx)
+            ctx.pause(POLL)
         # The pass is over when the replica has applied its last batch, not when the agent
         # has sent it: that batch's seq is the target.
         target = int(status["pass_done_seq"])
@@ -272,7 +260,7 @@ def run_resync(ctx: JobContext) -> dict:
                 raise LifeboatError(f"{item.name} left resynchronization ({item.get_protection_state_display().lower()}) "
                                     f"before the replica applied the pass (seq {item.applied_seq} of {target}).")
             ctx.progress(0, message=f"The replica has applied seq {item.applied_seq} of {target}.")
-            _sleep(ctx)
+            ctx.pause(POLL)
         try:
             protected_item_transition(item_id=item.pk, to_state=P.PROTECTED, operation="finish resynchronization", last_error="")
         except InvalidTransition:

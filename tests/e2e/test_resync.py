@@ -99,7 +99,7 @@ def test_a_replica_block_flipped_behind_lifeboats_back_is_found_and_repaired(sit
         wait_for(applied_all, timeout=120, message="the replica applying every write")
 
         # flip a block of the replica disk, holding the apply lease as a worker would
-        wait_for(lambda: engine._lease(item.pk), timeout=60, message="the apply lease")
+        wait_for(lambda: engine.apply_lease_take(item.pk), timeout=60, message="the apply lease")
         try:
             storage = engine.storage()
             offset = 37 * 4096
@@ -110,7 +110,7 @@ def test_a_replica_block_flipped_behind_lifeboats_back_is_found_and_repaired(sit
                 source = f.read()
             assert storage.read_disk(disk.storage_name, 0, len(source)) != source  # the replica is now wrong
         finally:
-            engine._release(item.pk)
+            engine.apply_lease_release(item.pk)
 
         repair = api.post(f"/api/v1/replicationProtectedItems/{item.pk}/repairReplication")
         assert repair.status_code == 202, repair.content

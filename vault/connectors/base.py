@@ -122,10 +122,11 @@ class SiteInfo:
 # --- the interface -----------------------------------------------------------------------
 
 
-class SiteConnector(ABC):
-    """A connection to one VMware site. Use as a context manager: ``with connector: ...``."""
+class Session(ABC):
+    """A connection to a site, source or recovery side. Use as a context manager:
+    ``with connector: ...`` connects and closes."""
 
-    def __enter__(self) -> "SiteConnector":
+    def __enter__(self):
         self.connect()
         return self
 
@@ -139,6 +140,10 @@ class SiteConnector(ABC):
     @abstractmethod
     def close(self) -> None:
         """End the session; safe to call twice."""
+
+
+class SiteConnector(Session):
+    """A connection to one VMware site (the source side)."""
 
     @abstractmethod
     def about(self) -> SiteInfo:

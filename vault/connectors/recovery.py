@@ -21,12 +21,12 @@ both digests.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 from replication.dataplane.recovery import RecoveryDisk, VerificationFailed
-from vault.connectors.base import ConnectorError, NotFound, OperationFailed
+from vault.connectors.base import ConnectorError, NotFound, OperationFailed, Session
 
 __all__ = [
     "METHODS",
@@ -67,23 +67,9 @@ class RecoveredVmInfo:
         return sum(d.size_bytes for d in self.disks)
 
 
-class RecoverySiteConnector(ABC):
-    """A connection to one recovery site. Use as a context manager: ``with site: ...``."""
-
-    def __enter__(self) -> "RecoverySiteConnector":
-        self.connect()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
-
-    @abstractmethod
-    def connect(self) -> None:
-        """Open the session; raises the ConnectorError subclasses of the source side."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """End the session; safe to call twice."""
+class RecoverySiteConnector(Session):
+    """A connection to one recovery site (errors: the ConnectorError subclasses of the
+    source side)."""
 
     @abstractmethod
     def networks(self) -> list[str]:

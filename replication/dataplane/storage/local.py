@@ -879,17 +879,8 @@ def _copy_sparse(src_path: str, dst_fd: int) -> None:
     try:
         size = os.fstat(src).st_size
         os.ftruncate(dst_fd, size)
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(src, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    break  # only a hole remains
-                raise
-            end = os.lseek(src, start, os.SEEK_HOLE)
+        for start, end in _data_ranges(src, size):
             _copy_range(src, dst_fd, start, end - start)
-            pos = end
     finally:
         os.close(src)
 
