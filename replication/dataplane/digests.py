@@ -35,7 +35,8 @@ from .storage import ObjectNotFound, Storage
 MAGIC = b"LBDG"
 FORMAT = 1
 HEADER = struct.Struct("<4sHHQQI")  # magic, format, reserved, applied seq, disk size, block bytes
-READ_PIECE = 8 * 1024 * 1024  # replica disks are read in pieces of this size (whole groups)
+READ_PIECE = 8 * 1024 * 1024  # replica disks are read in pieces of this size (whole groups) ...
+READ_AHEAD = 4  # ... with up to this many reads in flight
 MAX_GROUPS_PER_REQUEST = 4096  # a block-digest answer is at most 1 MiB
 
 __all__ = ["FINE_BYTES", "FINE_DIGEST_BYTES", "GROUP_BLOCKS", "GROUP_BYTES", "DigestObject", "DigestError",
@@ -81,12 +82,15 @@ def disk_block_digests(storage: Storage, name: str, *, piece_bytes: int = READ_P
     size = storage.disk_size(name)
     pieces = [(offset, min(piece_bytes, size - offset)) for offset in range(0, size, piece_bytes)]
     out = []
-    # The next piece is read (I/O, without the GIL) while this one is hashed.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest-read") as reader:
-        ahead = reader.submit(storage.read_disk, name, *pieces[0]) if pieces else None
+    # The next pieces are read (I/O, without the GIL) while this one is hashed: a few reads
+    # in flight at once, since a device (or Blob Storage) answers several faster than one
+    # after the other.
+    with ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="digest-read") as reader:
+        ahead = [reader.submit(storage.read_disk, name, *piece) for piece in pieces[:READ_AHEAD]]
         for i in range(len(pieces)):
-            data = ahead.result()
-            ahead = reader.submit(storage.read_disk, name, *pieces[i + 1]) if i + 1 < len(pieces) else None
+            data = ahead.pop(0).result()
+            if i + READ_AHEAD < len(pieces):
+                ahead.append(reader.submit(storage.read_disk, name, *pieces[i + READ_AHEAD]))
             out.append(fine_digests(data))
     return size, b"".join(out)
 
