@@ -8,6 +8,11 @@ its records are acknowledged. When the journal outgrows its cap (the agent has b
 long) the filter stops journaling and leaves an ``OVERFLOW`` marker: the gap can no longer be
 bridged and the disk needs resynchronization.
 
+A filter that was not closed (the VM powered off hard, the writer killed) may have written a
+disk block without journaling it (the disk is written first): the next filter on the disk
+finds its ``WRITING`` marker and leaves ``OVERFLOW`` saying so, so the agent resynchronizes
+the disk (compares it with the replica) instead of trusting the journal.
+
 Record: ``seq u64 | offset u64 | length u32 | crc32 u32 | time_ns u64 | data[length]``.
 
 Journal seqs of a disk grow by one per write and never repeat, also across restarts of the
@@ -28,6 +33,7 @@ RECORD = struct.Struct("<QQIIQ")
 SEGMENT_BYTES = 8 * 1024 * 1024
 DEFAULT_CAP_BYTES = 2 * 1024 * 1024 * 1024
 OVERFLOW = "OVERFLOW"
+WRITING = "WRITING"  # present while a filter has the disk open
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +64,12 @@ class WriteFilter:
         # Bytes journaled as far as this filter knows; the agent only ever deletes segments,
         # so this is never below the real size and is re-measured only near the cap.
         self._journal_bytes = journal_bytes(journal_dir)
+        marker = os.path.join(journal_dir, WRITING)
+        if os.path.exists(marker):
+            with open(os.path.join(journal_dir, OVERFLOW), "w") as f:
+                f.write("the disk's last writer stopped without closing its write journal (a hard power-off or a "
+                        "crash): a write may have reached the disk without being journaled")
+        open(marker, "w").close()
 
     @property
     def overflowed(self) -> bool:
@@ -108,6 +120,10 @@ class WriteFilter:
                 self._segment.close()
                 self._segment = None
             self._disk.close()
+            try:
+                os.unlink(os.path.join(self.journal_dir, WRITING))
+            except FileNotFoundError:
+                pass
 
 
 def list_segments(journal_dir: str) -> list[int]:
@@ -228,6 +244,15 @@ def _scan_segment(path: str, offset: int) -> tuple[int, int] | None:
 
 def overflowed(journal_dir: str) -> bool:
     return os.path.exists(os.path.join(journal_dir, OVERFLOW))
+
+
+def overflow_reason(journal_dir: str) -> str:
+    """Why the journal stopped: the marker's sentence (an unclean stop), else an overflow."""
+    try:
+        with open(os.path.join(journal_dir, OVERFLOW)) as f:
+            return f.read().strip() or "the write journal overflowed: writes since are not journaled"
+    except FileNotFoundError:
+        return ""
 
 
 def clear_overflow(journal_dir: str) -> None:

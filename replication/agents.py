@@ -9,7 +9,9 @@ from django.utils import timezone
 from core.exceptions import NotFound
 from replication.choices import ProtectionState as P
 from replication.dataplane.auth import issue_token, item_subject, verify_token
+from replication.disk_shape import protected_item_disks_sync
 from replication.models import MobilityAgent, ProtectedItem
+from replication.services import protected_item_mark_resync_required
 from vault.choices import MachineSource
 from vault.models import DiscoveredDisk, DiscoveredMachine, ProcessServer, Vault
 from vault.services import event_record, vault_keys
@@ -72,6 +74,9 @@ def agent_register(*, vault: Vault, hostname: str, machine: dict, version: str =
     agent, created = MobilityAgent.objects.update_or_create(
         machine=record, defaults={"vault": vault, "hostname": hostname, "version": version, "disks": machine["disks"]}
     )
+    # Disks added or removed since the item was protected (found by the agent itself).
+    for item in ProtectedItem.objects.filter(machine=record):
+        protected_item_disks_sync(item=item)
     event_record(vault=vault, kind="agent_registered", message=f"Mobility agent on {hostname} registered for {record.name}.")
     return agent, agent_token(agent=agent)
 
@@ -105,7 +110,7 @@ def agent_assignment(*, agent: MobilityAgent) -> dict:
             "bookmarks": [{k: b[k] for k in ("id", "label", "positions") if k in b} for b in item.pending_bookmarks],
             "disks": [
                 {"index": d.index, "key": str(d.source_disk_key), "path": d.source_path, "journal_dir": d.journal_dir or None}
-                for d in item.replica_disks.all()
+                for d in item.replica_disks.all() if d.removed_at is None  # a removed disk's stream ends
             ],
         })
     return {"items": out}
@@ -140,8 +145,6 @@ def agent_event(*, agent: MobilityAgent, item_id, kind: str, message: str = "", 
     if item is None:
         raise NotFound("This agent does not replicate that item.")
     if kind == "resync_required":
-        from replication.services import protected_item_mark_resync_required
-
         protected_item_mark_resync_required(item=item, reason=message or "The mobility agent lost track of changes.")
     elif kind == "initial_progress" and progress is not None:
         ProtectedItem.objects.filter(pk=item.pk, protection_state=P.INITIAL_REPLICATION).update(initial_replication_progress=min(progress, 99))

@@ -41,3 +41,6 @@ class Direction(models.TextChoices):
 class RecoveryPointType(models.TextChoices):
     CRASH_CONSISTENT = "crash_consistent", "Crash-consistent"
     APP_CONSISTENT = "app_consistent", "App-consistent"
+    # The replica then held blocks of a disk scanned without a frozen view (read at different
+    # moments): never chosen as "latest" for a failover.
+    NOT_CRASH_CONSISTENT = "not_crash_consistent", "Not crash-consistent"

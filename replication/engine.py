@@ -9,25 +9,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime, timedelta, timezone as dt_timezone
+from datetime import datetime, timezone as dt_timezone
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
-from django.utils import timezone
 
+from core.exceptions import NotFound
+from core.jobs import job_wake
 from replication.choices import ProtectionState as P
 from replication.choices import RecoveryPointType
-from replication.dataplane.apply import DiskSpec, ReplicaApplier
-from replication.dataplane.digests import digest_request_answer
+from replication.dataplane.apply import DiskSpec, PointNotFound, ReplicaApplier
+from replication.dataplane.digests import digest_request_answer, digest_request_read
 from replication.dataplane.storage import open_storage
-from replication.models import ProtectedItem, RecoveryPoint
+from replication.lease import APPLY_LEASE_SECONDS, ApplyLease, apply_lease_release, apply_lease_take  # noqa: F401
+from replication.models import ProtectedItem, RecoveryPoint, ReplicaDisk
+from replication.services import protected_item_mark_resync_required, protected_item_transition
+from replication.waits import initial_slot_wait_key, item_wait_key
 from vault.choices import Severity
 from vault.services import alert_raise, event_record, vault_keys
 
 logger = logging.getLogger(__name__)
 
-APPLY_LEASE_SECONDS = 300
 _storage_lock = threading.Lock()
 _storage = None
 
@@ -57,26 +59,13 @@ def ns_to_dt(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / 1e9, tz=dt_timezone.utc)
 
 
-def apply_lease_take(item_id) -> bool:
-    """Take the item's apply lease if nobody holds it (compare-and-set); True if taken."""
-    now = timezone.now()
-    return bool(
-        ProtectedItem.objects.filter(pk=item_id)
-        .filter(Q(apply_lease_until__isnull=True) | Q(apply_lease_until__lt=now))
-        .update(apply_lease_until=now + timedelta(seconds=APPLY_LEASE_SECONDS))
-    )
-
-
-def apply_lease_release(item_id) -> None:
-    ProtectedItem.objects.filter(pk=item_id).update(apply_lease_until=None)
-
-
 def item_apply(*, item_id, max_batches: int | None = 64) -> dict | None:
     """One apply pass: logs to replica, points mirrored, retention applied, state moved on.
 
     Returns a summary, or None when another worker holds the item's lease.
     """
-    if not apply_lease_take(item_id):
+    lease = apply_lease_take(item_id)
+    if lease is None:
         return None
     try:
         item = ProtectedItem.objects.select_related("vault", "policy").prefetch_related("replica_disks").get(pk=item_id)
@@ -84,11 +73,17 @@ def item_apply(*, item_id, max_batches: int | None = 64) -> dict | None:
             return {"skipped": item.protection_state}
         applier = applier_for(item)
         result = applier.apply_pending(
-            crash_consistent_interval_s=item.policy.crash_consistent_frequency_seconds, max_batches=max_batches
+            crash_consistent_interval_s=item.policy.crash_consistent_frequency_seconds, max_batches=max_batches,
+            gap_grace_s=float(getattr(settings, "LIFEBOAT_LOG_GAP_GRACE_SECONDS", 120)),
         )
+        lease.check()  # a holder that lost its lease writes nothing more (replication/lease.py)
         retention_ns = item.policy.recovery_point_retention_hours * 3600 * 10**9
         pruned = applier.prune_points(older_than_ns=time.time_ns() - retention_ns) if retention_ns else []
         points_mirror(item=item, points=applier.list_points())
+        sizes = applier.disk_sizes()  # a disk that grew or joined: its size as the stream says
+        for d in item.replica_disks.all():
+            if d.index in sizes and sizes[d.index] != d.capacity_bytes:
+                ReplicaDisk.objects.filter(pk=d.pk).update(capacity_bytes=sizes[d.index])
         fields = {"applied_seq": result.applied_seq}
         if result.errors:
             err = result.errors[0]
@@ -104,16 +99,28 @@ def item_apply(*, item_id, max_batches: int | None = 64) -> dict | None:
             logger.warning("item %s: %s", item.pk, "; ".join(str(e) for e in result.errors))
         if result.misplaced:
             _misplaced_logs(item, result.misplaced)
+        if result.lost:
+            _lost_logs(item, result.lost)
+        elif result.damaged_since is not None and item.protection_state == P.PROTECTED:
+            # a resync ended without comparing the replica as read after the loss: another one
+                    protected_item_mark_resync_required(item=item, reason=(
+                f"the replica still lacks the writes of replication log {result.damaged_since}, lost in cache "
+                "storage: the last resynchronization did not compare the replica as it is after that log"))
         if item.protection_state == P.RESYNCING:
             # The agent's resync pass compares the source with the replica as it is: under
             # this lease nothing writes the disks, so their digests are read here.
-            digest_request_answer(storage(), item_id=item.pk, applied_seq=result.applied_seq,
-                                  disks={d.index: d.storage_name for d in item.replica_disks.all()})
+            wanted = digest_request_read(storage(), item.pk)
+            if digest_request_answer(storage(), item_id=item.pk, applied_seq=result.applied_seq,
+                                     disks={d.index: d.storage_name for d in item.replica_disks.all() if d.index in sizes}):
+                if wanted is not None and applier.repair_compared(from_seq=wanted):
+                    event_record(vault=item.vault, kind="resync_compares_damage", message=(
+                        f"The resynchronization of {item.name} compares the source with the replica as it is after "
+                        "the lost replication logs; recovery points are cut again once it is applied."),
+                        protected_item=item)
         if result.initial_copy_complete and item.protection_state == P.INITIAL_REPLICATION:
-            from replication.services import protected_item_transition
-
             protected_item_transition(item_id=item.pk, to_state=P.PROTECTED, operation="finish initial replication",
                                       initial_replication_progress=100)
+            job_wake(initial_slot_wait_key(item.process_server_id))  # a slot is free for a waiting enable
             event_record(vault=item.vault, kind="initial_replication_done", message=f"Initial replication of {item.name} is complete; delta replication goes on.", protected_item=item)
         return {
             "batches": result.batches_applied, "bytes": result.bytes_applied, "points": result.points_cut,
@@ -121,15 +128,15 @@ def item_apply(*, item_id, max_batches: int | None = 64) -> dict | None:
             "errors": [str(e) for e in result.errors],
         }
     finally:
-        apply_lease_release(item_id)
+        lease.release()
+        # Jobs waiting on this item (an initial copy, a resync's apply) look again now.
+        job_wake(item_wait_key(item_id))
 
 
 def _misplaced_logs(item: ProtectedItem, misplaced) -> None:
     """Logs that arrived numbered behind what the replica has applied: kept aside, never
     applied, never silently dropped. The item cannot be trusted to be complete: say so
     loudly and have it resynchronized (every block compared with the source)."""
-    from replication.services import protected_item_mark_resync_required
-
     first = misplaced[0]
     for err in misplaced:
         logger.error("item %s: %s", item.pk, err)
@@ -145,6 +152,27 @@ def _misplaced_logs(item: ProtectedItem, misplaced) -> None:
     )
 
 
+def _lost_logs(item: ProtectedItem, lost) -> None:
+    """Logs lost in cache storage (missing, or failing authentication or decoding): the
+    unreadable ones are kept in quarantine, the stream goes on after them, and the replica
+    lacks their writes until a resync: say so loudly and have the item resynchronized."""
+    first = lost[0]
+    for err in lost:
+        logger.error("item %s: %s", item.pk, err.message)
+    seqs = f"log {first.seq}" if len(lost) == 1 else f"logs {first.seq} to {lost[-1].seq}"
+    alert_raise(
+        vault=item.vault, key=f"lost:{item.pk}:{first.seq}", kind="replication_log_lost",
+        message=(f"{item.name}: replication {seqs} could not be applied: {first.message}. Unreadable logs are kept "
+                 f"in quarantine ({first.key if first.reason != 'missing' else 'nothing to keep'}); no recovery "
+                 "point is cut until a resynchronization has repaired the replica."),
+        severity=Severity.CRITICAL, protected_item=item,
+    )
+    protected_item_mark_resync_required(
+        item=item, reason=f"replication {seqs} {'went missing from' if first.reason == 'missing' else 'failed to read from'} "
+                          "cache storage before it was applied; the replica lacks its writes",
+    )
+
+
 def points_mirror(*, item: ProtectedItem, points) -> None:
     """Make the item's RecoveryPoint rows equal the data plane's list (the source of truth)."""
     wanted = {p.point_id: p for p in points}
@@ -154,7 +182,9 @@ def points_mirror(*, item: ProtectedItem, points) -> None:
         RecoveryPoint.objects.bulk_create([
             RecoveryPoint(
                 item=item, point_id=p.point_id, seq=p.seq, time=ns_to_dt(p.source_time_ns),
-                type=RecoveryPointType.APP_CONSISTENT if p.kind == "app_consistent" else RecoveryPointType.CRASH_CONSISTENT,
+                type=(RecoveryPointType.NOT_CRASH_CONSISTENT if not p.consistent
+                      else RecoveryPointType.APP_CONSISTENT if p.kind == "app_consistent"
+                      else RecoveryPointType.CRASH_CONSISTENT),
                 label=_label(p.label),
             )
             for pid, p in wanted.items() if pid not in have
@@ -177,12 +207,13 @@ def _label(label) -> str:
 
 def disk_image_stream(*, item: ProtectedItem, point: RecoveryPoint, disk_index: int):
     """(size, iterator of chunks) of a replica disk as of a recovery point."""
-    from core.exceptions import NotFound
-    from replication.dataplane.apply import PointNotFound
-
     applier = applier_for(item)
     try:
-        size = applier.disk_size_at(point.point_id, disk_index)
+        kept = applier.get_point(point.point_id)
     except PointNotFound:
         raise NotFound("This recovery point has just been pruned by retention.") from None
+    if disk_index not in kept.snapshots:
+        raise NotFound(f"This recovery point has no disk {disk_index}: the disk was added to the machine after it, "
+                       "or removed before it.")
+    size = applier.disk_size_at(point.point_id, disk_index)
     return size, applier.iter_disk_image(point.point_id, disk_index)

@@ -14,7 +14,7 @@ from django.utils import timezone
 from replication.choices import ProtectionState as P
 from replication.models import ProtectedItem
 from vault.choices import Health, Severity
-from vault.models import ProcessServer
+from vault.models import Alert, ProcessServer
 from vault.services import alert_raise, alert_resolve
 
 # ASR's process-server thresholds: (warning, critical).
@@ -126,8 +126,6 @@ def _item_alerts(item: ProtectedItem, *, active: set[tuple[int, str]], now) -> t
 
 def _active_alert_keys() -> set[tuple[int, str]]:
     """Every open alert's (vault, key), in one query: the sweep touches only what changes."""
-    from vault.models import Alert
-
     return set(Alert.objects.filter(state="ACTIVE").values_list("vault_id", "key"))
 
 

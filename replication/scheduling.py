@@ -1,4 +1,10 @@
-"""Scheduled replication work: app-consistent snapshots and off-hours resynchronization."""
+"""Scheduled replication work: app-consistent snapshots and off-hours resynchronization.
+
+A resync that fails puts the item back in RESYNC_REQUIRED with its error
+(``resync_failure_recorded``, the resync job's failure hook) and a time before which the
+off-hours sweep does not try again: 5 minutes after the first failure, doubling with each
+failure in a row, at most 4 hours. "Resynchronize now" does not wait for it; a resync that
+succeeds clears the count."""
 from __future__ import annotations
 
 import logging
@@ -6,14 +12,19 @@ import uuid
 import zoneinfo
 from datetime import datetime, time as dtime, timedelta
 
-from django.db.models import Max
+from django.db.models import F, Max, Q
 from django.utils import timezone
 
 from core.exceptions import LifeboatError
+from core.transitions import transition
 from replication.choices import ProtectionState as P
 from replication.choices import RecoveryPointType
 from replication.models import ProtectedItem
+from replication.services import protected_item_resync
+from replication.transitions import PROTECTION
 from vault.choices import Severity
+from vault.connectors import ConnectorError
+from vault.discovery import connector_for
 from vault.models import Vault
 from vault.services import event_record
 
@@ -30,17 +41,53 @@ def in_window(*, now: datetime, start: dtime, end: dtime, tz: str) -> bool:
     return local >= start or local < end
 
 
-def items_resync_in_offhours(*, now=None) -> int:
-    """Start the resynchronization of every item that needs one, in its vault's off-hours."""
-    from replication.services import protected_item_resync
+RESYNC_RETRY_FIRST = timedelta(minutes=5)
+RESYNC_RETRY_MAX = timedelta(hours=4)
 
+
+def resync_retry_delay(*, attempts: int) -> timedelta:
+    """How long after its ``attempts``-th failure in a row a resync is tried again."""
+    return min(RESYNC_RETRY_FIRST * 2 ** max(attempts - 1, 0), RESYNC_RETRY_MAX)
+
+
+def resync_failure_recorded(*, item_id, error: str, now=None) -> bool:
+    """A resynchronization failed: the item goes back to RESYNC_REQUIRED with the error, one
+    more failure is counted and the off-hours sweep waits out the backoff before it tries
+    again. Only an item still RESYNCING is changed (compare-and-set); True if it was."""
+    now = now or timezone.now()
+    item = ProtectedItem.objects.filter(pk=item_id).select_related("vault").first()
+    if item is None:
+        return False
+    attempts = item.resync_attempts + 1
+    retry_at = now + resync_retry_delay(attempts=attempts)
+    local = retry_at.astimezone(zoneinfo.ZoneInfo(item.vault.off_hours_time_zone))
+    message = (f"Resynchronization failed ({attempts} in a row): {error} It is retried by itself from "
+               f"{local:%Y-%m-%d %H:%M %Z} in the vault's off-hours window, or at once with Resynchronize now.")
+    updated = transition(
+        PROTECTION, model=ProtectedItem, pk=item_id, to_state=P.RESYNC_REQUIRED, operation="record the failed resync of",
+        from_states={P.RESYNCING}, quiet=True, last_error=message[:2000], resync_attempts=F("resync_attempts") + 1,
+        resync_retry_at=retry_at,
+    )
+    if updated:
+        event_record(vault=item.vault, kind="resync_failed", message=f"{item.name}: {message}",
+                     severity=Severity.WARNING, protected_item=item)
+    return bool(updated)
+
+
+def items_resync_in_offhours(*, now=None) -> int:
+    """Start the resynchronization of every item that needs one, in its vault's off-hours,
+    once the backoff after a failed resync has passed."""
     now = now or timezone.now()
     started = 0
+    # A resync that succeeded ends the run of failures.
+    ProtectedItem.objects.filter(protection_state=P.PROTECTED, resync_attempts__gt=0).update(
+        resync_attempts=0, resync_retry_at=None)
     open_vaults = {
         v.pk for v in Vault.objects.all()
         if in_window(now=now, start=v.off_hours_start, end=v.off_hours_end, tz=v.off_hours_time_zone)
     }
-    for item in ProtectedItem.objects.filter(protection_state=P.RESYNC_REQUIRED, vault__in=open_vaults).select_related("vault"):
+    due = Q(resync_retry_at__isnull=True) | Q(resync_retry_at__lte=now)
+    for item in ProtectedItem.objects.filter(due, protection_state=P.RESYNC_REQUIRED, vault__in=open_vaults).select_related("vault"):
         try:
             protected_item_resync(item=item)
             started += 1
@@ -72,8 +119,6 @@ def items_app_consistent_due(*, now=None) -> int:
 
 
 def models_q_app():
-    from django.db.models import Q
-
     return Q(recovery_points__type=RecoveryPointType.APP_CONSISTENT)
 
 
@@ -88,9 +133,6 @@ def protected_item_app_consistent_snapshot(*, item: ProtectedItem, now=None) -> 
     one itself only where it knows the journal positions of the quiesced moment (the
     simulated site reports them; it also runs the guest's hook, with this bookmark's id);
     the agent drops any bookmark the stream has already gone past."""
-    from vault.connectors import ConnectorError
-    from vault.discovery import connector_for
-
     now = now or timezone.now()
     machine = item.machine
     bookmark = {"id": uuid.uuid4().hex, "label": f"app-consistent {now:%Y-%m-%d %H:%M:%S}", "requested_at": now.isoformat()}

@@ -2,7 +2,9 @@
 
 Runs as a job. New machines appear, changed ones update (power state, host, disks, a
 resized disk), vanished ones are marked missing (never deleted: a protected machine must
-stay visible). A fixed handful of queries whatever the inventory's size.
+stay visible). A fixed handful of queries whatever the inventory's size. Disks added,
+resized or removed are announced with ``vault.signals.machine_disks_changed`` once the
+upsert is committed (replication keeps protected items' replica disks in step).
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from core.exceptions import Conflict, LifeboatError
 from core.jobs import JobContext, job_create, job_handler
 from core.models import Job
 from vault.choices import MachineSource, VCenterKind
+from vault.connectors import ConnectorError, open_connector
 from vault.models import DiscoveredDisk, DiscoveredMachine, VCenter
 from vault.services import vcenter_password
+from vault.signals import machine_disks_changed
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +34,6 @@ BATCH = 1000
 
 def connector_for(vcenter: VCenter):
     """An unconnected connector for the endpoint, from the vault's stored settings."""
-    from vault.connectors import open_connector
-
     if vcenter.kind == VCenterKind.SIMULATED:
         return open_connector("simulated", data_dir=vcenter.host, user=vcenter.username, password=vcenter_password(vcenter=vcenter))
     return open_connector(
@@ -71,8 +73,6 @@ def _record_discovery_failure(job: Job, error: str) -> None:
 
 @job_handler(JobType.DISCOVERY, on_failure=_record_discovery_failure)
 def run_discovery(ctx: JobContext) -> dict:
-    from vault.connectors import ConnectorError
-
     vcenter = VCenter.objects.select_related("vault").get(pk=ctx.job.target_id)
     connector = connector_for(vcenter)
     try:
@@ -130,6 +130,7 @@ def machines_upsert(*, vcenter: VCenter, vms) -> dict:
         by_uuid = {m.instance_uuid: m for m in DiscoveredMachine.objects.filter(vcenter=vcenter, instance_uuid__in=seen).only("id", "instance_uuid")}
         current = {(d.machine_id, d.key): d for d in DiscoveredDisk.objects.filter(machine__vcenter=vcenter, machine__instance_uuid__in=seen)}
         disk_new, disk_changed, keep = [], [], set()
+        shape: list[dict] = []  # disks added, resized or removed
         for vm in vms:
             machine_id = by_uuid[vm.instance_uuid].pk
             for disk in vm.disks:
@@ -138,7 +139,11 @@ def machines_upsert(*, vcenter: VCenter, vms) -> dict:
                 values = dict(label=disk.label or "", capacity_bytes=disk.capacity_bytes, backing_file=disk.backing_file or "", datastore=disk.datastore or "")
                 if row is None:
                     disk_new.append(DiscoveredDisk(machine_id=machine_id, key=disk.key, **values))
+                    shape.append({"machine_id": machine_id, "key": disk.key, "old": None, "new": disk.capacity_bytes})
                 elif any(getattr(row, f) != v for f, v in values.items()):
+                    if row.capacity_bytes != disk.capacity_bytes:
+                        shape.append({"machine_id": machine_id, "key": disk.key, "old": row.capacity_bytes,
+                                      "new": disk.capacity_bytes})
                     for f, v in values.items():
                         setattr(row, f, v)
                     disk_changed.append(row)
@@ -146,6 +151,10 @@ def machines_upsert(*, vcenter: VCenter, vms) -> dict:
         DiscoveredDisk.objects.bulk_update(disk_changed, ["label", "capacity_bytes", "backing_file", "datastore"], batch_size=BATCH)
         gone = [d.pk for k, d in current.items() if k not in keep]
         DiscoveredDisk.objects.filter(pk__in=gone).delete()
+        shape += [{"machine_id": d.machine_id, "key": d.key, "old": d.capacity_bytes, "new": None}
+                  for k, d in current.items() if k not in keep]
+        if shape:
+            transaction.on_commit(lambda: machine_disks_changed.send(sender=DiscoveredDisk, changes=shape))
     return {
         "machines_found": len(seen),
         "machines_new": len(new),

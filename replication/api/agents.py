@@ -16,8 +16,10 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
 from core.exceptions import PermissionDenied
+from core.jobs import job_wake
 from replication import agents as agent_services
 from replication.models import MobilityAgent
+from replication.waits import machine_wait_key
 from vault.models import ProcessServer, Vault
 
 logger = logging.getLogger(__name__)
@@ -105,6 +107,7 @@ def agent_register(request):
     if vault is None:
         raise PermissionDenied("The registration passphrase is not that of any vault.", code="bad_passphrase")
     agent, token = agent_services.agent_register(vault=vault, hostname=data["hostname"], machine=data["machine"], version=data.get("version", ""))
+    job_wake(machine_wait_key(agent.machine_id))  # an enable waiting for this agent goes on
     return Response({"agent_id": str(agent.pk), "token": token}, status=201)
 
 
@@ -124,6 +127,7 @@ def agent_assignment(request, agent_id):
 def agent_heartbeat(request, agent_id):
     agent = _agent(request, agent_id)
     agent_services.agent_heartbeat(agent=agent, report=_validated(HeartbeatSerializer, request))
+    job_wake(machine_wait_key(agent.machine_id))  # a resync waiting on the agent's phase looks again
     return Response(status=204)
 
 
@@ -135,6 +139,7 @@ def agent_event(request, agent_id):
     agent = _agent(request, agent_id)
     data = _validated(AgentEventSerializer, request)
     agent_services.agent_event(agent=agent, **data)
+    job_wake(machine_wait_key(agent.machine_id))
     return Response(status=204)
 
 

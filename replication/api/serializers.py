@@ -7,7 +7,7 @@ from vault.models import DiscoveredMachine, ProcessServer, RecoveryNetwork, Reco
 class ReplicaDiskSerializer(serializers.ModelSerializer):
     class Meta:
         model = ReplicaDisk
-        fields = ["index", "source_disk_key", "label", "capacity_bytes"]
+        fields = ["index", "source_disk_key", "label", "capacity_bytes", "removed_at"]  # removed: no longer replicated
         read_only_fields = fields
 
 
@@ -28,7 +28,8 @@ class ProtectedItemSerializer(serializers.ModelSerializer):
             "health_reasons", "rpo_seconds", "last_recovery_point_at", "initial_replication_progress",
             "last_error", "agent_last_heartbeat_at", "agent_backlog_bytes", "acked_seq", "applied_seq",
             "replica_disks", "recovery_site", "recovery_site_name", "recovery_network", "recovery_network_name",
-            "test_network", "test_network_name", "state_changed_at", "created_at",
+            "test_network", "test_network_name", "state_changed_at", "created_at", "resync_attempts",
+            "resync_retry_at",
         ]
         read_only_fields = fields
 

@@ -41,6 +41,17 @@ of the item's disks no point refers to) and takes them again: a half-made point 
 visible. Pruning records the snapshots it will delete in the state before deleting them, and
 deleting a replica marks the state first; both are finished by the next call.
 
+**Disks that change shape.** The stream says when a disk's size changes: a disk record
+(``KIND_DISK``) sets the disk's size from that point of the stream on. A bigger size grows
+the replica disk, a disk the state does not know yet joins it (created from the
+``DiskSpec`` the caller gives for that index), size 0 retires the disk (kept for the points
+that have it, left out of newer ones). The state's sizes are the truth once a disk is in it;
+a ``DiskSpec`` size only creates a disk, and a disk joins the state from its ``DiskSpec``
+only until the initial copy is complete (later ones join through the stream). Writes are
+checked against the size in force where they stand in the stream. Every point records each
+disk's size, and snapshots keep the size they were taken at, so a point from before a disk
+grew reads at its old size. A batch of disk records only cuts no point.
+
 Calls for one item (apply, prune, delete) must not run at the same time: the caller holds the
 item's lock (one apply task per item). Reading points may happen anywhere.
 """
@@ -57,8 +68,11 @@ from typing import Any, Iterator, Mapping
 from .batch import (
     FLAG_INITIAL,
     FLAG_INITIAL_DONE,
+    FLAG_FROZEN_END,
     FLAG_RESYNC,
+    FLAG_UNFROZEN,
     KIND_BOOKMARK,
+    KIND_DISK,
     KIND_WRITE,
     MAX_DISKS,
     SECTOR,
@@ -78,6 +92,9 @@ DEFAULT_CHECKPOINT_BYTES = 1024 * 1024 * 1024
 DEFAULT_IMAGE_CHUNK = 4 * 1024 * 1024
 STATE_FORMAT = 1
 RECENT_TAGS = 256  # applied logs remembered by seal tag (a process server re-uploads far fewer)
+# A log missing while later ones are in storage is waited for this long before it is owned
+# up to as lost (a process server puts an item's logs in seq order, so a gap is rare and short).
+DEFAULT_GAP_GRACE_S = 120.0
 _PREFETCH = 2  # logs fetched and opened ahead of the one being written
 _OPENERS = 2  # threads fetching and opening them (the work releases the GIL)
 # Sealed logs and their decrypted (still compressed) bytes are read into buffers kept for
@@ -138,6 +155,10 @@ class RecoveryPoint:
     label: Any = field(hash=False)  # the bookmark's JSON label (app-consistent), else None
     snapshots: dict[int, str] = field(hash=False)  # disk index -> snapshot id
     created_ns: int = 0  # wall-clock time the point was cut
+    disk_sizes: dict[int, int] = field(default_factory=dict, hash=False)  # disk index -> bytes at the point
+    # False when the replica then held blocks of a disk scanned without a frozen view: read
+    # over a span of time, they may come from different moments (not crash-consistent).
+    consistent: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -148,6 +169,8 @@ class RecoveryPoint:
             "label": self.label,
             "snapshots": {str(i): s for i, s in sorted(self.snapshots.items())},
             "created_ns": self.created_ns,
+            "disk_sizes": {str(i): n for i, n in sorted(self.disk_sizes.items())},
+            "consistent": self.consistent,
         }
 
     @classmethod
@@ -160,6 +183,8 @@ class RecoveryPoint:
             label=d.get("label"),
             snapshots={int(i): s for i, s in d.get("snapshots", {}).items()},
             created_ns=int(d.get("created_ns", 0)),
+            disk_sizes={int(i): int(n) for i, n in d.get("disk_sizes", {}).items()},
+            consistent=bool(d.get("consistent", True)),
         )
 
 
@@ -188,6 +213,10 @@ class ApplyResult:
     bookmarks_skipped: int = 0
     waiting_for_seq: int | None = None  # set when a later log exists but this one does not yet
     misplaced: list[ApplyError] = field(default_factory=list)  # logs moved to quarantine
+    # Logs lost in cache storage (missing past the grace, or unreadable: moved to quarantine)
+    # and bridged by this pass; the replica is damaged from the first of them on.
+    lost: list[ApplyError] = field(default_factory=list)
+    damaged_since: int | None = None  # the replica lacks a lost log's writes from this seq on
     more_pending: bool = False  # stopped at max_batches with logs left
 
     @property
@@ -228,6 +257,21 @@ class _State:
     # (seq, seal tag) of the newest applied logs: a log found again with the same tag is the
     # very object applied before (a process server's re-upload) and may go.
     recent_tags: list[tuple[int, str]] = field(default_factory=list)
+    # Disks that left the machine: no longer written or snapshotted, kept for older points.
+    retired: dict[int, DiskSpec] = field(default_factory=dict)
+    # The first missing log while later ones wait, and since when (wall clock, ns).
+    gap_seq: int = 0
+    gap_since_ns: int = 0
+    # The lowest seq of a log that was lost and bridged: the replica lacks its writes, so no
+    # point is cut until a resync has compared the source with the replica as read after it.
+    damaged_since: int | None = None
+    # A batch of a disk scanned without a frozen view was applied: the replica holds blocks
+    # read at different moments, and its points are not crash-consistent.
+    mixed: bool = False
+
+    def spec(self, index: int) -> DiskSpec | None:
+        """The disk at ``index``, live or retired."""
+        return self.disks.get(index) or self.retired.get(index)
 
     def to_bytes(self) -> bytes:
         d = {
@@ -247,6 +291,13 @@ class _State:
             "deleting": self.deleting,
             "clean_through": self.clean_through,
             "recent_tags": [list(x) for x in self.recent_tags],
+            "retired": {
+                str(i): {"name": s.name, "size_bytes": s.size_bytes} for i, s in sorted(self.retired.items())
+            },
+            "gap_seq": self.gap_seq,
+            "gap_since_ns": self.gap_since_ns,
+            "damaged_since": self.damaged_since,
+            "mixed": self.mixed,
             "saved_ns": time.time_ns(),
         }
         return json.dumps(d, separators=(",", ":")).encode()
@@ -271,6 +322,11 @@ class _State:
                 deleting=bool(d.get("deleting", False)),
                 clean_through=int(d.get("clean_through", 0)),
                 recent_tags=[(int(a), str(b)) for a, b in d.get("recent_tags", [])],
+                retired={int(i): DiskSpec(s["name"], int(s["size_bytes"])) for i, s in d.get("retired", {}).items()},
+                gap_seq=int(d.get("gap_seq", 0)),
+                gap_since_ns=int(d.get("gap_since_ns", 0)),
+                damaged_since=int(d["damaged_since"]) if d.get("damaged_since") is not None else None,
+                mixed=bool(d.get("mixed", False)),
             )
         except ApplyStateError:
             raise
@@ -346,22 +402,26 @@ class ReplicaApplier:
         self.storage.put_object(self.state_key, st.to_bytes())
 
     def _ensure_disks(self, st: _State) -> None:
+        """Every disk of the state exists at the state's size (a size change whose batch was
+        applied but not checkpointed is undone here and redone by the replay); disks the
+        caller names join the state until the initial copy is complete."""
         changed = False
         for index, spec in sorted(self.disks.items()):
-            known = st.disks.get(index)
+            known = st.spec(index)
             if known is not None and known.name != spec.name:
                 raise ApplyStateError(
                     f"item {self.item_id} disk {index} is replicated to {known.name!r}, not {spec.name!r} "
                     "(replica disks cannot be renamed)"
                 )
-            if not self._disks_ready:
+            if known is None and not st.initial_copy_complete:
+                st.disks[index] = spec
+                changed = True
+        if not self._disks_ready:
+            for spec in st.disks.values():
                 if not self.storage.disk_exists(spec.name):
                     self.storage.create_disk(spec.name, spec.size_bytes)
                 elif self.storage.disk_size(spec.name) != spec.size_bytes:
                     self.storage.resize_disk(spec.name, spec.size_bytes)
-            if known != spec:
-                st.disks[index] = spec
-                changed = True
         if changed:
             self._save(st)
         self._disks_ready = True
@@ -379,7 +439,7 @@ class ReplicaApplier:
                     f"{self.state_key}: pending point at seq {st.pending_point.seq} "
                     f"but applied seq is {st.applied_seq}"
                 )
-            for index, spec in sorted(st.disks.items()):
+            for index, spec in sorted({**st.retired, **st.disks}.items()):
                 keep = {p.snapshots.get(index) for p in st.points}
                 try:
                     existing = self.storage.list_snapshots(spec.name)
@@ -399,11 +459,18 @@ class ReplicaApplier:
         now_ns: int | None = None,
         crash_consistent_interval_s: float,
         max_batches: int | None = None,
+        gap_grace_s: float = DEFAULT_GAP_GRACE_S,
     ) -> ApplyResult:
         """Apply the item's pending logs in order and cut the recovery points that are due.
 
         ``now_ns`` is the wall-clock time recorded on points cut (default: now). Rejected
         logs stop the pass and are reported in ``errors``; nothing of them is applied.
+
+        Logs lost in cache storage are never skipped silently (``_bridge``): a log that
+        fails authentication or decoding is moved intact to ``quarantine/<item>/``, a log
+        missing for ``gap_grace_s`` while later ones are there is given up; either is
+        reported in ``lost`` and the replica is *damaged* from it on: no point is cut until
+        a resync compares the source with the replica as read after it (``repair_compared``).
         """
         if crash_consistent_interval_s < 0:
             raise ValueError("crash_consistent_interval_s must be 0 or more")
@@ -424,14 +491,29 @@ class ReplicaApplier:
         st.clean_through = st.applied_seq  # whatever is left at or below it is settled (saved
         # with this pass's first checkpoint)
 
+        saved_gap = (st.gap_seq, st.gap_since_ns)
+        if pending and pending[0][0] > st.applied_seq + 1:
+            missing = st.applied_seq + 1
+            if st.gap_seq != missing:
+                st.gap_seq, st.gap_since_ns = missing, now
+            elif now - st.gap_since_ns >= gap_grace_s * 1_000_000_000:
+                self._bridge(st, result, missing, pending[0][0] - 1, (
+                    f"missing from cache storage for {(now - st.gap_since_ns) / 1e9:.0f} s while later logs "
+                    f"(from {pending[0][0]}) are there"))
         expected = st.applied_seq + 1
         runnable: list[tuple[int, str]] = []
         for seq, key in pending:
             if seq != expected:
                 result.waiting_for_seq = expected
+                if not runnable:
+                    break
+                if st.gap_seq != expected:  # the wait for it starts now
+                    st.gap_seq, st.gap_since_ns = expected, now
                 break
             runnable.append((seq, key))
             expected += 1
+        if result.waiting_for_seq is None:
+            st.gap_seq = st.gap_since_ns = 0
         if max_batches is not None and len(runnable) > max_batches:
             runnable = runnable[:max_batches]
             result.more_pending = True
@@ -449,20 +531,36 @@ class ReplicaApplier:
                         nxt = next(todo, None)
                         if nxt is None:
                             return
-                        ahead.append(pool.submit(self._open, nxt[0], nxt[1], st.disks))
+                        ahead.append(pool.submit(self._open, nxt[0], nxt[1]))
 
                 refill()
                 try:
                     while ahead:
                         opened = ahead.popleft().result()
+                        if opened.error is not None and opened.error.reason in ("tampered", "malformed"):
+                            refill()
+                            self._quarantine_unreadable(st, result, opened.error)
+                            continue
                         if opened.error is not None:
-                            result.errors.append(opened.error)
+                            if opened.error.reason == "missing":  # gone between listing and reading
+                                result.waiting_for_seq = opened.seq
+                            else:
+                                result.errors.append(opened.error)
+                            result.more_pending = False
+                            break
+                        batch = opened.batch
+                        assert batch is not None
+                        problem = self._check_disks(st, opened)
+                        if problem is not None:
+                            result.errors.append(problem)
                             result.more_pending = False
                             break
                         refill()
-                        batch = opened.batch
-                        assert batch is not None
-                        written = self._write(batch, st.disks, dirty)
+                        written = self._write(batch, st, dirty)
+                        if batch.flags & FLAG_UNFROZEN:
+                            st.mixed = True
+                        elif batch.flags & FLAG_FROZEN_END:
+                            st.mixed = False
                         st.applied_seq = batch.seq
                         st.applied_source_time_ns = batch.source_time_ns
                         st.recent_tags.append((batch.seq, opened.tag))
@@ -487,13 +585,53 @@ class ReplicaApplier:
                     for f in ahead:
                         f.cancel()
         # On an exception nothing more is saved: the next pass replays from the durable seq.
-        if dirty or done_keys:
+        if dirty or done_keys or result.lost or saved_gap != (st.gap_seq, st.gap_since_ns):
             self._checkpoint(st, dirty, done_keys)
+        result.damaged_since = st.damaged_since
 
         result.applied_seq = st.applied_seq
         result.last_source_time_ns = st.applied_source_time_ns
         result.initial_copy_complete = st.initial_copy_complete
         return result
+
+    def _bridge(self, st: _State, result: ApplyResult, first: int, last: int, why: str) -> None:
+        """Give up logs ``first``..``last``, lost in cache storage: the stream goes on after
+        them (the resync that repairs the replica comes after them in the stream), the loss
+        is reported and the replica is damaged from ``first`` on."""
+        for seq in range(first, last + 1):
+            result.lost.append(ApplyError(seq, f"{self.logs_prefix}{seq:020d}.lbs", "missing", f"log {seq} is {why}"))
+        st.applied_seq = max(st.applied_seq, last)
+        st.damaged_since = first if st.damaged_since is None else min(st.damaged_since, first)
+        st.gap_seq = st.gap_since_ns = 0
+
+    def _quarantine_unreadable(self, st: _State, result: ApplyResult, error: ApplyError) -> None:
+        """A log that fails authentication or decoding: moved intact to quarantine (never
+        deleted), then given up like a missing one."""
+        dest = f"{self.quarantine_prefix}{error.seq:020d}-{time.time_ns()}.lbs"
+        try:
+            raw = self.storage.get_object(error.key)
+        except ObjectNotFound:
+            raw = None
+        if raw is not None:
+            self.storage.put_object(dest, raw)
+            self.storage.delete_object(error.key)
+        result.lost.append(ApplyError(error.seq, dest if raw is not None else error.key, error.reason,
+                                      f"log {error.seq} cannot be read ({error.reason}: {error.message})"
+                                      + (f"; kept as {dest}" if raw is not None else "")))
+        st.applied_seq = max(st.applied_seq, error.seq)
+        st.damaged_since = error.seq if st.damaged_since is None else min(st.damaged_since, error.seq)
+
+    def repair_compared(self, *, from_seq: int) -> bool:
+        """A resync pass compares the source with the replica as read after seq ``from_seq``
+        (its digest seq): if that is at or after the first lost log, the pass repairs what
+        was lost and points may be cut again once it is applied. True if the damage is
+        cleared. Called under the item's apply lease."""
+        st = self._load_state(create=False)
+        if st is None or st.damaged_since is None or from_seq < st.damaged_since:
+            return False
+        st.damaged_since = None
+        self._save(st)
+        return True
 
     def _settle_stale(self, st: _State, stale: list[str], result: ApplyResult) -> None:
         """Logs numbered at or below the applied seq. A number alone never condemns a log:
@@ -544,7 +682,7 @@ class ReplicaApplier:
         pending.sort()
         return stale, pending
 
-    def _open(self, seq: int, key: str, disks: Mapping[int, DiskSpec]) -> _Opened:
+    def _open(self, seq: int, key: str) -> _Opened:
         """Fetch, authenticate, decode and check one log without applying anything."""
         out = _Opened(seq, key)
 
@@ -574,20 +712,7 @@ class ReplicaApplier:
             return reject("invalid", f"the batch says seq {batch.seq} but is stored as log {seq}")
         last = len(batch.records) - 1
         for i, rec in enumerate(batch.records):
-            if rec.kind == KIND_WRITE:
-                spec = disks.get(rec.disk)
-                if spec is None:
-                    return reject(
-                        "invalid",
-                        f"record {i + 1} writes disk {rec.disk}; the item has disks {sorted(disks)}",
-                    )
-                if rec.offset + len(rec.data) > spec.size_bytes:
-                    return reject(
-                        "invalid",
-                        f"record {i + 1} writes disk {rec.disk} at {rec.offset}+{len(rec.data)}, past its "
-                        f"{spec.size_bytes} bytes (resize the replica first)",
-                    )
-            elif rec.kind == KIND_BOOKMARK:
+            if rec.kind == KIND_BOOKMARK:
                 if i != last:
                     return reject("invalid", f"record {i + 1} is a bookmark but not the batch's last record")
                 try:
@@ -598,20 +723,65 @@ class ReplicaApplier:
         out.batch = batch
         return out
 
-    def _write(self, batch: Batch, disks: Mapping[int, DiskSpec], dirty: set[str]) -> int:
+    def _check_disks(self, st: _State, opened: _Opened) -> ApplyError | None:
+        """Check a batch's writes against the disks and sizes in force where they stand in
+        the stream (after the batches before it and its own disk records), before a byte of
+        it is written."""
+        batch = opened.batch
+        assert batch is not None
+        sizes = {i: s.size_bytes for i, s in st.disks.items()}
+        for i, rec in enumerate(batch.records):
+            if rec.kind == KIND_DISK:
+                if rec.offset == 0:
+                    sizes.pop(rec.disk, None)
+                elif rec.disk in sizes or (rec.disk in self.disks and rec.disk not in st.retired):
+                    sizes[rec.disk] = rec.offset
+                else:
+                    return ApplyError(opened.seq, opened.key, "invalid",
+                                      f"record {i + 1} sizes disk {rec.disk}, which the item does not have "
+                                      f"(it has disks {sorted(self.disks)})")
+            elif rec.kind == KIND_WRITE:
+                size = sizes.get(rec.disk)
+                if size is None:
+                    return ApplyError(opened.seq, opened.key, "invalid",
+                                      f"record {i + 1} writes disk {rec.disk}; the item has disks {sorted(sizes)}")
+                if rec.offset + len(rec.data) > size:
+                    return ApplyError(opened.seq, opened.key, "invalid",
+                                      f"record {i + 1} writes disk {rec.disk} at {rec.offset}+{len(rec.data)}, "
+                                      f"past its {size} bytes")
+        return None
+
+    def _write(self, batch: Batch, st: _State, dirty: set[str]) -> int:
         written = 0
         write = self.storage.write_disk
         for rec in batch.records:
             if rec.kind == KIND_WRITE:
-                name = disks[rec.disk].name
+                name = st.disks[rec.disk].name
                 write(name, rec.offset, rec.data)
                 dirty.add(name)
                 written += len(rec.data)
+            elif rec.kind == KIND_DISK:
+                self._set_disk_size(st, rec.disk, rec.offset)
         return written
+
+    def _set_disk_size(self, st: _State, index: int, size: int) -> None:
+        """A disk record: the disk grows (or, announced by a resync, shrinks), joins the
+        state, or (size 0) is retired. Snapshots keep the size they were taken at."""
+        if size == 0:
+            spec = st.disks.pop(index, None)
+            if spec is not None:
+                st.retired[index] = spec
+            return
+        spec = st.disks.get(index) or self.disks[index]
+        if not self.storage.disk_exists(spec.name):
+            self.storage.create_disk(spec.name, size)
+        elif self.storage.disk_size(spec.name) != size:
+            self.storage.resize_disk(spec.name, size)
+        st.disks[index] = DiskSpec(spec.name, size)
 
     @staticmethod
     def _point_due(st: _State, batch: Batch, has_bookmark: bool, interval_ns: int) -> str | None:
-        if not st.initial_copy_complete:
+        if not st.initial_copy_complete or st.damaged_since is not None:
             return None
         if batch.flags & FLAG_RESYNC:
             return None
@@ -619,6 +789,8 @@ class ReplicaApplier:
             return None
         if has_bookmark:
             return APP_CONSISTENT
+        if batch.records and all(r.kind == KIND_DISK for r in batch.records):
+            return None  # a size change alone: the writes that follow make the next point
         last = st.last_point_source_time_ns
         if last is None or batch.source_time_ns - last >= interval_ns or batch.source_time_ns < last:
             return CRASH_CONSISTENT
@@ -652,6 +824,7 @@ class ReplicaApplier:
             label=label,
             snapshots={},
             created_ns=now,
+            consistent=not st.mixed,
         )
         self._checkpoint(st, dirty, done_keys)  # durable writes, then the pending point
         return self._finish_point(st)
@@ -660,7 +833,8 @@ class ReplicaApplier:
         pending = st.pending_point
         assert pending is not None
         snapshots = {index: self.storage.snapshot_disk(spec.name) for index, spec in sorted(st.disks.items())}
-        point = replace(pending, snapshots=snapshots)
+        sizes = {index: spec.size_bytes for index, spec in sorted(st.disks.items())}
+        point = replace(pending, disk_sizes=sizes, snapshots=snapshots)
         st.points.append(point)
         st.last_point_source_time_ns = point.source_time_ns
         st.pending_point = None
@@ -678,6 +852,11 @@ class ReplicaApplier:
             if p.point_id == point_id:
                 return p
         raise PointNotFound(f"item {self.item_id} has no recovery point {point_id!r}")
+
+    def disk_sizes(self) -> dict[int, int]:
+        """Each live replica disk's size now (retired disks are left out)."""
+        st = self._load_state(create=False)
+        return {i: s.size_bytes for i, s in st.disks.items()} if st else {}
 
     def status(self) -> ReplicaStatus:
         st = self._load_state(create=False)
@@ -705,7 +884,7 @@ class ReplicaApplier:
         gone = {p.point_id for p in victims}
         st.points = [p for p in st.points if p.point_id not in gone]
         st.doomed_snapshots = [
-            (st.disks[index].name, sid) for p in victims for index, sid in sorted(p.snapshots.items())
+            (st.spec(index).name, sid) for p in victims for index, sid in sorted(p.snapshots.items())
         ]
         self._save(st)  # the points are gone before their snapshots are
         self._recover(st)
@@ -727,7 +906,7 @@ class ReplicaApplier:
             return []
         st.points = [p for p in st.points if p.point_id not in gone]
         st.doomed_snapshots = [
-            (st.disks[index].name, sid) for p in victims for index, sid in sorted(p.snapshots.items())
+            (st.spec(index).name, sid) for p in victims for index, sid in sorted(p.snapshots.items())
         ]
         self._save(st)
         self._recover(st)
@@ -739,6 +918,7 @@ class ReplicaApplier:
         names = {s.name for s in self.disks.values()}
         if st is not None:
             names.update(s.name for s in st.disks.values())
+            names.update(s.name for s in st.retired.values())
             if not st.deleting:
                 st.deleting = True
                 self._save(st)
@@ -758,7 +938,9 @@ class ReplicaApplier:
                 if sid is None:
                     raise PointNotFound(f"recovery point {point_id!r} has no disk {disk_index}")
                 assert st is not None
-                return st.disks[disk_index].name, sid
+                spec = st.spec(disk_index)
+                assert spec is not None
+                return spec.name, sid
         raise PointNotFound(f"item {self.item_id} has no recovery point {point_id!r}")
 
     def disk_size_at(self, point_id: str, disk_index: int) -> int:

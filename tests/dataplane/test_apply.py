@@ -421,17 +421,9 @@ def test_tampered_truncated_and_foreign_logs_are_rejected(storage):
         records=[wire.Record(wire.KIND_WRITE, 7, 0, b"\xee" * 512)],
     )
     here = f"{source.item_id}:{good_seq}".encode()
+    # (Logs that fail authentication or decoding are lost ones: test_unreadable_logs_...)
     bad_logs = {
-        "tampered": (bytes(tampered), "tampered", "failed authentication"),
-        "truncated": (good[:-7], "tampered", "failed authentication"),
-        "empty": (b"", "tampered", "truncated"),
-        # Sealed for another item: it fails authentication under this item's context.
-        "another item's log": (seal(other_plain, key=source.key, context=f"{other_item}:{good_seq}".encode()),
-                               "tampered", "failed authentication"),
-        "another seq's log": (source.sealed[good_seq + 1], "tampered", "failed authentication"),
-        "wrong key": (seal(b"x" * 100, key=new_key(), context=here), "tampered", "failed authentication"),
-        # Correctly sealed, yet not a valid batch for this item.
-        "not a batch": (seal(b"garbage" * 10, key=source.key, context=here), "malformed", "magic"),
+        # Authentic and well formed, yet not a valid batch for this item.
         "batch of another item": (
             seal(other_plain, key=source.key, context=here), "invalid", str(other_item)
         ),
@@ -454,6 +446,94 @@ def test_tampered_truncated_and_foreign_logs_are_rejected(storage):
     assert r.ok and r.applied_seq == source.seq and r.batches_applied == 2
     for d in source.disks:
         assert live_sha(source, d) == source.hashes[source.seq][d]
+
+
+def unreadable_logs(source: Source, seq: int) -> dict[str, tuple[bytes, str]]:
+    good = source.sealed[seq]
+    here = f"{source.item_id}:{seq}".encode()
+    tampered = bytearray(good)
+    tampered[len(good) // 2] ^= 0x01
+    other_item = uuid.uuid4()
+    other_plain = wire.encode(item_id=other_item, seq=seq, source_time_ns=T0,
+                              records=[wire.Record(wire.KIND_WRITE, 0, 0, b"\xee" * 512)])
+    return {
+        "tampered": (bytes(tampered), "tampered"),
+        "truncated": (good[:-7], "tampered"),
+        "empty": (b"", "tampered"),
+        # Sealed for another item: it fails authentication under this item's context.
+        "another item's log": (seal(other_plain, key=source.key, context=f"{other_item}:{seq}".encode()), "tampered"),
+        "another seq's log": (source.sealed[seq + 1], "tampered"),
+        "wrong key": (seal(b"x" * 100, key=new_key(), context=here), "tampered"),
+        "not a batch": (seal(b"garbage" * 10, key=source.key, context=here), "malformed"),
+    }
+
+
+@pytest.mark.parametrize("what", ["tampered", "truncated", "empty", "another item's log", "another seq's log",
+                                  "wrong key", "not a batch"])
+def test_unreadable_logs_are_quarantined_never_skipped_silently(storage, what):
+    """A log that fails authentication or decoding is lost: it is moved intact to quarantine,
+    reported in ``lost``, the stream goes on after it and no point is cut until a resync
+    has compared the replica as read after it (``repair_compared``)."""
+    source = Source(storage, {0: 2 * MiB, 1: MiB}, seed=43)
+    source.initial_copy()
+    applier = source.applier()
+    assert applier.apply_pending(crash_consistent_interval_s=0).ok
+    points_before = applier.list_points()
+    bad_seq = source.send(source.random_writes(5))
+    source.send(source.random_writes(3), dt_s=10)
+    blob, reason = unreadable_logs(source, bad_seq)[what]
+    storage.put_object(source.log_key(bad_seq), blob)
+
+    r = applier.apply_pending(crash_consistent_interval_s=0)
+    assert [(e.seq, e.reason) for e in r.lost] == [(bad_seq, reason)], r.lost
+    assert r.ok and r.applied_seq == source.seq and r.batches_applied == 1 and r.damaged_since == bad_seq
+    assert r.new_points == [] and applier.list_points() == points_before  # damaged: no point
+    quarantined = storage.list_objects(f"quarantine/{source.item_id}/")
+    assert len(quarantined) == 1 and storage.get_object(quarantined[0]) == blob  # kept intact
+    assert source.log_key(bad_seq) not in storage.list_objects(f"logs/{source.item_id}/")
+
+    # A resync whose digests were read before the loss does not clear it; one read after does.
+    assert not applier.repair_compared(from_seq=bad_seq - 1)
+    source.send(source.random_writes(2), dt_s=10)
+    assert applier.apply_pending(crash_consistent_interval_s=0).new_points == []
+    assert applier.repair_compared(from_seq=bad_seq + 2)
+    source.send(source.random_writes(2), dt_s=10)
+    r = applier.apply_pending(crash_consistent_interval_s=0)
+    assert len(r.new_points) == 1 and r.damaged_since is None
+
+
+def test_a_missing_log_is_waited_for_then_owned_up_to(storage):
+    """A hole in the stream with later logs present is waited for (the grace), then reported
+    as lost and bridged: never skipped silently, and no point until repaired."""
+    source = Source(storage, {0: MiB}, seed=44)
+    source.initial_copy()
+    applier = source.applier()
+    applier.apply_pending(crash_consistent_interval_s=0)
+    applied = source.seq
+    hole = source.send(source.random_writes(2), upload=False)
+    source.send(source.random_writes(2), dt_s=10)
+    r = applier.apply_pending(now_ns=T0, crash_consistent_interval_s=0, gap_grace_s=60)
+    assert r.waiting_for_seq == hole and r.applied_seq == applied and r.lost == []
+    r = applier.apply_pending(now_ns=T0 + 59 * SECOND, crash_consistent_interval_s=0, gap_grace_s=60)
+    assert r.waiting_for_seq == hole and r.lost == []
+    r = applier.apply_pending(now_ns=T0 + 61 * SECOND, crash_consistent_interval_s=0, gap_grace_s=60)
+    assert [(e.seq, e.reason) for e in r.lost] == [(hole, "missing")]
+    assert r.applied_seq == source.seq and r.damaged_since == hole and r.new_points == []
+    # The lost log turning up late is not applied behind the replica's back.
+    storage.put_object(source.log_key(hole), source.sealed[hole])
+    r = applier.apply_pending(crash_consistent_interval_s=0)
+    assert r.batches_applied == 0 and not storage.list_objects(f"logs/{source.item_id}/")
+
+
+def test_points_after_a_live_scan_are_not_crash_consistent(storage):
+    source = Source(storage, {0: MiB}, seed=45)
+    source.initial_copy()
+    applier = source.applier()
+    assert applier.apply_pending(crash_consistent_interval_s=0).new_points[-1].consistent
+    source.send(source.random_writes(2), flags=wire.FLAG_UNFROZEN, dt_s=10)
+    r = applier.apply_pending(crash_consistent_interval_s=0)
+    assert [p.consistent for p in r.new_points] == [False]
+    assert [p.consistent for p in applier.list_points()] == [True, False]
 
 
 # -- space and retention --------------------------------------------------------------------------

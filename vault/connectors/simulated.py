@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterator, Mapping, Sequence
 
 from mobility.agent import guest_freeze
+from mobility.durable import replace_durably
 from mobility.filter import last_seq
 from vault.connectors.base import (
     POWER_STATES,
@@ -141,12 +142,7 @@ class SimulatedSite(SiteConnector):
             return self._load()
 
     def _store(self, state: dict[str, Any]) -> None:
-        tmp = self.site_file + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.site_file)
+        replace_durably(self.site_file, json.dumps(state, indent=1, sort_keys=True).encode())
 
     @contextmanager
     def _update(self) -> Iterator[dict[str, Any]]:
@@ -499,6 +495,45 @@ class SimulatedSite(SiteConnector):
             disk["capacity_bytes"] = new_capacity
             self._event(vm, "VmReconfiguredEvent",
                         f"Reconfigured {vm['name']}: {disk['label']} is now {new_capacity} bytes")
+
+    def add_disk(self, vm_uuid: str, capacity: int, *, datastore: str | None = None) -> DiskInfo:
+        """Add a new (empty, sparse) disk to a VM, as vSphere's "Add hard disk" does: it gets
+        the next free key on the VM's controller and is written to by the workload at once."""
+        self._check()
+        _check_capacity(capacity)
+        with self._update() as state:
+            vm = self._vm(state, vm_uuid)
+            datastore = datastore or (vm["disks"][0]["datastore"] if vm["disks"] else state["datastores"][0])
+            if datastore not in state["datastores"]:
+                raise NotFound(f"Adding a disk to VM {vm_uuid} failed: {self.where} has no datastore {datastore}")
+            # a key no disk of the VM had (a removed disk's file stays on the datastore)
+            key = max([d["key"] for d in vm["disks"]] + [FIRST_DISK_KEY - 1]) + 1
+            while os.path.exists(self._disk_file(vm_uuid, key)):
+                key += 1
+            number = len(vm["disks"]) + 1
+            disk = {"key": key, "label": f"Hard disk {number}", "capacity_bytes": capacity, "datastore": datastore,
+                    "backing_file": f"[{datastore}] {vm['name']}/{vm['name']}_{key - FIRST_DISK_KEY}.vmdk"}
+            os.makedirs(os.path.join(self.data_dir, "disks", vm_uuid), exist_ok=True)
+            with open(self._disk_file(vm_uuid, key), "wb") as f:
+                f.truncate(capacity)
+            vm["disks"].append(disk)
+            self._event(vm, "VmReconfiguredEvent", f"Reconfigured {vm['name']}: added {disk['label']} of {capacity} bytes")
+        return DiskInfo(key=key, label=disk["label"], capacity_bytes=capacity, backing_file=disk["backing_file"],
+                        datastore=datastore)
+
+    def remove_disk(self, vm_uuid: str, disk_key: int) -> None:
+        """Remove a disk from a VM (vSphere's "Remove from virtual machine": the disk's file
+        stays on the datastore, the VM no longer writes to it)."""
+        self._check()
+        with self._update() as state:
+            vm = self._vm(state, vm_uuid)
+            disk = next((d for d in vm["disks"] if d["key"] == int(disk_key)), None)
+            if disk is None:
+                raise NotFound(f"VM {vm_uuid} on {self.where} has no disk {disk_key}")
+            if len(vm["disks"]) == 1:
+                raise OperationFailed(f"Removing disk {disk_key} of VM {vm_uuid} failed: it is the VM's only disk")
+            vm["disks"] = [d for d in vm["disks"] if d is not disk]
+            self._event(vm, "VmReconfiguredEvent", f"Reconfigured {vm['name']}: removed {disk['label']}")
 
     # --- paths for the agent and the workload runner -------------------------------------
 
