@@ -5,7 +5,9 @@ import logging
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import Http404
+from django.http import Http404, JsonResponse
+from django.urls import reverse
+from django.views.defaults import page_not_found, server_error
 from rest_framework import exceptions as drf_exceptions
 from rest_framework import status
 from rest_framework.pagination import PageNumberPagination
@@ -65,8 +67,6 @@ def exception_handler(exc, context):
 
 def accepted_job(request, job, serializer_class) -> Response:
     """202 Accepted with the job in the body and a Location header to poll."""
-    from django.urls import reverse
-
     body = serializer_class(job, context={"request": request}).data
     path = reverse("api:job-detail", args=[job.id])
     location = request.build_absolute_uri(path if path.endswith("/") else path + "/")
@@ -75,18 +75,12 @@ def accepted_job(request, job, serializer_class) -> Response:
 
 def not_found_view(request, exception=None):
     """404 for the whole site: JSON under /api/, the portal's page elsewhere."""
-    from django.http import JsonResponse
-    from django.views.defaults import page_not_found
-
     if request.path.startswith("/api/"):
         return JsonResponse(error_body("not_found", f"There is no API resource at {request.path}."), status=404)
     return page_not_found(request, exception)
 
 
 def server_error_view(request):
-    from django.http import JsonResponse
-    from django.views.defaults import server_error
-
     if request.path.startswith("/api/"):
         return JsonResponse(error_body("server_error", "An unexpected error occurred; it has been logged."), status=500)
     return server_error(request)

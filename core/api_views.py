@@ -6,7 +6,8 @@ from rest_framework import mixins, serializers, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from core.jobs import job_cancel
+from core.choices import JobState
+from core.jobs import job_cancel, job_resume
 from core.models import Job
 from core.permissions import ReadOrAdmin
 
@@ -18,18 +19,21 @@ class JobStepSerializer(serializers.Serializer):
     message = serializers.CharField(required=False)
     started_at = serializers.DateTimeField(required=False)
     ended_at = serializers.DateTimeField(required=False)
+    # A recovery plan's script action: exit_code, timed_out, stdout, stderr (their ends), seconds.
+    script = serializers.JSONField(required=False)
 
 
 class JobSerializer(serializers.ModelSerializer):
     steps = JobStepSerializer(many=True, read_only=True)
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    children = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
 
     class Meta:
         model = Job
         fields = [
             "id", "vault", "type", "state", "target_type", "target_id", "target_name", "params", "steps",
             "progress", "error", "result", "created_by", "cancel_requested", "created_at", "started_at",
-            "ended_at", "heartbeat_at",
+            "ended_at", "heartbeat_at", "waiting_for", "wake_at", "parent", "children",
         ]
         read_only_fields = fields
 
@@ -40,18 +44,16 @@ class JobFilter(django_filters.FilterSet):
 
     class Meta:
         model = Job
-        fields = ["vault", "type", "state", "target_type", "target_id"]
+        fields = ["vault", "type", "state", "target_type", "target_id", "parent"]
 
     def filter_active(self, queryset, name, value):
-        from core.choices import JobState
-
         return queryset.filter(state__in=JobState.ACTIVE) if value else queryset.exclude(state__in=JobState.ACTIVE)
 
 
 class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """replicationJobs: every long-running operation, with its steps and progress."""
 
-    queryset = Job.objects.select_related("created_by").order_by("-created_at")
+    queryset = Job.objects.select_related("created_by").prefetch_related("children").order_by("-created_at")
     serializer_class = JobSerializer
     filterset_class = JobFilter
     permission_classes = [ReadOrAdmin]
@@ -62,4 +64,12 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     def cancel(self, request, pk=None):
         job = job_cancel(job_id=self.get_object().pk, user=request.user)
         job.refresh_from_db()
+        return Response(JobSerializer(job, context={"request": request}).data)
+
+    @extend_schema(request=None, responses=JobSerializer)
+    @action(detail=True, methods=["post"])
+    def resume(self, request, pk=None):
+        """A waiting job looks again now; a manual action it waits for counts as done (409 if
+        the job is not waiting)."""
+        job = job_resume(job_id=self.get_object().pk, user=request.user)
         return Response(JobSerializer(job, context={"request": request}).data)

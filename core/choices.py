@@ -4,15 +4,16 @@ from django.db import models
 class JobState(models.TextChoices):
     QUEUED = "QUEUED", "Queued"
     RUNNING = "RUNNING", "In progress"
+    WAITING = "WAITING", "Waiting"
     CANCELLING = "CANCELLING", "Cancelling"
     SUCCEEDED = "SUCCEEDED", "Succeeded"
     FAILED = "FAILED", "Failed"
     CANCELLED = "CANCELLED", "Cancelled"
 
 
-JobState.ACTIVE = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING})
+JobState.ACTIVE = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.WAITING, JobState.CANCELLING})
 JobState.TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-JobState.CANCELLABLE = frozenset({JobState.QUEUED, JobState.RUNNING})
+JobState.CANCELLABLE = frozenset({JobState.QUEUED, JobState.RUNNING, JobState.WAITING})
 
 
 class JobType(models.TextChoices):
@@ -27,3 +28,8 @@ class JobType(models.TextChoices):
     UNPLANNED_FAILOVER = "UNPLANNED_FAILOVER", "Unplanned failover"
     APPLY_RECOVERY_POINT = "APPLY_RECOVERY_POINT", "Change recovery point"
     FAILOVER_COMMIT = "FAILOVER_COMMIT", "Commit failover"
+    PLAN_TEST_FAILOVER = "PLAN_TEST_FAILOVER", "Test failover of a recovery plan"
+    PLAN_TEST_FAILOVER_CLEANUP = "PLAN_TEST_FAILOVER_CLEANUP", "Cleanup test failover of a recovery plan"
+    PLAN_PLANNED_FAILOVER = "PLAN_PLANNED_FAILOVER", "Planned failover of a recovery plan"
+    PLAN_UNPLANNED_FAILOVER = "PLAN_UNPLANNED_FAILOVER", "Unplanned failover of a recovery plan"
+    PLAN_FAILOVER_COMMIT = "PLAN_FAILOVER_COMMIT", "Commit failover of a recovery plan"

@@ -4,6 +4,7 @@ import uuid
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 from core.choices import JobState, JobType
 
@@ -40,6 +41,17 @@ class Job(models.Model):
     celery_task_id = models.CharField(max_length=64, blank=True, editable=False)
     queue = models.CharField(max_length=32, blank=True, editable=False)
     cancel_requested = models.BooleanField(default=False, editable=False)
+    # A job run on behalf of another (a plan's per-item jobs): the parent waits for them.
+    parent = models.ForeignKey("self", on_delete=models.CASCADE, null=True, blank=True, related_name="children")
+    # What the handler keeps between runs (steps done, their results, deadlines, resumes).
+    memo = models.JSONField(default=dict, blank=True, editable=False)
+    # While WAITING: what for (a sentence), the event key that wakes it, when to look again.
+    waiting_for = models.TextField(blank=True, editable=False)
+    wait_key = models.CharField(max_length=120, blank=True, db_index=True, editable=False)
+    wake_at = models.DateTimeField(null=True, blank=True, db_index=True, editable=False)
+    # When its message was last sent to the broker, and how many times it was (re-)sent.
+    queued_at = models.DateTimeField(null=True, blank=True, editable=False)
+    sends = models.PositiveSmallIntegerField(default=1, editable=False)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True, editable=False)
     ended_at = models.DateTimeField(null=True, blank=True, editable=False)
@@ -60,7 +72,5 @@ class Job(models.Model):
     def duration_seconds(self) -> float | None:
         if not self.started_at:
             return None
-        from django.utils import timezone
-
         end = self.ended_at or timezone.now()
         return (end - self.started_at).total_seconds()

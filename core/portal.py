@@ -1,27 +1,28 @@
 """Shared portal helpers: the current vault, HTMX partial rendering, polling stops."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
-
-from vault.models import Vault
 
 # htmx stops polling when a response has this status (the job or item reached a final state).
 HTMX_STOP_POLLING = 286
 
+# How the portal finds the vault it shows; the vault app registers it (``vault.portal``) in
+# its AppConfig.ready, so that core imports no app.
+_vault_resolver: Callable[[HttpRequest], Any] | None = None
 
-def current_vault(request: HttpRequest) -> Vault | None:
-    """The vault the portal shows: ?vault=<id> switches it, the session remembers it."""
-    wanted = request.GET.get("vault")
-    if wanted and wanted.isdigit() and Vault.objects.filter(pk=wanted).exists():
-        request.session["vault_id"] = int(wanted)
-    vault_id = request.session.get("vault_id")
-    vault = Vault.objects.filter(pk=vault_id).first() if vault_id else None
-    if vault is None:
-        vault = Vault.objects.order_by("name").first()
-        if vault is not None:
-            request.session["vault_id"] = vault.pk
-    return vault
+
+def vault_resolver(fn: Callable[[HttpRequest], Any]) -> Callable[[HttpRequest], Any]:
+    global _vault_resolver
+    _vault_resolver = fn
+    return fn
+
+
+def current_vault(request: HttpRequest):
+    """The vault the portal shows (see ``vault.portal.current_vault``), or None."""
+    return _vault_resolver(request) if _vault_resolver is not None else None
 
 
 def render_page(request: HttpRequest, template: str, context: dict, *, partial: str | None = None, status: int = 200) -> HttpResponse:

@@ -8,7 +8,7 @@ from django.views.decorators.http import require_POST
 
 from core.api_views import JobFilter
 from core.exceptions import LifeboatError
-from core.jobs import job_cancel
+from core.jobs import job_cancel, job_resume
 from core.models import Job
 from core.portal import HTMX_STOP_POLLING, current_vault, render_page
 
@@ -40,6 +40,21 @@ def job_cancel_view(request, pk):
         try:
             job_cancel(job_id=pk, user=request.user)
             messages.info(request, "Cancellation requested.")
+        except LifeboatError as exc:
+            messages.error(request, exc.message)
+    return redirect("portal:job-detail", pk=pk)
+
+
+@login_required
+@require_POST
+def job_resume_view(request, pk):
+    """Resume a waiting job: it looks again now; a manual action it waits for is done."""
+    if not request.user.is_staff:
+        messages.error(request, "Only administrators can resume jobs.")
+    else:
+        try:
+            job_resume(job_id=pk, user=request.user)
+            messages.info(request, "The job goes on.")
         except LifeboatError as exc:
             messages.error(request, exc.message)
     return redirect("portal:job-detail", pk=pk)

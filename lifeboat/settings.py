@@ -184,6 +184,7 @@ CELERY_TASK_ROUTES = {
     "replication.offhours_resync": {"queue": "maintenance"},
     "replication.app_consistent_sweep": {"queue": "maintenance"},
     "core.reap_jobs": {"queue": "maintenance"},
+    "core.wake_jobs": {"queue": "maintenance"},
     "vault.rediscover": {"queue": "maintenance"},
 }
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
@@ -205,6 +206,9 @@ DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "lifeboat@localhost")
 # --- Lifeboat -------------------------------------------------------------------------
 # A running job that has not reported for this long is failed by the reaper.
 LIFEBOAT_JOB_HEARTBEAT_TIMEOUT = int(os.environ.get("LIFEBOAT_JOB_HEARTBEAT_TIMEOUT", "300"))
+# A queued job no worker claimed within this many seconds lost its message: the reaper
+# sends it again (three sends in all), then fails it with a sentence.
+LIFEBOAT_JOB_QUEUE_TIMEOUT = int(os.environ.get("LIFEBOAT_JOB_QUEUE_TIMEOUT", "120"))
 LIFEBOAT_STORAGE = {"kind": "local", "root": str(DATA_DIR / "storage")}
 if os.environ.get("LIFEBOAT_AZURE_CONNECTION_STRING"):
     LIFEBOAT_STORAGE = {

@@ -22,7 +22,7 @@ from django.utils import timezone
 from core import queues
 from core.choices import JobType
 from core.exceptions import InvalidTransition, LifeboatError
-from core.jobs import JobCancelled, JobContext, job_handler
+from core.jobs import JobCancelled, JobContext, JobLost, JobWaiting, job_handler
 from core.models import Job
 from core.text import size_text
 from mobility.filter import last_seq
@@ -32,9 +32,11 @@ from replication.choices import RecoveryPointType
 from replication.choices import TestFailoverState as T
 from replication.dataplane.apply import PointNotFound
 from replication.dataplane.recovery import VerificationFailed, point_disk_digests, recovery_disks
-from replication.engine import applier_for, apply_lease_release, apply_lease_take, ns_to_dt, points_mirror
+from replication.engine import applier_for, ns_to_dt, points_mirror
+from replication.lease import ApplyLease, apply_lease_take
 from replication.models import ProtectedItem
 from replication.services import protected_item_test_failover_transition, protected_item_transition
+from replication.waits import item_wait_key, machine_wait_key
 from vault.choices import Severity
 from vault.connectors.base import POWERED_OFF, ConnectorError, OperationFailed
 from vault.discovery import connector_for
@@ -45,6 +47,9 @@ from vault.simulation import machine_workload
 logger = logging.getLogger(__name__)
 
 POLL = 1.0
+# A planned failover's drain looks in its worker this long (the last writes usually land
+# within seconds) before it gives the worker back and waits.
+DRAIN_IN_WORKER_SECONDS = 5.0
 # A guest shutdown that has not powered the VM off by then is followed by a power-off.
 SHUTDOWN_TIMEOUT = 300
 # The simulated site's writer notices a power-off within a second; a journal that has not
@@ -72,17 +77,18 @@ def verified_text(disks: int, size: int) -> str:
 @contextmanager
 def apply_lease(ctx: JobContext, item: ProtectedItem):
     """Hold the item's apply lease (the one ``replication.engine.item_apply`` takes): no apply
-    pass, and so no retention pruning, runs for the item meanwhile."""
-    while not apply_lease_take(item.pk):
-        ctx.progress(0, message="Waiting for the apply pass under way to finish.")
-        ctx.pause(0.2)
+    pass, and so no retention pruning, runs for the item meanwhile. While an apply pass
+    holds it the job waits (the pass's end wakes it)."""
+    lease = apply_lease_take(item.pk)
+    if lease is None:
+        ctx.wait("Waiting for the apply pass under way to finish.", key=item_wait_key(item.pk), check_after=2)
     try:
-        yield
+        yield lease
     finally:
-        apply_lease_release(item.pk)
+        lease.release()
 
 
-def _apply_pass(item: ProtectedItem):
+def _apply_pass(item: ProtectedItem, lease: ApplyLease):
     """Apply what has arrived for the item and mirror its points (the caller holds the lease).
 
     Used while the item is failing over: the periodic apply leaves items that are not
@@ -90,6 +96,7 @@ def _apply_pass(item: ProtectedItem):
     """
     applier = applier_for(item)
     result = applier.apply_pending(crash_consistent_interval_s=item.policy.crash_consistent_frequency_seconds, max_batches=64)
+    lease.check()
     points_mirror(item=item, points=applier.list_points())
     ProtectedItem.objects.filter(pk=item.pk).update(applied_seq=result.applied_seq)
     if result.errors:
@@ -110,7 +117,9 @@ def _recovery_disks(item: ProtectedItem, point_id: str):
         raise LifeboatError(
             f"The recovery point {point_id} of {item.name} no longer exists (pruned by retention); choose a newer one."
         ) from None
-    missing = sorted({d.index for d in item.replica_disks.all()} - {d.index for d in disks})
+    # a point has the disks the machine had then (one added or removed later is not a gap)
+    expected = set(point.disk_sizes) if point.disk_sizes else {d.index for d in item.replica_disks.all()}
+    missing = sorted(expected - {d.index for d in disks})
     if missing:
         raise LifeboatError(f"The recovery point {point_id} of {item.name} has no snapshot of disk(s) {missing}.")
     if not disks:
@@ -253,7 +262,7 @@ def undoes(undo):
         def run(ctx: JobContext):
             try:
                 return fn(ctx)
-            except JobCancelled:
+            except (JobCancelled, JobWaiting, JobLost):  # not failures: a cancel, a wait, a reaped job
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure is undone and told
                 message = _failure_text(exc)
@@ -287,25 +296,27 @@ def _shut_down_source(ctx: JobContext, item: ProtectedItem, *, required: bool) -
         if required:
             raise LifeboatError(f"{machine.name} has no vCenter to shut it down through.")
         return f"{machine.name} has no vCenter; it was not shut down."
+    how = ctx.memo.get("source_shutdown")  # what an earlier run of the job did
     try:
         with connector_for(machine.vcenter) as site:
-            vm = site.get_vm(machine.instance_uuid)
-            how = "was already off"
-            if vm.power_state != POWERED_OFF:
-                try:
-                    site.shutdown_guest(machine.instance_uuid)
-                    how = "was shut down"
-                except OperationFailed:
-                    site.power_off(machine.instance_uuid)
-                    how = "was powered off (its guest could not shut down)"
-                deadline = time.monotonic() + SHUTDOWN_TIMEOUT
-                while site.get_vm(machine.instance_uuid).power_state != POWERED_OFF:
-                    if time.monotonic() > deadline:
+            if how is None:
+                vm = site.get_vm(machine.instance_uuid)
+                how = "was already off"
+                if vm.power_state != POWERED_OFF:
+                    try:
+                        site.shutdown_guest(machine.instance_uuid)
+                        how = "was shut down"
+                    except OperationFailed:
                         site.power_off(machine.instance_uuid)
-                        how = f"was powered off (its guest did not shut down within {SHUTDOWN_TIMEOUT // 60} minutes)"
-                        break
-                    ctx.progress(10, message=f"Waiting for {machine.name} to shut down.")
-                    ctx.pause(POLL)
+                        how = "was powered off (its guest could not shut down)"
+                ctx.memo["source_shutdown"] = how
+            if site.get_vm(machine.instance_uuid).power_state != POWERED_OFF:
+                if ctx.deadline_passed("source shutdown", SHUTDOWN_TIMEOUT):
+                    site.power_off(machine.instance_uuid)
+                    how = f"was powered off (its guest did not shut down within {SHUTDOWN_TIMEOUT // 60} minutes)"
+                    ctx.memo["source_shutdown"] = how
+                else:
+                    ctx.wait(f"Waiting for {machine.name} to shut down.", check_after=POLL, progress=10)
     except ConnectorError as exc:
         if required:
             raise LifeboatError(f"The source VM {machine.name} could not be shut down: {exc}") from None
@@ -331,8 +342,9 @@ def _journals_settled(ctx: JobContext, item: ProtectedItem) -> None:
     if not last:
         return
     still_since = time.monotonic()
+    # A short wait in the worker: the VM is off, so its journals go still within seconds.
     while time.monotonic() - still_since < JOURNAL_SETTLE_SECONDS:
-        ctx.pause(0.25)
+        ctx.short_pause(0.25)
         now = _journal_positions(item)
         if now != last:
             last, still_since = now, time.monotonic()
@@ -352,9 +364,9 @@ def _undo_test_failover(job: Job, error: str) -> str:
         removed, cleanup = _remove_vm(vm, notes=f"Removed because the test failover failed: {error}")
     # A VM that could not be removed leaves the drill pending cleanup, so the admin can retry it.
     target = T.NONE if removed else T.SUCCEEDED
-    ProtectedItem.objects.filter(pk=item_id, test_failover_state=T.IN_PROGRESS).update(
-        test_failover_state=target, last_error=f"Test failover failed: {error} {cleanup}"[:2000], updated_at=timezone.now()
-    )
+    protected_item_test_failover_transition(item_id=item_id, to_state=target, operation="end the failed test failover of",
+                                            from_states={T.IN_PROGRESS}, quiet=True,
+                                            last_error=f"Test failover failed: {error} {cleanup}"[:2000])
     return cleanup
 
 
@@ -384,9 +396,9 @@ def run_test_failover(ctx: JobContext) -> dict:
 
 def _undo_cleanup(job: Job, error: str) -> str:
     sentence = "The test VM is still recorded; run the cleanup again."
-    ProtectedItem.objects.filter(pk=job.target_id, test_failover_state=T.CLEANING_UP).update(
-        test_failover_state=T.SUCCEEDED, last_error=f"Cleanup of the test failover failed: {error} {sentence}"[:2000],
-        updated_at=timezone.now(),
+    protected_item_test_failover_transition(
+        item_id=job.target_id, to_state=T.SUCCEEDED, operation="end the failed cleanup of", from_states={T.CLEANING_UP},
+        quiet=True, last_error=f"Cleanup of the test failover failed: {error} {sentence}"[:2000],
     )
     return sentence
 
@@ -434,10 +446,9 @@ def _undo_failover(job: Job, error: str) -> str:
         source = (f" The source VM {item.machine.name} may have been shut down by the failover: power it on to resume "
                   "replication from it.")
     sentence = f"{cleanup}{source} The item is protected again."
-    ProtectedItem.objects.filter(pk=item_id, protection_state=P.FAILOVER_IN_PROGRESS).update(
-        protection_state=P.PROTECTED, state_changed_at=timezone.now(), updated_at=timezone.now(),
-        last_error=f"Failover failed: {error} {sentence}"[:2000], pending_bookmarks=bookmarks,
-    )
+    protected_item_transition(item_id=item_id, to_state=P.PROTECTED, operation="roll back the failed failover of",
+                              from_states={P.FAILOVER_IN_PROGRESS}, quiet=True,
+                              last_error=f"Failover failed: {error} {sentence}"[:2000], pending_bookmarks=bookmarks)
     return sentence
 
 
@@ -478,40 +489,54 @@ def _bookmark_point(applier, bookmark_id: str):
     return None
 
 
+def _shut_down_step(ctx: JobContext, item: ProtectedItem, *, required: bool) -> str:
+    source = _shut_down_source(ctx, item, required=required)
+    ctx.summary(source)
+    return source
+
+
+def _drain(ctx: JobContext, item: ProtectedItem) -> str:
+    """Apply the source's last writes until the point cut at a bookmark after them exists;
+    returns that point's id. Looks in the worker for a few seconds, then waits (the agent's
+    reports wake the job)."""
+    # A bookmark after the source's last write: the point cut there holds every write.
+    bookmark = ctx.memo.get("bookmark") or ctx.memo.setdefault("bookmark", _request_bookmark(item))
+    in_worker_until = time.monotonic() + DRAIN_IN_WORKER_SECONDS
+    while True:
+        with apply_lease(ctx, item) as lease:
+            applier, _ = _apply_pass(item, lease)
+        point = _bookmark_point(applier, bookmark["id"])
+        if point is not None:
+            ctx.summary(f"Every write is in the recovery point of {ns_to_dt(point.source_time_ns):%H:%M:%S} UTC (batch {point.seq}).")
+            return point.point_id
+        item.refresh_from_db(fields=["acked_seq", "applied_seq", "agent_backlog_bytes", "protection_state"])
+        if item.protection_state != P.FAILOVER_IN_PROGRESS:
+            raise LifeboatError(f"{item.name} left the failover ({item.get_protection_state_display().lower()}).")
+        if ctx.deadline_passed("drain", _drain_timeout()):
+            raise LifeboatError(
+                f"The agent of {item.machine.name} did not send its last writes within {_drain_timeout() // 60} minutes "
+                f"({item.acked_seq} batches acknowledged, {item.applied_seq} applied). If the agent runs inside the VM it "
+                "stopped with it: use an unplanned failover to the latest point instead."
+            )
+        message = (f"Waiting for the agent's last writes: {item.acked_seq} batches acknowledged, "
+                   f"{item.applied_seq} applied, {size_text(item.agent_backlog_bytes)} left at the agent.")
+        if time.monotonic() < in_worker_until:
+            ctx.progress(50, message=message)
+            ctx.short_pause(0.5)  # seconds at most (DRAIN_IN_WORKER_SECONDS), then a wait state
+            continue
+        ctx.wait(message, key=machine_wait_key(item.machine_id), check_after=2, progress=50)
+
+
 @job_handler(JobType.PLANNED_FAILOVER, queue=queues.CONTROL, on_failure=_hook(_undo_failover))
 @undoes(_undo_failover)
 def run_planned_failover(ctx: JobContext) -> dict:
     item = _item(ctx)
     _require_failing_over(item)
     network = RecoveryNetwork.objects.get(pk=ctx.params["network_id"])
-    with ctx.step("Shut down the source VM"):
-        source = _shut_down_source(ctx, item, required=True)
-        ctx.progress(100, message=source)
-    with ctx.step("Replicate the last writes"):
-        # A bookmark after the source's last write: the point cut there holds every write.
-        bookmark = _request_bookmark(item)
-        deadline = time.monotonic() + _drain_timeout()
-        while True:
-            with apply_lease(ctx, item):
-                applier, _ = _apply_pass(item)
-            point = _bookmark_point(applier, bookmark["id"])
-            if point is not None:
-                break
-            item.refresh_from_db(fields=["acked_seq", "applied_seq", "agent_backlog_bytes", "protection_state"])
-            if item.protection_state != P.FAILOVER_IN_PROGRESS:
-                raise LifeboatError(f"{item.name} left the failover ({item.get_protection_state_display().lower()}).")
-            if time.monotonic() > deadline:
-                raise LifeboatError(
-                    f"The agent of {item.machine.name} did not send its last writes within {_drain_timeout() // 60} minutes "
-                    f"({item.acked_seq} batches acknowledged, {item.applied_seq} applied). If the agent runs inside the VM it "
-                    "stopped with it: use an unplanned failover to the latest point instead."
-                )
-            ctx.progress(50, message=f"Waiting for the agent's last writes: {item.acked_seq} batches acknowledged, "
-                                     f"{item.applied_seq} applied, {size_text(item.agent_backlog_bytes)} left at the agent.")
-            ctx.pause(0.5)
-        ctx.progress(100, message=f"Every write is in the recovery point of {ns_to_dt(point.source_time_ns):%H:%M:%S} UTC (batch {point.seq}).")
+    source = ctx.run_step("Shut down the source VM", _shut_down_step, ctx, item, required=True)
+    point_id = ctx.run_step("Replicate the last writes", _drain, ctx, item)
     vm, result = _build_vm(
-        ctx, item, kind=RecoveredVmKind.FAILOVER, point_id=point.point_id, network=network, name=item.name,
+        ctx, item, kind=RecoveredVmKind.FAILOVER, point_id=point_id, network=network, name=item.name,
         create_step="Create the VM and verify its disks", check_step="Check the VM is running",
     )
     return _finish_failover(ctx, item, vm, result, source)
@@ -523,12 +548,12 @@ def run_unplanned_failover(ctx: JobContext) -> dict:
     item = _item(ctx)
     _require_failing_over(item)
     network = RecoveryNetwork.objects.get(pk=ctx.params["network_id"])
-    with ctx.step("Shut down the source VM"):
-        if ctx.params.get("shut_down_source"):
-            source = _shut_down_source(ctx, item, required=False)
-        else:
+    if ctx.params.get("shut_down_source"):
+        source = ctx.run_step("Shut down the source VM", _shut_down_step, ctx, item, required=False)
+    else:
+        with ctx.step("Shut down the source VM"):
             source = f"The source VM {item.machine.name} was left as it is, as asked."
-        ctx.progress(100, message=source)
+            ctx.summary(source)
     vm, result = _build_vm(
         ctx, item, kind=RecoveredVmKind.FAILOVER, point_id=ctx.params["point_id"], network=network, name=item.name,
         create_step="Create the VM and verify its disks", check_step="Check the VM is running",
@@ -605,23 +630,35 @@ def _undo_commit(job: Job, error: str) -> str:
 @undoes(_undo_commit)
 def run_failover_commit(ctx: JobContext) -> dict:
     item = _item(ctx)
-    with ctx.step("Commit the failover"):
+
+    def commit() -> None:
         vm = _current(item.pk, RecoveredVmKind.FAILOVER)
         if vm is None:
             raise LifeboatError(f"{item.name} has no failed-over VM.")
-        ctx.progress(100, message=f"{vm.name} at {vm.site.name} is the VM now.")
-    with ctx.step("Release recovery points"):
-        with apply_lease(ctx, item):
+        ctx.summary(f"{vm.name} at {vm.site.name} is the VM now.")
+
+    def release() -> dict:
+        with apply_lease(ctx, item) as lease:
             applier = applier_for(item)
             try:
                 kept = applier.get_point(vm.point_id)
             except PointNotFound:
                 raise LifeboatError(f"The recovery point {vm.name} came from is no longer in the replica.") from None
+            lease.check()
             released = applier.delete_points([p.point_id for p in applier.list_points() if p.point_id != kept.point_id])
             points_mirror(item=item, points=applier.list_points())
         message = (f"Released {len(released)} recovery point{'s' if len(released) != 1 else ''}; kept the one "
                    f"{vm.name} came from.")
-        ctx.progress(100, message=message)
+        ctx.summary(message)
+        return {"released": len(released), "kept": kept.point_id, "message": message}
+
+    ctx.run_step("Commit the failover", commit)
+    vm = _current(item.pk, RecoveredVmKind.FAILOVER)
+    if vm is None:
+        raise LifeboatError(f"{item.name} has no failed-over VM.")
+    done = ctx.run_step("Release recovery points", release)
+    released, message = done["released"], done["message"]
+    kept_id = done["kept"]
     event_record(vault=item.vault, kind="failover_committed", protected_item=item, job=ctx.job, severity=Severity.INFO,
                  message=f"Failover of {item.name} committed. {message}")
-    return {"vm": vm.name, "released": len(released), "kept": kept.point_id, "message": message}
+    return {"vm": vm.name, "released": released, "kept": kept_id, "message": message}

@@ -4,27 +4,31 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 
 from django.conf import settings
 from django.db import transaction
 
 from core import queues
 from core.choices import JobType
-from core.exceptions import InvalidTransition, LifeboatError
+from core.exceptions import LifeboatError
 from core.jobs import JobContext, job_handler
 from core.text import size_text
+from mobility.durable import replace_durably
 from replication.agents import agent_push, agent_token
 from replication.choices import ProtectionState as P
-from replication.engine import storage
+from replication.engine import applier_for, storage
 from replication.models import MobilityAgent, ProtectedItem, ReplicaDisk
+from replication.scheduling import resync_failure_recorded
 from replication.services import protected_item_transition
+from replication.waits import initial_slot_wait_key, item_wait_key, machine_wait_key
 from vault.choices import MachineSource, VCenterKind
+from vault.discovery import connector_for
 from vault.models import ProcessServer
 from vault.services import event_record
 
 logger = logging.getLogger(__name__)
-POLL = 1.0
+# A waiting step looks again this often at the latest, even if no event wakes it.
+CHECK_AFTER = 5.0
 
 
 def _item(ctx: JobContext) -> ProtectedItem:
@@ -35,19 +39,17 @@ def _item(ctx: JobContext) -> ProtectedItem:
 
 
 def _enable_failed(job, error: str) -> None:
-    ProtectedItem.objects.filter(pk=job.target_id, protection_state=P.ENABLING).update(
-        protection_state=P.ENABLE_FAILED, last_error=error[:2000]
-    )
+    protected_item_transition(item_id=job.target_id, to_state=P.ENABLE_FAILED, operation="record the failed enable of",
+                              from_states={P.ENABLING}, quiet=True, last_error=error[:2000])
 
 
 def simulated_site_for(item: ProtectedItem):
-    from vault.discovery import connector_for
-
     return connector_for(item.machine.vcenter)
 
 
-def agent_install(ctx: JobContext, item: ProtectedItem) -> dict[int, tuple[str, str]]:
-    """Make sure the machine has an agent; returns {disk key: (source path, journal dir)}."""
+def agent_install(ctx: JobContext, item: ProtectedItem) -> dict[str, list[str]]:
+    """Make sure the machine has an agent; returns {disk key: [source path, journal dir]}
+    (JSON: the step's result is kept between runs of the job)."""
     machine = item.machine
     vcenter = machine.vcenter
     if vcenter is not None and vcenter.kind == VCenterKind.SIMULATED:
@@ -59,108 +61,123 @@ def agent_install(ctx: JobContext, item: ProtectedItem) -> dict[int, tuple[str, 
             os.path.join(state_dir, "credentials.json"),
             {"agent_id": str(agent.pk), "token": agent_token(agent=agent), "config_url": settings.LIFEBOAT_CONFIG_URL},
         )
-        ctx.progress(100, message="Installed by Lifeboat on the simulated site.")
-        return {d.key: (site.disk_path(machine.instance_uuid, d.key), site.journal_dir(machine.instance_uuid, d.key)) for d in machine.disks.all()}
+        ctx.summary("Installed by Lifeboat on the simulated site.")
+        return {str(d.key): [site.disk_path(machine.instance_uuid, d.key), site.journal_dir(machine.instance_uuid, d.key)]
+                for d in machine.disks.all()}
     if machine.source == MachineSource.AGENT:
-        return {d.key: (d.backing_file, "") for d in machine.disks.all()}
+        ctx.summary("The agent registered this machine itself.")
+        return {str(d.key): [d.backing_file, ""] for d in machine.disks.all()}
     # A vCenter VM: the agent is installed by hand on it and registers with the vault.
     command = (
         f"python -m mobility register --config-url {settings.LIFEBOAT_CONFIG_URL} --passphrase <vault passphrase> "
         f"--instance-uuid {machine.instance_uuid} --disk <key>=<device path> ... && python -m mobility run"
     )
-    deadline = time.monotonic() + settings.LIFEBOAT_AGENT_INSTALL_TIMEOUT
-    while True:
-        agent = MobilityAgent.objects.filter(machine=machine).first()
-        if agent is not None:
-            paths = {int(d["key"]): (d["path"], "") for d in agent.disks}
-            missing = [d.key for d in machine.disks.all() if d.key not in paths]
-            if missing:
-                raise LifeboatError(f"The agent on {machine.name} did not report disks {missing}; re-register it with every disk.")
-            return paths
-        if time.monotonic() > deadline:
-            raise LifeboatError(
-                f"No mobility agent registered for {machine.name} within {settings.LIFEBOAT_AGENT_INSTALL_TIMEOUT // 60} minutes. "
-                f"Install it on the VM and run: {command}"
-            )
-        ctx.progress(0, message=f"Waiting for the mobility agent to register. Install it on the VM: {command}")
-        ctx.pause(2)
+    agent = MobilityAgent.objects.filter(machine=machine).first()
+    if agent is not None:
+        paths = {str(int(d["key"])): [d["path"], ""] for d in agent.disks}
+        missing = [d.key for d in machine.disks.all() if str(d.key) not in paths]
+        if missing:
+            raise LifeboatError(f"The agent on {machine.name} did not report disks {missing}; re-register it with every disk.")
+        ctx.summary(f"The agent on {machine.name} registered with {len(paths)} disk{'s' if len(paths) != 1 else ''}.")
+        return paths
+    if ctx.deadline_passed("agent registration", settings.LIFEBOAT_AGENT_INSTALL_TIMEOUT):
+        raise LifeboatError(
+            f"No mobility agent registered for {machine.name} within {settings.LIFEBOAT_AGENT_INSTALL_TIMEOUT // 60} minutes. "
+            f"Install it on the VM and run: {command}"
+        )
+    # The agent's registration wakes the job (machine_wait_key); the periodic look is a backstop.
+    ctx.wait(f"Waiting for the mobility agent to register. Install it on the VM: {command}",
+             key=machine_wait_key(machine.pk), check_after=30)
 
 
 def _write_private_json(path: str, value: dict) -> None:
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_durably(path, json.dumps(value).encode(), mode=0o600)
 
 
 def _take_initial_slot(ctx: JobContext, item: ProtectedItem) -> None:
-    """Start the initial copy when the process server has a free slot (batched copies)."""
+    """Start the initial copy when the process server has a free slot (batched copies);
+    otherwise wait until an initial copy on it ends."""
     limit = settings.LIFEBOAT_MAX_CONCURRENT_INITIAL
-    while True:
-        with transaction.atomic():
-            ProcessServer.objects.select_for_update().get(pk=item.process_server_id)
-            running = ProtectedItem.objects.filter(process_server=item.process_server_id, protection_state=P.INITIAL_REPLICATION).count()
-            if running < limit:
-                protected_item_transition(item_id=item.pk, to_state=P.INITIAL_REPLICATION, operation="start initial replication")
-                return
-        ctx.progress(0, message=f"Waiting for a free initial-replication slot on {item.process_server.name} ({running} of {limit} in use).")
-        ctx.pause(2)
+    with transaction.atomic():
+        ProcessServer.objects.select_for_update().get(pk=item.process_server_id)
+        running = ProtectedItem.objects.filter(process_server=item.process_server_id, protection_state=P.INITIAL_REPLICATION).count()
+        if running < limit:
+            protected_item_transition(item_id=item.pk, to_state=P.INITIAL_REPLICATION, operation="start initial replication")
+            return
+    ctx.wait(f"Waiting for a free initial-replication slot on {item.process_server.name} ({running} of {limit} in use).",
+             key=initial_slot_wait_key(item.process_server_id), check_after=CHECK_AFTER, progress=0)
+
+
+def _check_prerequisites(item: ProtectedItem) -> int:
+    disks = list(item.machine.disks.all())
+    if not disks:
+        raise LifeboatError(f"{item.machine.name} has no disks to replicate.")
+    if item.machine.missing:
+        raise LifeboatError(f"{item.machine.name} is missing from its vCenter's inventory.")
+    storage().list_objects(f"logs/{item.pk}/")  # target storage answers
+    return len(disks)
+
+
+def _create_replica_disks(ctx: JobContext, item: ProtectedItem, paths: dict[str, list[str]]) -> int:
+    disks = sorted(item.machine.disks.all(), key=lambda d: d.key)
+    total = 0
+    for index, disk in enumerate(disks):
+        path, journal = paths[str(disk.key)]
+        rd, _ = ReplicaDisk.objects.update_or_create(
+            item=item, index=index,
+            defaults={"source_disk_key": disk.key, "label": disk.label, "capacity_bytes": disk.capacity_bytes,
+                      "storage_name": f"{item.pk}-disk{index}", "source_path": path, "journal_dir": journal or ""},
+        )
+        if not storage().disk_exists(rd.storage_name):
+            storage().create_disk(rd.storage_name, rd.capacity_bytes)
+        total += rd.capacity_bytes
+        ctx.progress(100 * (index + 1) / len(disks))
+    ctx.summary(f"Created {len(disks)} replica disk{'s' if len(disks) != 1 else ''} ({size_text(total)}).")
+    return len(disks)
+
+
+def _initial_replication(ctx: JobContext, item: ProtectedItem) -> None:
+    """Wait (without a worker) until apply has the whole initial copy; every apply pass of
+    the item wakes the job to show its percent."""
+    if item.protection_state == P.ENABLING:
+        _take_initial_slot(ctx, item)
+    item.refresh_from_db(fields=["protection_state", "initial_replication_progress", "last_error"])
+    if item.protection_state == P.PROTECTED:
+        total = sum(d.capacity_bytes for d in item.replica_disks.all())
+        ctx.summary(f"Initial copy complete: {size_text(total)} on {item.replica_disks.count()} disk(s) replicated.")
+        return
+    if item.protection_state != P.INITIAL_REPLICATION:
+        raise LifeboatError(f"Initial replication stopped: {item.name} is now {item.get_protection_state_display().lower()}. {item.last_error}".strip())
+    ctx.wait(f"{item.initial_replication_progress}% copied", key=item_wait_key(item.pk), check_after=CHECK_AFTER * 2,
+             progress=item.initial_replication_progress)
 
 
 @job_handler(JobType.ENABLE_REPLICATION, queue=queues.DATA, on_failure=_enable_failed)
 def run_enable(ctx: JobContext) -> dict:
     item = _item(ctx)
-    if item.protection_state != P.ENABLING:
+    if not ctx.done("Check prerequisites") and item.protection_state != P.ENABLING:
         raise LifeboatError(f"{item.name} is {item.get_protection_state_display().lower()}, not being enabled.")
-    with ctx.step("Check prerequisites"):
-        disks = list(item.machine.disks.all())
-        if not disks:
-            raise LifeboatError(f"{item.machine.name} has no disks to replicate.")
-        if item.machine.missing:
-            raise LifeboatError(f"{item.machine.name} is missing from its vCenter's inventory.")
-        storage().list_objects(f"logs/{item.pk}/")  # target storage answers
-    with ctx.step("Install the mobility agent"):
-        paths = agent_install(ctx, item)
-    with ctx.step("Create replica disks"):
-        for index, disk in enumerate(sorted(disks, key=lambda d: d.key)):
-            path, journal = paths[disk.key]
-            rd, _ = ReplicaDisk.objects.update_or_create(
-                item=item, index=index,
-                defaults={"source_disk_key": disk.key, "label": disk.label, "capacity_bytes": disk.capacity_bytes,
-                          "storage_name": f"{item.pk}-disk{index}", "source_path": path, "journal_dir": journal or ""},
-            )
-            if not storage().disk_exists(rd.storage_name):
-                storage().create_disk(rd.storage_name, rd.capacity_bytes)
-            ctx.progress(100 * (index + 1) / len(disks))
-    with ctx.step("Initial replication"):
-        _take_initial_slot(ctx, item)
-        while True:
-            item.refresh_from_db(fields=["protection_state", "initial_replication_progress", "last_error"])
-            if item.protection_state == P.PROTECTED:
-                break
-            if item.protection_state != P.INITIAL_REPLICATION:
-                raise LifeboatError(f"Initial replication stopped: {item.name} is now {item.get_protection_state_display().lower()}. {item.last_error}".strip())
-            ctx.progress(item.initial_replication_progress, message=f"{item.initial_replication_progress}% copied")
-            ctx.pause(POLL)
+    disks = ctx.run_step("Check prerequisites", _check_prerequisites, item)
+    paths = ctx.run_step("Install the mobility agent", agent_install, ctx, item)
+    ctx.run_step("Create replica disks", _create_replica_disks, ctx, item, paths)
+    ctx.run_step("Initial replication", _initial_replication, ctx, item)
     with ctx.step("Start delta replication"):
         event_record(vault=item.vault, kind="protected", message=f"{item.name} is protected.", protected_item=item)
-    return {"disks": len(disks)}
+        ctx.summary("Delta replication is on.")
+    return {"disks": disks}
 
 
 # --- disable --------------------------------------------------------------------------------
 
 
 def _disable_failed(job, error: str) -> None:
-    ProtectedItem.objects.filter(pk=job.target_id).update(last_error=f"Disabling failed: {error}"[:2000])
+    # The item stays DISABLING (its data may be half removed); the portal offers "Disable again".
+    ProtectedItem.objects.filter(pk=job.target_id).update(
+        last_error=f"Disabling failed: {error} Disable it again to finish."[:2000])
 
 
 @job_handler(JobType.DISABLE_REPLICATION, queue=queues.CONTROL, on_failure=_disable_failed)
 def run_disable(ctx: JobContext) -> dict:
-    from replication.engine import applier_for
-
     item = _item(ctx)
     with ctx.step("Stop replication"):
         pass  # in DISABLING the item is out of its agent's assignment: the agent stops sending
@@ -181,9 +198,8 @@ def run_disable(ctx: JobContext) -> dict:
 
 
 def _resync_failed(job, error: str) -> None:
-    ProtectedItem.objects.filter(pk=job.target_id, protection_state=P.RESYNCING).update(
-        protection_state=P.RESYNC_REQUIRED, last_error=f"Resynchronization failed: {error}"[:2000]
-    )
+    # The backoff lives beside the sweep honouring it (replication.scheduling).
+    resync_failure_recorded(item_id=job.target_id, error=error)
 
 
 def _agent_phase(item: ProtectedItem) -> dict:
@@ -205,67 +221,78 @@ def _resync_message(status: dict) -> str:
     return f"Compared {size_text(compared)} of {size_text(total)}, sent {size_text(sent)}."
 
 
+def _left_resync(item: ProtectedItem, extra: str = "") -> LifeboatError:
+    return LifeboatError(f"{item.name} left resynchronization ({item.get_protection_state_display().lower()}){extra}.")
+
+
+def _resync_start(ctx: JobContext, item: ProtectedItem, serving) -> None:
+    """RESYNCING puts "resync" in the agent's assignment; wait until the agent takes it."""
+    if serving(_agent_phase(item)):
+        ctx.summary("The mobility agent started the resynchronization pass.")
+        return
+    if item.protection_state != P.RESYNCING:
+        raise _left_resync(item)
+    if ctx.deadline_passed("agent takes the resync", 120):
+        raise LifeboatError(
+            f"The mobility agent of {item.name} did not start the resynchronization within 2 minutes. "
+            "Check that it runs and reaches the vault and its process server, then resynchronize again."
+        )
+    ctx.wait("Waiting for the mobility agent to take the resynchronization.", key=machine_wait_key(item.machine_id),
+             check_after=CHECK_AFTER)
+
+
+def _resync_compare(ctx: JobContext, item: ProtectedItem, serving, applied_before: int) -> int:
+    """The agent compares and sends; returns the seq of the pass's last batch."""
+    status = _agent_phase(item)
+    if item.protection_state != P.RESYNCING:
+        raise _left_resync(item)
+    if not (serving(status) and status.get("phase") == "delta" and isinstance(status.get("pass_done_seq"), int)):
+        progress = status.get("progress")
+        percent = progress * 100 if serving(status) and isinstance(progress, (int, float)) else None
+        ctx.wait((_resync_message(status) if serving(status) else "") or "The agent compares the source with the replica.",
+                 key=machine_wait_key(item.machine_id), check_after=CHECK_AFTER, progress=percent)
+    # The pass is over when the replica has applied its last batch, not when the agent
+    # has sent it: that batch's seq is the target.
+    target = int(status["pass_done_seq"])
+    if target < applied_before:
+        raise LifeboatError(
+            f"The resynchronization pass of {item.name} ends at seq {target}, behind the {applied_before} "
+            "the replica had already applied: the stream's numbering went back, so the replica cannot take "
+            "the pass. Resynchronize again; if it happens again, check the process server's cache storage."
+        )
+    ctx.summary(_resync_message(status) or f"The agent sent the pass through seq {target}.")
+    return target
+
+
+def _resync_apply(ctx: JobContext, item: ProtectedItem, target: int) -> None:
+    if item.applied_seq < target:
+        if item.protection_state != P.RESYNCING:
+            raise _left_resync(item, f" before the replica applied the pass (seq {item.applied_seq} of {target})")
+        ctx.wait(f"The replica has applied seq {item.applied_seq} of {target}.", key=item_wait_key(item.pk),
+                 check_after=CHECK_AFTER)
+    moved = protected_item_transition(item_id=item.pk, to_state=P.PROTECTED, operation="finish resynchronization",
+                                      from_states={P.RESYNCING}, quiet=True, last_error="")
+    if moved is None:
+        raise LifeboatError(f"{item.name} left resynchronization before it finished.")
+    event_record(vault=item.vault, kind="resync_done",
+                 message=f"Resynchronization of {item.name} is complete: the replica applied it through seq {target}.",
+                 protected_item=item)
+    ctx.summary(f"The replica applied the pass through seq {target}; {item.name} is protected.")
+
+
 @job_handler(JobType.RESYNC, queue=queues.DATA, on_failure=_resync_failed)
 def run_resync(ctx: JobContext) -> dict:
     item = _item(ctx)
-    applied_before = item.applied_seq
     # The request this job serves, as the agent's assignment names it: the agent's status
     # says which request its pass belongs to, so a report of an earlier pass is never
-    # taken for this one.
-    request = item.state_changed_at.isoformat()
+    # taken for this one. Both are taken at the job's first run and kept.
+    request = ctx.memo.setdefault("resync_id", item.state_changed_at.isoformat())
+    applied_before = ctx.memo.setdefault("applied_before", item.applied_seq)
 
     def serving(status: dict) -> bool:
         return status.get("resync_id") == request
 
-    with ctx.step("Start resynchronization"):
-        # RESYNCING puts "resync" in the agent's assignment; wait until the agent takes it.
-        started = time.monotonic()
-        while not serving(_agent_phase(item)) and time.monotonic() - started < 120:
-            item.refresh_from_db(fields=["protection_state"])
-            if item.protection_state != P.RESYNCING:
-                raise LifeboatError(f"{item.name} left resynchronization ({item.get_protection_state_display().lower()}).")
-            ctx.pause(POLL)
-        if not serving(_agent_phase(item)):
-            raise LifeboatError(
-                f"The mobility agent of {item.name} did not start the resynchronization within 2 minutes. "
-                "Check that it runs and reaches the vault and its process server, then resynchronize again."
-            )
-    with ctx.step("Compare and send changed blocks"):
-        while True:
-            status = _agent_phase(item)
-            item.refresh_from_db(fields=["protection_state"])
-            if item.protection_state != P.RESYNCING:
-                raise LifeboatError(f"{item.name} left resynchronization ({item.get_protection_state_display().lower()}).")
-            if serving(status) and status.get("phase") == "delta" and isinstance(status.get("pass_done_seq"), int):
-                break
-            progress = status.get("progress")
-            if serving(status) and isinstance(progress, (int, float)):
-                ctx.progress(progress * 100, message=_resync_message(status) or None)
-            ctx.pause(POLL)
-        # The pass is over when the replica has applied its last batch, not when the agent
-        # has sent it: that batch's seq is the target.
-        target = int(status["pass_done_seq"])
-        if target < applied_before:
-            raise LifeboatError(
-                f"The resynchronization pass of {item.name} ends at seq {target}, behind the {applied_before} "
-                "the replica had already applied: the stream's numbering went back, so the replica cannot take "
-                "the pass. Resynchronize again; if it happens again, check the process server's cache storage."
-            )
-    with ctx.step("Apply the resynchronization"):
-        while True:
-            item.refresh_from_db(fields=["applied_seq", "protection_state"])
-            if item.applied_seq >= target:
-                break
-            if item.protection_state != P.RESYNCING:
-                raise LifeboatError(f"{item.name} left resynchronization ({item.get_protection_state_display().lower()}) "
-                                    f"before the replica applied the pass (seq {item.applied_seq} of {target}).")
-            ctx.progress(0, message=f"The replica has applied seq {item.applied_seq} of {target}.")
-            ctx.pause(POLL)
-        try:
-            protected_item_transition(item_id=item.pk, to_state=P.PROTECTED, operation="finish resynchronization", last_error="")
-        except InvalidTransition:
-            raise LifeboatError(f"{item.name} left resynchronization before it finished.") from None
-        event_record(vault=item.vault, kind="resync_done",
-                     message=f"Resynchronization of {item.name} is complete: the replica applied it through seq {target}.",
-                     protected_item=item)
+    ctx.run_step("Start resynchronization", _resync_start, ctx, item, serving)
+    target = ctx.run_step("Compare and send changed blocks", _resync_compare, ctx, item, serving, applied_before)
+    ctx.run_step("Apply the resynchronization", _resync_apply, ctx, item, target)
     return {"applied_seq": target}

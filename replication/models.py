@@ -8,6 +8,7 @@ from django.db import models
 from core.models import TimeStampedModel
 from replication.choices import Direction, ProtectionState, RecoveryPointType, TestFailoverState
 from vault.choices import Health
+from vault.models import NetworkPurpose
 
 
 def _a(noun: str) -> str:
@@ -46,10 +47,14 @@ class ProtectedItem(TimeStampedModel):
     state_changed_at = models.DateTimeField(auto_now_add=True, editable=False)
     # One apply pass at a time per item: a worker holds this lease while it applies.
     apply_lease_until = models.DateTimeField(null=True, blank=True, editable=False)
+    apply_lease_owner = models.CharField(max_length=32, blank=True, editable=False)  # see replication/lease.py
     # App-consistent bookmarks asked of the agent and not yet seen as recovery points:
     # [{"id", "label", "positions": {disk index: journal seq}, "requested_at"}].
     pending_bookmarks = models.JSONField(default=list, blank=True, editable=False)
     last_app_consistent_request_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Resyncs that failed in a row, and when the off-hours sweep may try again (backoff).
+    resync_attempts = models.PositiveIntegerField(default=0, editable=False)
+    resync_retry_at = models.DateTimeField(null=True, blank=True, editable=False)
     # Where the item is recovered: the recovery site, and the networks a failed-over VM and a
     # test VM are attached to (network mapping; by default the site's first of each purpose).
     recovery_site = models.ForeignKey(
@@ -72,8 +77,6 @@ class ProtectedItem(TimeStampedModel):
         return self.name
 
     def clean(self) -> None:
-        from vault.models import NetworkPurpose
-
         errors = {}
         site = self.recovery_site
         if site is not None and site.vault_id != self.vault_id:
@@ -103,6 +106,9 @@ class ReplicaDisk(models.Model):
     # Where the mobility agent reads the source disk, and its write-filter journal if any.
     source_path = models.CharField(max_length=1000, blank=True)
     journal_dir = models.CharField(max_length=1000, blank=True)
+    # Set when the disk left the machine: it is replicated no more, its replica stays for
+    # the recovery points that have it.
+    removed_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["item", "index"]

@@ -5,6 +5,8 @@ from datetime import timedelta
 
 from django.utils import timezone
 
+from core.choices import JobState, JobType
+from core.models import Job
 from replication.choices import ProtectionState as P
 from replication.models import ProtectedItem, RecoveryPoint
 
@@ -21,7 +23,15 @@ def item_actions(*, item: ProtectedItem) -> list[tuple[str, str, str]]:
         actions.append(("retry", "Retry enabling replication", ""))
     if item.protection_state not in (P.DISABLING, P.FAILOVER_IN_PROGRESS, P.FAILED_OVER, P.REPROTECTING):
         actions.append(("disable", "Disable replication", "Disable replication and delete this item's replica disks and recovery points?"))
+    elif item.protection_state == P.DISABLING and not _job_active(item, JobType.DISABLE_REPLICATION):
+        # The disable failed (or its worker died): its replica data may be half removed.
+        actions.append(("disable", "Disable again", "Remove this item and what is left of its replica data?"))
     return actions
+
+
+def _job_active(item: ProtectedItem, job_type: str) -> bool:
+    return Job.objects.filter(type=job_type, target_type="protected_item", target_id=str(item.pk),
+                              state__in=JobState.ACTIVE).exists()
 
 
 def item_rpo_history(*, item: ProtectedItem, hours: int = 6, now=None) -> list[dict]:

@@ -5,15 +5,17 @@ import logging
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
-from django.utils import timezone
 
-from core.choices import JobType
+from core.choices import JobState, JobType
 from core.exceptions import Conflict, InvalidTransition, ValidationFailed
 from core.jobs import job_create
+from core.models import Job
+from core.transitions import transition
 from replication.choices import ProtectionState, TestFailoverState
 from replication.models import ProtectedItem
-from replication.transitions import PROTECTION_TRANSITIONS, TEST_FAILOVER_TRANSITIONS, sources_for
+from replication.transitions import PROTECTION, TEST_FAILOVER
 from vault.choices import Severity
+from vault.models import DiscoveredMachine, NetworkPurpose
 from vault.services import event_record
 
 logger = logging.getLogger(__name__)
@@ -25,46 +27,24 @@ def protected_item_transition(
     to_state: str,
     operation: str,
     from_states: frozenset[str] | set[str] | None = None,
+    quiet: bool = False,
     **fields,
-) -> ProtectedItem:
+) -> ProtectedItem | None:
     """Move an item to ``to_state`` if, and only if, it is in an allowed source state.
 
-    A compare-and-set on the row: ``UPDATE ... WHERE id = ? AND protection_state IN (...)``
-    must touch exactly one row, otherwise the caller lost a race (or the state never allowed
-    the operation) and gets ``InvalidTransition`` with the current state. Other ``fields``
-    are written in the same statement.
+    A compare-and-set on the row (``core.transitions.transition``): the loser of a race, or
+    a state that never allowed the operation, gets ``InvalidTransition`` with the current
+    state (``None`` with ``quiet``). Other ``fields`` are written in the same statement.
     """
-    allowed = sources_for(to_state, PROTECTION_TRANSITIONS)
-    if from_states is not None:
-        allowed = allowed & frozenset(from_states)
-    updated = ProtectedItem.objects.filter(pk=item_id, protection_state__in=allowed).update(
-        protection_state=to_state, state_changed_at=timezone.now(), updated_at=timezone.now(), **fields
-    )
-    item = ProtectedItem.objects.get(pk=item_id)
-    if updated != 1:
-        raise InvalidTransition(
-            f"Cannot {operation} '{item.name}' while it is {item.get_protection_state_display().lower()}.",
-            current_state=item.protection_state,
-            operation=operation,
-        )
-    return item
+    return transition(PROTECTION, model=ProtectedItem, pk=item_id, to_state=to_state, operation=operation,
+                      from_states=from_states, quiet=quiet, **fields)
 
 
-def protected_item_test_failover_transition(*, item_id, to_state: str, operation: str) -> ProtectedItem:
-    allowed = sources_for(to_state, TEST_FAILOVER_TRANSITIONS)
-    updated = ProtectedItem.objects.filter(pk=item_id, test_failover_state__in=allowed).update(
-        test_failover_state=to_state, updated_at=timezone.now()
-    )
-    item = ProtectedItem.objects.get(pk=item_id)
-    if updated != 1:
-        raise InvalidTransition(
-            f"Cannot {operation} '{item.name}' now: "
-            + ("it has no test failover." if item.test_failover_state == TestFailoverState.NONE
-               else f"{item.get_test_failover_state_display().lower()}."),
-            current_state=item.test_failover_state,
-            operation=operation,
-        )
-    return item
+def protected_item_test_failover_transition(
+    *, item_id, to_state: str, operation: str, from_states=None, quiet: bool = False, **fields
+) -> ProtectedItem | None:
+    return transition(TEST_FAILOVER, model=ProtectedItem, pk=item_id, to_state=to_state, operation=operation,
+                      from_states=from_states, quiet=quiet, **fields)
 
 
 # --- operations ---------------------------------------------------------------------------
@@ -86,8 +66,6 @@ def protected_item_enable(*, vault, machine, policy, process_server, recovery_si
         problems.append("The recovery site must belong to this vault.")
     if problems:
         raise ValidationFailed(" ".join(problems))
-    from vault.models import DiscoveredMachine
-
     with transaction.atomic():
         # The machine's row lock serializes two simultaneous requests for the same machine.
         DiscoveredMachine.objects.select_for_update().get(pk=machine.pk)
@@ -115,8 +93,14 @@ def protected_item_enable_retry(*, item, user=None):
 
 
 def protected_item_disable(*, item, user=None):
-    """Stop replicating and remove the item and its replica data (as a job)."""
+    """Stop replicating and remove the item and its replica data (as a job). An item left
+    DISABLING by a disable that failed is disabled again the same way."""
     with transaction.atomic():
+        ProtectedItem.objects.select_for_update().filter(pk=item.pk).first()  # one disable at a time
+        if Job.objects.filter(type=JobType.DISABLE_REPLICATION, target_type="protected_item", target_id=str(item.pk),
+                              state__in=JobState.ACTIVE).exists():
+            raise Conflict(f"'{item.name}' is being disabled already.", code="invalid_state",
+                           extra={"current_state": ProtectionState.DISABLING, "operation": "disable replication"})
         item = protected_item_transition(item_id=item.pk, to_state=ProtectionState.DISABLING, operation="disable replication")
         job = job_create(
             job_type=JobType.DISABLE_REPLICATION, vault=item.vault, target_type="protected_item", target_id=str(item.pk),
@@ -167,8 +151,6 @@ RECOVERY_SETTINGS_FROZEN = frozenset({ProtectionState.FAILOVER_IN_PROGRESS, Prot
 def _recovery_mapping(item: ProtectedItem, *, recovery_site, recovery_network=None, test_network=None) -> None:
     """Set the item's recovery site and network mapping; a network not given is the site's
     first of its purpose. Validated by the item's ``clean()``."""
-    from vault.models import NetworkPurpose
-
     item.recovery_site = recovery_site
     if recovery_site is None:
         item.recovery_network = item.test_network = None

@@ -1,9 +1,11 @@
-"""The protected-item state machine: every allowed transition, in one table.
+"""The protected-item state machines: every allowed transition, in one table each.
 
-Every change of ``protection_state`` goes through ``services.protected_item_transition``,
-which applies it as a compare-and-set on the row, so a double click, two REST clients or a
-retried task can never start the same operation twice.
+Every change of ``protection_state`` or ``test_failover_state`` goes through
+``core.transitions.transition`` (``services.protected_item_transition`` and
+``protected_item_test_failover_transition``), a compare-and-set on the row, so a double
+click, two REST clients or a retried task can never start the same operation twice.
 """
+from core.transitions import StateMachine
 from replication.choices import ProtectionState as P
 from replication.choices import TestFailoverState as T
 
@@ -18,7 +20,8 @@ PROTECTION_TRANSITIONS: dict[str, frozenset[str]] = {
     P.FAILED_OVER: frozenset({P.FAILOVER_COMMITTED}),
     P.FAILOVER_COMMITTED: frozenset({P.REPROTECTING, P.DISABLING}),
     P.REPROTECTING: frozenset({P.PROTECTED, P.FAILOVER_COMMITTED}),
-    P.DISABLING: frozenset(),
+    # A disable that failed (its job failed or was reaped) is run again from here.
+    P.DISABLING: frozenset({P.DISABLING}),
 }
 
 TEST_FAILOVER_TRANSITIONS: dict[str, frozenset[str]] = {
@@ -27,6 +30,22 @@ TEST_FAILOVER_TRANSITIONS: dict[str, frozenset[str]] = {
     T.SUCCEEDED: frozenset({T.CLEANING_UP}),
     T.CLEANING_UP: frozenset({T.NONE, T.SUCCEEDED}),
 }
+
+
+def _protection_refusal(item, operation: str) -> str:
+    return f"Cannot {operation} '{item.name}' while it is {item.get_protection_state_display().lower()}."
+
+
+def _test_failover_refusal(item, operation: str) -> str:
+    now = ("it has no test failover." if item.test_failover_state == T.NONE
+           else f"{item.get_test_failover_state_display().lower()}.")
+    return f"Cannot {operation} '{item.name}' now: {now}"
+
+
+PROTECTION = StateMachine(name="protection state", field="protection_state", table=PROTECTION_TRANSITIONS,
+                          stamps=("state_changed_at", "updated_at"), refusal=_protection_refusal)
+TEST_FAILOVER = StateMachine(name="test failover state", field="test_failover_state", table=TEST_FAILOVER_TRANSITIONS,
+                             stamps=("updated_at",), refusal=_test_failover_refusal)
 
 
 def sources_for(target: str, table: dict[str, frozenset[str]] = PROTECTION_TRANSITIONS) -> frozenset[str]:

@@ -26,7 +26,9 @@ env.setdefault("LIFEBOAT_ALERT_QUIET_SECONDS", "120")
 
 PROCESSES = {
     "web": [PY, "-m", "gunicorn", "lifeboat.wsgi", "-b", "127.0.0.1:8000", "-w", "2", "--threads", "4", "--access-logfile", "-"],
-    "worker": [PY, "-m", "celery", "-A", "lifeboat", "worker", "-Q", "control,data,apply,maintenance", "--pool", "threads", "-c", "8", "--loglevel", "INFO"],
+    # Two workers, so that apply passes and sweeps never wait behind the admin's jobs.
+    "worker": [PY, "-m", "celery", "-A", "lifeboat", "worker", "-Q", "control,data", "--pool", "threads", "-c", "4", "-n", "jobs@%h", "--loglevel", "INFO"],
+    "worker-apply": [PY, "-m", "celery", "-A", "lifeboat", "worker", "-Q", "apply,maintenance", "--pool", "threads", "-c", "6", "-n", "apply@%h", "--loglevel", "INFO"],
     "beat": [PY, "-m", "celery", "-A", "lifeboat", "beat", "--loglevel", "INFO"],
     "process-server": [PY, "-m", "replication.dataplane.process_server", "--config", str(DATA / "process-server-ps-01.json")],
     "simsite": [PY, "-m", "vault.connectors.simsite", "--data-dir", str(DATA / "simsite")],

@@ -1,4 +1,5 @@
-"""Every cell of the protected-item state machine, allowed and refused."""
+"""Every cell of every state machine, allowed and refused: protection, test failover, and
+the tables ready for recovery-plan runs and failback (the job machine: tests/core)."""
 from __future__ import annotations
 
 import itertools
@@ -26,6 +27,8 @@ EXPECTED = {
     ("FAILED_OVER", "FAILOVER_COMMITTED"),
     ("FAILOVER_COMMITTED", "REPROTECTING"), ("FAILOVER_COMMITTED", "DISABLING"),
     ("REPROTECTING", "PROTECTED"), ("REPROTECTING", "FAILOVER_COMMITTED"),
+    # A disable that failed is run again ("Disable again").
+    ("DISABLING", "DISABLING"),
 }
 STATES = [s.value for s in ProtectionState]
 
@@ -79,3 +82,69 @@ def test_from_states_narrows_the_allowed_sources(db):
     ProtectedItem.objects.filter(pk=item.pk).update(protection_state="PROTECTED")
     with pytest.raises(InvalidTransition):
         protected_item_transition(item_id=item.pk, to_state="RESYNCING", operation="resync", from_states={"RESYNC_REQUIRED"})
+
+
+def test_a_refused_move_says_why_and_a_quiet_one_returns_none(db):
+    item = ProtectedItemFactory()
+    ProtectedItem.objects.filter(pk=item.pk).update(protection_state="FAILED_OVER")
+    with pytest.raises(InvalidTransition) as err:
+        protected_item_transition(item_id=item.pk, to_state="RESYNCING", operation="resynchronize")
+    assert err.value.message == f"Cannot resynchronize '{item.name}' while it is failed over."
+    assert protected_item_transition(item_id=item.pk, to_state="RESYNCING", operation="resynchronize", quiet=True) is None
+
+
+# --- tables ready for the plan runner and failback -------------------------------------------
+
+from failback.transitions import FAILBACK, FailbackState  # noqa: E402
+from recovery_plans.transitions import PLAN_RUN, PlanRunState  # noqa: E402
+
+PLAN_RUN_EXPECTED = {
+    ("NOT_STARTED", "RUNNING"), ("NOT_STARTED", "CANCELLED"),
+    ("RUNNING", "WAITING_FOR_ACTION"), ("RUNNING", "SUCCEEDED"), ("RUNNING", "FAILED"), ("RUNNING", "CANCELLING"),
+    ("WAITING_FOR_ACTION", "RUNNING"), ("WAITING_FOR_ACTION", "CANCELLING"), ("WAITING_FOR_ACTION", "FAILED"),
+    ("CANCELLING", "CANCELLED"), ("CANCELLING", "FAILED"),
+    ("FAILED", "RUNNING"),
+}
+FAILBACK_EXPECTED = {
+    ("NONE", "REPROTECTING"),
+    ("REPROTECTING", "REPLICATING_BACK"), ("REPROTECTING", "REPROTECT_FAILED"),
+    ("REPROTECT_FAILED", "REPROTECTING"), ("REPROTECT_FAILED", "NONE"),
+    ("REPLICATING_BACK", "FAILBACK_IN_PROGRESS"), ("REPLICATING_BACK", "NONE"),
+    ("FAILBACK_IN_PROGRESS", "FAILED_BACK"), ("FAILBACK_IN_PROGRESS", "REPLICATING_BACK"),
+    ("FAILED_BACK", "COMMITTED"),
+    ("COMMITTED", "REENABLING"),
+    ("REENABLING", "NONE"), ("REENABLING", "COMMITTED"),
+}
+
+
+@pytest.mark.parametrize("machine,states,expected", [
+    (PLAN_RUN, [s.value for s in PlanRunState], PLAN_RUN_EXPECTED),
+    (FAILBACK, [s.value for s in FailbackState], FAILBACK_EXPECTED),
+], ids=["plan-run", "failback"])
+def test_ready_tables_are_the_designed_ones(machine, states, expected):
+    assert set(machine.cells()) == expected
+    assert set(machine.table) == set(states)
+    for source, target in itertools.product(states, states):
+        assert machine.is_allowed(source, target) == ((source, target) in expected), (source, target)
+
+
+def test_a_failed_disable_offers_disable_again(db, api):
+    from core.choices import JobState
+    from core.models import Job
+    from replication.selectors import item_actions
+
+    item = ProtectedItemFactory()
+    ProtectedItem.objects.filter(pk=item.pk).update(protection_state="DISABLING")
+    Job.objects.create(type="DISABLE_REPLICATION", target_type="protected_item", target_id=str(item.pk), state=JobState.FAILED,
+                       error="The storage refused the delete.")
+    item.refresh_from_db()
+    assert ("disable", "Disable again") in [(a, label) for a, label, _ in item_actions(item=item)]
+    response = api.delete(f"/api/v1/replicationProtectedItems/{item.pk}/")
+    assert response.status_code == 202, response.content
+    # While that disable runs, another is refused and nothing changes.
+    again = api.delete(f"/api/v1/replicationProtectedItems/{item.pk}/")
+    assert again.status_code == 409
+    assert again.json()["error"]["message"] == f"'{item.name}' is being disabled already."
+    assert Job.objects.filter(type="DISABLE_REPLICATION", state=JobState.QUEUED).count() == 1
+    item.refresh_from_db()
+    assert "disable" not in [a for a, _, _ in item_actions(item=item)]
