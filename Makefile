@@ -35,6 +35,8 @@ run: install
 	$(PY) scripts/run.py
 
 check: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(TEST_ENV) $(PY) manage.py check --fail-level WARNING
 	$(TEST_ENV) $(PY) manage.py makemigrations --check --dry-run
 	$(TEST_ENV) $(PY) manage.py spectacular --validate --fail-on-warn --file /dev/null

@@ -49,7 +49,7 @@ from benchdoc import replace_section  # noqa: E402
 from replication.dataplane.recovery import RecoveryDisk, snapshot_digests  # noqa: E402
 from replication.dataplane.storage.base import digest_flat_file  # noqa: E402
 from replication.dataplane.storage.local import LocalStorage  # noqa: E402
-from vault.connectors.recovery import open_recovery_site  # noqa: E402
+from vault.connectors.sites import open_recovery_site  # noqa: E402
 
 MiB = 1024 * 1024
 TARGET_ONE_S = 5.0

@@ -24,7 +24,8 @@ import socket
 import sys
 import threading
 
-from mobility.agent import Agent, AgentError, _read_json, _write_json, guest_freeze, write_request
+from mobility.agent import Agent, AgentError, guest_freeze, write_request
+from mobility.jsonfile import read_json, write_json
 from mobility.transport import TransportError
 from mobility.tuning import tune_allocator
 
@@ -58,12 +59,12 @@ def _machine(args: argparse.Namespace) -> dict:
 
 
 def _agent(state_dir: str) -> Agent:
-    settings = _read_json(os.path.join(state_dir, "agent.json"))
+    settings = read_json(os.path.join(state_dir, "agent.json"))
     if not settings:
         raise AgentError(f"{state_dir} holds no agent.json: run 'python -m mobility register' first")
     return Agent(state_dir=state_dir, config_url=settings["config_url"], hostname=settings.get("hostname"),
                  config_ca_file=settings.get("config_ca_file"), config_thumbprint=settings.get("config_thumbprint"),
-                 auto_resync=settings.get("auto_resync", False))
+                 auto_resync=settings.get("auto_resync", False), snapshot_command=settings.get("snapshot_command"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     reg.add_argument("--config-ca-file", help="CA bundle for an https configuration server")
     reg.add_argument("--config-thumbprint", help="pin the configuration server's certificate instead")
     reg.add_argument("--auto-resync", action="store_true", help="resynchronize without waiting to be told")
+    reg.add_argument("--snapshot-command", help="scan the disks through frozen views: 'CMD create DISK...' prints a "
+                                                "view path per disk (e.g. LVM snapshots), 'CMD remove VIEW...' drops "
+                                                "them; without it scanned points are not crash-consistent")
     run = command("run", "replicate the assigned items")
     run.add_argument("--once", action="store_true", help="one pass, then exit")
     for name in ("bookmark", "resync"):
@@ -112,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                     passphrase = f.read().strip()
             machine = _machine(args)
             os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
-            _write_json(os.path.join(args.state_dir, "agent.json"), {
+            write_json(os.path.join(args.state_dir, "agent.json"), {
                 "config_url": args.config_url, "hostname": args.hostname, "config_ca_file": args.config_ca_file,
                 "config_thumbprint": args.config_thumbprint, "auto_resync": args.auto_resync, "machine": machine,
+                "snapshot_command": args.snapshot_command,
             })
             agent = Agent(state_dir=args.state_dir, config_url=args.config_url, passphrase=passphrase,
                           machine=machine, hostname=args.hostname, config_ca_file=args.config_ca_file,

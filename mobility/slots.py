@@ -17,6 +17,8 @@ import os
 import struct
 import zlib
 
+from mobility.durable import fsync_dir
+
 MAGIC = b"LBST"
 HEAD = struct.Struct("<4sQII")
 MIN_SLOT = 64 * 1024
@@ -81,11 +83,7 @@ class SlotFile:
         os.pwrite(fd, first.ljust(slot, b"\0") + bytes(slot), 0)
         os.fsync(fd)
         os.replace(tmp, self.path)
-        dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(os.path.dirname(self.path) or ".")
         if self._fd is not None:
             os.close(self._fd)
         self._fd, self._slot, self._next = fd, slot, 1

@@ -9,6 +9,7 @@ same ``mobility.agent.Agent`` a real VM runs) in a thread of its own. Django-fre
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -42,8 +43,6 @@ class AgentHost:
             log.info("started the agent of VM %s", name)
 
     def _run(self, state_dir: str) -> None:
-        import json
-
         with open(os.path.join(state_dir, "credentials.json")) as f:
             config_url = json.load(f).get("config_url")
         agent = Agent(state_dir=state_dir, config_url=config_url, **self.agent_options)

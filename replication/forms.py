@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from django import forms
 
-from vault.forms import ServiceForm
+from replication import services
 from replication.models import ProtectedItem
+from vault.forms import ServiceForm
 from vault.models import DiscoveredMachine, NetworkPurpose, ProcessServer, RecoveryNetwork, ReplicationPolicy, Vault
 
 
@@ -60,6 +61,4 @@ class NetworkMappingForm(ServiceForm):
         self.fields["test_network"].label_from_instance = lambda n: f"{n.site.name} / {n.name}"
 
     def save(self):
-        from replication import services
-
         return self.save_with(services.protected_item_set_recovery, item=self.item, **self.cleaned_data)

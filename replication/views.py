@@ -1,13 +1,24 @@
 from __future__ import annotations
 
+from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.shortcuts import get_object_or_404, redirect
+from django.db import transaction
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
 
+from core.exceptions import LifeboatError
 from core.portal import current_vault, render_page
+from replication import services
 from replication.choices import ProtectionState, TestFailoverState
 from replication.filters import ProtectedItemFilter
+from replication.forms import EnableReplicationForm, NetworkMappingForm
 from replication.models import ProtectedItem
+from replication.selectors import item_actions, item_rpo_history
+from vault.forms import WorkloadForm
+from vault.simulation import machine_set_workload, machine_workload
 
 
 def recovery_operations(*, item: ProtectedItem) -> list[tuple[str, str]]:
@@ -51,10 +62,6 @@ def item_detail(request, pk):
             "vault", "policy", "process_server", "machine", "recovery_site", "recovery_network", "test_network"
         ), pk=pk,
     )
-    from replication.selectors import item_rpo_history, item_actions
-    from vault.forms import WorkloadForm
-    from vault.simulation import machine_workload
-
     points = list(item.recovery_points.order_by("-time")[:50])
     context = {
         "vault": item.vault,
@@ -77,16 +84,6 @@ def item_detail(request, pk):
 
 
 # --- operations ----------------------------------------------------------------------------
-
-from django.contrib import messages  # noqa: E402
-from django.core.exceptions import PermissionDenied  # noqa: E402
-from django.db import transaction  # noqa: E402
-from django.shortcuts import render  # noqa: E402
-from django.views.decorators.http import require_POST  # noqa: E402
-
-from core.exceptions import LifeboatError  # noqa: E402
-from replication import services  # noqa: E402
-from replication.forms import EnableReplicationForm, NetworkMappingForm  # noqa: E402
 
 
 def _require_admin(request) -> None:
@@ -122,8 +119,6 @@ def enable_replication(request):
             return redirect("portal:items")
     elif request.htmx and data is not None:
         return render(request, "replication/enable.html#machines", {"form": form, "vault": vault})
-    from django.conf import settings
-
     return render(request, "replication/enable.html", {"form": form, "vault": vault, "storage": settings.LIFEBOAT_STORAGE})
 
 
@@ -152,9 +147,6 @@ def item_action(request, pk, action):
 def workload_update(request, pk):
     """Change a simulated VM's write rate (the demo's churn control)."""
     _require_admin(request)
-    from vault.simulation import machine_set_workload
-    from vault.forms import WorkloadForm
-
     item = get_object_or_404(ProtectedItem.objects.select_related("machine", "machine__vcenter"), pk=pk)
     form = WorkloadForm(request.POST)
     if form.is_valid():

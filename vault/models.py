@@ -10,6 +10,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from core.models import TimeStampedModel
+from core.secrets import decrypt_secret
 from vault.choices import (
     MAX_RETENTION_HOURS,
     AlertState,
@@ -20,6 +21,8 @@ from vault.choices import (
     StorageTier,
     VCenterKind,
 )
+from vault.connectors.base import normalize_thumbprint
+from vault.connectors.sites import open_recovery_site
 
 
 def validate_time_zone(value: str) -> None:
@@ -328,8 +331,6 @@ class RecoverySite(TimeStampedModel):
                 if not getattr(self, field):
                     errors[field] = f"A vSphere recovery site needs {what}."
             if self.thumbprint:
-                from vault.connectors.base import normalize_thumbprint
-
                 try:
                     normalize_thumbprint(self.thumbprint)
                 except ValueError as exc:
@@ -343,9 +344,6 @@ class RecoverySite(TimeStampedModel):
         ``workload`` (simulated site only): how the VMs it creates write to their disks once
         running, as the simulated source VMs do (``vault.simulation.machine_workload``).
         """
-        from core.secrets import decrypt_secret
-        from vault.connectors.recovery import open_recovery_site
-
         if self.kind == RecoverySiteKind.SIMULATED:
             return open_recovery_site(
                 "simulated", data_dir=self.host, networks=[n.name for n in self.networks.all()], workload=workload

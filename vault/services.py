@@ -6,12 +6,15 @@ import logging
 import socket
 from datetime import time as dtime
 
+from django.conf import settings
 from django.contrib.auth.hashers import make_password
 from django.db import IntegrityError, transaction
+from django.db.models import ProtectedError
 from django.utils import timezone
 
 from core.exceptions import Conflict, ValidationFailed
 from core.secrets import decrypt_secret, encrypt_secret
+from replication.dataplane.sealing import new_key
 from vault.choices import AlertState, Severity, VCenterKind
 from vault.models import (
     Alert,
@@ -56,7 +59,6 @@ def vault_create(
             f"The registration passphrase must be at least {MIN_PASSPHRASE_LENGTH} characters long.",
             extra={"fields": {"passphrase": ["too short"]}},
         )
-    from replication.dataplane.sealing import new_key
 
     vault = Vault(
         name=name,
@@ -326,8 +328,6 @@ def _site_in_use(site: RecoverySite) -> str:
 
 
 def recovery_site_delete(*, site: RecoverySite) -> None:
-    from django.db.models import ProtectedError
-
     reason = _site_in_use(site)
     if reason:
         raise Conflict(f"The recovery site {site.name} cannot be deleted: {reason}.", code="in_use")
@@ -354,8 +354,6 @@ def recovery_network_create(*, site: RecoverySite, name: str, purpose: str = Net
 
 
 def recovery_network_delete(*, network: RecoveryNetwork) -> None:
-    from django.db.models import ProtectedError
-
     site = network.site
     users = [*network.items_recovering.values_list("name", flat=True)[:3], *network.items_testing.values_list("name", flat=True)[:3]]
     if users:
@@ -389,8 +387,6 @@ def alert_raise(
     is the time the caller judged the problem at (a monitoring sweep's), the wall clock if
     not given.
     """
-    from django.conf import settings
-
     existing = Alert.objects.filter(vault=vault, key=key, state=AlertState.ACTIVE).first()
     if existing is not None:
         if existing.message != message or existing.severity != severity:

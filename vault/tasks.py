@@ -1,13 +1,12 @@
 from celery import shared_task
 
 from core.exceptions import Conflict
+from vault.discovery import vcenter_discover, vcenters_due_for_discovery
 
 
 @shared_task(name="vault.rediscover", ignore_result=True)
 def rediscover() -> int:
     """Start discovery of every endpoint whose interval has passed."""
-    from vault.discovery import vcenter_discover, vcenters_due_for_discovery
-
     started = 0
     for vcenter in vcenters_due_for_discovery():
         try:

@@ -12,6 +12,7 @@ from core.exceptions import LifeboatError
 from core.portal import current_vault, render_page
 from replication.choices import ProtectionState
 from vault import selectors, services
+from vault.discovery import vcenter_discover
 from vault.filters import AlertFilter
 from vault.forms import PolicyForm, RecoverySiteForm, VaultForm, VCenterForm
 from vault.models import Alert, ReplicationPolicy, VCenter
@@ -137,8 +138,6 @@ def recovery_site_add(request):
 @require_POST
 def vcenter_discover_view(request, pk):
     _require_admin(request)
-    from vault.discovery import vcenter_discover
-
     vcenter = get_object_or_404(VCenter, pk=pk)
     try:
         job = vcenter_discover(vcenter=vcenter, user=request.user)

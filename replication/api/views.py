@@ -18,6 +18,7 @@ from replication.api.serializers import (
     RecoveryPointSerializer,
     RecoverySettingsSerializer,
 )
+from replication.engine import disk_image_stream
 from replication.filters import ProtectedItemFilter, RecoveryPointFilter
 from replication.models import ProtectedItem, RecoveryPoint
 
@@ -89,8 +90,6 @@ class RecoveryPointViewSet(viewsets.ReadOnlyModelViewSet):
     @action(detail=True, methods=["get"], url_path=r"disks/(?P<disk>\d+)/image")
     def image(self, request, pk=None, disk=None):
         """Stream a replica disk's raw bytes as of this recovery point."""
-        from replication.engine import disk_image_stream
-
         point = self.get_object()
         item = ProtectedItem.objects.select_related("vault").prefetch_related("replica_disks").get(pk=point.item_id)
         replica = next((d for d in item.replica_disks.all() if d.index == int(disk)), None)

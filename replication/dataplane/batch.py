@@ -1,57 +1,49 @@
-"""The batch: the unit an agent ships to its process server.
+"""The batch on the data plane's side: decoding and validating what agents ship.
 
-A batch belongs to one protected item (one stream for all the item's disks, so that a
-recovery point cut between two batches is crash-consistent across disks) and carries
-records in write order::
-
-    header  magic "LBB1" | version u8 | flags u8 | reserved u16 | item uuid (16 bytes)
-            | seq u64 | source_time_ns u64 | record_count u32 | body_crc32 u32
-    record  kind u8 | disk u16 | offset u64 | length u32 | data[length]
-
-``seq`` starts at 1 and grows by one per batch of an item. ``source_time_ns`` is the
-source clock's time of the newest write the batch covers. Write records are sector
-aligned. A bookmark record (no disk data) marks the position of an app-consistent
-snapshot; its data is a small UTF-8 JSON label.
+The format (header, records, flags, limits) and its encoder are defined once, in
+``mobility.wire`` (the agent is standalone, so the definition lives with it); this module
+re-exports them under the names the data plane uses and adds what only the receiving side
+needs: ``peek_header``, ``decode`` and the ``StreamValidator`` the process server checks a
+body with while it streams it to disk.
 """
 from __future__ import annotations
 
-import struct
 import uuid
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from mobility.checksums import crc32
+from mobility.wire import (
+    FLAG_FROZEN_END,
+    FLAG_INITIAL,
+    FLAG_INITIAL_DONE,
+    FLAG_RESYNC,
+    FLAG_UNFROZEN,
+    HEADER,
+    KIND_BOOKMARK,
+    KIND_DISK,
+    KIND_WRITE,
+    KINDS,
+    KNOWN_FLAGS,
+    MAGIC,
+    MAX_BATCH_BYTES,
+    MAX_BOOKMARK_BYTES,
+    MAX_DISKS,
+    RECORD,
+    SECTOR,
+    VERSION,
+    MalformedBatch,
+    Record,
+    check_record,
+)
+from mobility.wire import encode as encode_parts
 
-MAGIC = b"LBB1"
-VERSION = 1
-HEADER = struct.Struct("<4sBBH16sQQII")
-RECORD = struct.Struct("<BHQI")
-SECTOR = 512
-
-KIND_WRITE = 1
-KIND_BOOKMARK = 2
-KINDS = (KIND_WRITE, KIND_BOOKMARK)
-
-FLAG_INITIAL = 0x01  # part of the initial full copy
-FLAG_INITIAL_DONE = 0x02  # the last batch of the initial full copy
-FLAG_RESYNC = 0x04  # part of a resynchronization pass
-KNOWN_FLAGS = FLAG_INITIAL | FLAG_INITIAL_DONE | FLAG_RESYNC
-
-MAX_BATCH_BYTES = 32 * 1024 * 1024
-MAX_BOOKMARK_BYTES = 4096
-MAX_DISKS = 64
-
-
-class MalformedBatch(ValueError):
-    """The bytes are not a well-formed batch; the message says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    kind: int
-    disk: int
-    offset: int
-    data: memoryview | bytes
+__all__ = [
+    "FLAG_FROZEN_END", "FLAG_INITIAL", "FLAG_INITIAL_DONE", "FLAG_RESYNC", "FLAG_UNFROZEN", "HEADER", "KIND_BOOKMARK",
+    "KIND_DISK", "KIND_WRITE", "KINDS", "KNOWN_FLAGS", "MAGIC", "MAX_BATCH_BYTES", "MAX_BOOKMARK_BYTES", "MAX_DISKS",
+    "RECORD", "SECTOR", "VERSION", "Batch", "BatchInfo", "MalformedBatch", "Record", "StreamValidator", "decode",
+    "encode", "iter_writes", "peek_header",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,24 +67,10 @@ def encode(
     records: Iterable[Record],
     flags: int = 0,
 ) -> bytes:
-    """Encode a batch; raises MalformedBatch for records that could never be decoded."""
-    parts: list[bytes | memoryview] = []
-    count = 0
-    crc = 0
-    for rec in records:
-        _check_record(rec.kind, rec.disk, rec.offset, len(rec.data))
-        head = RECORD.pack(rec.kind, rec.disk, rec.offset, len(rec.data))
-        crc = crc32(rec.data, crc32(head, crc))
-        parts.append(head)
-        parts.append(rec.data)
-        count += 1
-    if seq < 1:
-        raise MalformedBatch("seq must be 1 or more")
-    header = HEADER.pack(MAGIC, VERSION, flags, 0, item_id.bytes, seq, source_time_ns, count, crc)
-    out = b"".join([header, *parts])
-    if len(out) > MAX_BATCH_BYTES:
-        raise MalformedBatch(f"batch of {len(out)} bytes is over the {MAX_BATCH_BYTES}-byte limit")
-    return out
+    """Encode a batch as one buffer (``mobility.wire.encode``, joined); raises MalformedBatch
+    for records that could never be decoded."""
+    encoded = encode_parts(item_id=item_id, seq=seq, source_time_ns=source_time_ns, records=list(records), flags=flags)
+    return b"".join(encoded.parts)
 
 
 def peek_header(buf: bytes | memoryview) -> tuple[uuid.UUID, int, int, int, int]:
@@ -130,7 +108,7 @@ def decode(buf: bytes | memoryview, *, check_crc: bool = True) -> Batch:
         if pos + RECORD.size > end:
             raise MalformedBatch(f"batch truncated in the header of record {i + 1} of {count}")
         kind, disk, offset, length = RECORD.unpack_from(view, pos)
-        _check_record(kind, disk, offset, length, index=i + 1)
+        check_record(kind, disk, offset, length, index=i + 1)
         data_start = pos + RECORD.size
         if data_start + length > end:
             raise MalformedBatch(f"batch truncated in the data of record {i + 1} of {count}")
@@ -147,21 +125,6 @@ def decode(buf: bytes | memoryview, *, check_crc: bool = True) -> Batch:
 
 def iter_writes(batch: Batch) -> Iterator[Record]:
     return (r for r in batch.records if r.kind == KIND_WRITE)
-
-
-def _check_record(kind: int, disk: int, offset: int, length: int, index: int | None = None) -> None:
-    where = f"record {index}: " if index else ""
-    if kind not in KINDS:
-        raise MalformedBatch(f"{where}unknown record kind {kind}")
-    if disk >= MAX_DISKS:
-        raise MalformedBatch(f"{where}disk index {disk} is out of range")
-    if kind == KIND_WRITE:
-        if length == 0:
-            raise MalformedBatch(f"{where}empty write")
-        if offset % SECTOR or length % SECTOR:
-            raise MalformedBatch(f"{where}write at {offset}+{length} is not {SECTOR}-byte aligned")
-    elif length > MAX_BOOKMARK_BYTES:
-        raise MalformedBatch(f"{where}bookmark label of {length} bytes is too long")
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +197,7 @@ class StreamValidator:
             pos += take
             if len(self._head) == RECORD.size:
                 kind, disk, offset, length = RECORD.unpack_from(self._head, 0)
-                _check_record(kind, disk, offset, length, index=self._index)
+                check_record(kind, disk, offset, length, index=self._index)
                 self._crc = crc32(self._head, self._crc)
                 self._head.clear()
                 if length:

@@ -15,6 +15,8 @@ import mmap
 import os
 import threading
 
+from mobility.durable import write_all
+
 ALIGN = 4096  # direct I/O alignment of memory, offsets and lengths (any device's block)
 STEP = 1024 * 1024  # buffer sizes are whole MiB, so batches of similar size share them
 
@@ -106,17 +108,6 @@ def _write_direct(path: str, view: memoryview, size: int, padded: int, mode: int
     finally:
         if fd >= 0:
             os.close(fd)
-
-
-def write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
-    """Write all of ``data`` (at ``offset`` with pwrite, else at the file position)."""
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        if offset is None:
-            done += os.write(fd, view[done:])
-        else:
-            done += os.pwrite(fd, view[done:], offset + done)
 
 
 class Held:

@@ -19,7 +19,7 @@ from replication.dataplane.storage.local import LocalStorage
 from tests.dataplane.azurite import azurite, storage  # noqa: F401 - fixtures
 from tests.dataplane.test_recovery import plain_digest, sparse_replica
 from vault.connectors.base import ConnectorError, NotFound, OperationFailed
-from vault.connectors.recovery import open_recovery_site
+from vault.connectors.sites import open_recovery_site
 from vault.connectors.simsite import WorkloadRunner
 from vault.connectors.simulated import SimulatedSite
 

@@ -172,24 +172,39 @@ def random_writes(wf: WriteFilter, size: int, n: int, rng: random.Random, *, max
         wf.write(offset, rng.randbytes(length))
 
 
-def test_agent_encoder_is_the_batch_format():
-    for name in ("MAGIC", "VERSION", "SECTOR", "KIND_WRITE", "KIND_BOOKMARK", "FLAG_INITIAL", "FLAG_INITIAL_DONE",
-                 "FLAG_RESYNC", "MAX_BATCH_BYTES", "MAX_BOOKMARK_BYTES", "MAX_DISKS"):
-        assert getattr(wire, name) == getattr(batch_format, name), name
-    assert wire.HEADER.format == batch_format.HEADER.format and wire.RECORD.format == batch_format.RECORD.format
+def test_the_batch_format_is_defined_once_and_agent_batches_decode_on_the_data_plane():
+    """The data plane's batch module takes the format from the agent's (one definition), and
+    what the agent encodes as pieces, the data plane decodes, whole or streamed, to the same
+    records; bad records are refused by the same rule on both sides."""
+    for name in ("MAGIC", "VERSION", "HEADER", "RECORD", "SECTOR", "KIND_WRITE", "KIND_BOOKMARK", "KIND_DISK",
+                 "FLAG_INITIAL", "FLAG_INITIAL_DONE", "FLAG_RESYNC", "FLAG_UNFROZEN", "FLAG_FROZEN_END",
+                 "MAX_BATCH_BYTES", "MAX_BOOKMARK_BYTES", "MAX_DISKS", "Record", "MalformedBatch"):
+        assert getattr(batch_format, name) is getattr(wire, name), name
     rng = random.Random(3)
     for _ in range(50):
         item_id = uuid.uuid4()
-        recs = [(batch_format.KIND_WRITE, rng.randint(0, 5), 512 * rng.randint(0, 100), rng.randbytes(512 * rng.randint(1, 4)))
+        recs = [(wire.KIND_WRITE, rng.randint(0, 5), 512 * rng.randint(0, 100), rng.randbytes(512 * rng.randint(1, 4)))
                 for _ in range(rng.randint(0, 6))]
+        if rng.random() < 0.3:
+            recs.insert(0, (wire.KIND_DISK, rng.randint(0, 5), 512 * rng.randint(0, 100), b""))
         if rng.random() < 0.5:
-            recs.append((batch_format.KIND_BOOKMARK, 0, 0, b'{"id":"x"}'))
-        flags = rng.choice([0, 1, 3, 4])
+            recs.append((wire.KIND_BOOKMARK, 0, 0, b'{"id":"x"}'))
+        flags = rng.choice([0, 1, 3, 4, 8, 0x10])
         ours = wire.encode(item_id=item_id, seq=rng.randint(1, 99), source_time_ns=rng.randint(0, 2**60),
                            records=[wire.Record(*r) for r in recs], flags=flags)
-        theirs = batch_format.encode(item_id=item_id, seq=ours.seq, source_time_ns=batch_format.peek_header(
-            b"".join(ours.parts))[2], records=[batch_format.Record(*r) for r in recs], flags=flags)
-        assert b"".join(ours.parts) == theirs and ours.size == len(theirs)
+        whole = b"".join(bytes(p) for p in ours.parts)
+        assert len(whole) == ours.size == wire.encoded_size([wire.Record(*r) for r in recs])
+        batch = batch_format.decode(whole)
+        assert (batch.item_id, batch.seq, batch.flags) == (item_id, ours.seq, flags)
+        assert [(r.kind, r.disk, r.offset, bytes(r.data)) for r in batch.records] == recs
+        streamed = batch_format.StreamValidator()
+        for part in ours.parts:
+            streamed.feed(part)
+        assert streamed.finish().record_count == len(recs)
+        assert batch_format.encode(item_id=item_id, seq=ours.seq, source_time_ns=batch.source_time_ns,
+                                   records=[batch_format.Record(*r) for r in recs], flags=flags) == whole
+    with pytest.raises(batch_format.MalformedBatch, match="not 512-byte aligned"):
+        wire.encode(item_id=uuid.uuid4(), seq=1, source_time_ns=0, records=[wire.Record(wire.KIND_WRITE, 0, 100, bytes(512))])
 
 
 def test_registration_assignment_and_heartbeat(tmp_path, config_server):
@@ -263,7 +278,10 @@ def test_initial_and_delta_replication_is_byte_exact(tmp_path, start_ps, vault):
     status = agent.replicate_until_caught_up(timeout=120)[str(item_id)]
     assert (status["phase"], status["backlog_bytes"], status["progress"]) == ("delta", 0, 1.0)
     batches = uploaded(ps, vault, item_id, status["acked_seq"])
-    flags = [b.flags for b in batches]
+    # Blocks of the disk without a journal were read from the live disk: their batches say so.
+    scanned = [b for b in batches if any(r.disk == 1 and r.kind == batch_format.KIND_WRITE for r in b.records)]
+    assert scanned and all(b.flags & batch_format.FLAG_UNFROZEN for b in scanned)
+    flags = [b.flags & ~batch_format.FLAG_UNFROZEN for b in batches]
     done = flags.index(batch_format.FLAG_INITIAL | batch_format.FLAG_INITIAL_DONE)
     assert all(f == batch_format.FLAG_INITIAL for f in flags[:done]) and all(f == 0 for f in flags[done + 1:])
     copy_bytes = sum(len(r.data) for b in batches[:done + 1] for r in b.records if r.kind == batch_format.KIND_WRITE)
@@ -473,7 +491,7 @@ def test_a_planned_batch_is_resent_by_a_restarted_agent(tmp_path, start_ps, vaul
     status = agent.run_once()[str(item_id)]
     assert "failed" in status["last_error"] and status["backlog_bytes"] > 0
     state = load_item_state(str(tmp_path / "agent"), item_id)
-    assert [p["seq"] for p in state["inflight"]] == [acked + 1]
+    assert [p["seq"] for p in state.inflight] == [acked + 1]
     agent.close()
 
     ps.start()
@@ -629,7 +647,7 @@ def test_overflow_during_the_initial_copy_starts_it_over(tmp_path, start_ps, vau
         proxy.armed = 10**6  # the network loses every answer to a batch: the copy stops early
         status = agent.run_once()[str(item_id)]
         assert status["phase"] == "initial" and status["last_error"]
-        assert load_item_state(str(tmp_path / "agent"), item_id)["cursor"] != [1, 0]  # in the middle of it
+        assert load_item_state(str(tmp_path / "agent"), item_id).cursor != [1, 0]  # in the middle of it
         random_writes(wf, size, 60, random.Random(8), max_len=8192)  # more than the journal holds
         assert journal.overflowed(jdir)
         proxy.armed = 0
@@ -867,7 +885,7 @@ def test_a_resync_batch_lost_in_flight_is_rebuilt_the_same_after_a_restart(tmp_p
         deadline = time.monotonic() + 60
         while True:
             status = agent.run_once()[str(item_id)]
-            plans = load_item_state(str(tmp_path / "agent"), item_id)["inflight"]
+            plans = load_item_state(str(tmp_path / "agent"), item_id).inflight
             if any(p["kind"] == "ranges" and p["ranges"] for p in plans):
                 break
             assert time.monotonic() < deadline, status
@@ -893,3 +911,36 @@ def test_a_resync_batch_lost_in_flight_is_rebuilt_the_same_after_a_restart(tmp_p
     finally:
         proxy.close()
         worker.close()
+
+
+def test_the_item_state_loads_older_and_newer_saved_files(tmp_path, caplog):
+    """The crash-safety state is a declared structure saved as the same JSON: a file from an
+    older agent (keys missing) loads with the defaults that keep its behaviour, keys this
+    agent does not know are dropped (and logged), and a save loads back equal."""
+    from mobility.slots import SlotFile
+    from mobility.state import ItemState, StateError
+
+    item_id = uuid.uuid4()
+    older = {"item_id": str(item_id), "phase": "delta", "next_seq": 8, "acked_seq": 7, "capacity": {"0": 4096},
+             "block_bytes": 1024 * 1024, "cursor": [1, 0], "inflight": [], "bookmarks": [], "scan_passes": 2,
+             "journal_planned": {"0": 5}, "journal_acked": {"0": 5}, "journal_pos": {"0": None},
+             "journal_planned_pos": {"0": None}, "a_key_from_elsewhere": 1}
+    path = tmp_path / "items" / str(item_id)
+    path.mkdir(parents=True)
+    store = SlotFile(str(path / "state.slots"))
+    store.write(json.dumps(older).encode())
+    store.close()
+    with caplog.at_level("INFO", logger="lifeboat.mobility"):
+        state = load_item_state(str(tmp_path), item_id)
+    assert "a_key_from_elsewhere" in caplog.text
+    assert (state.next_seq, state.cursor, state.journal_planned) == (8, [1, 0], {"0": 5})
+    # missing keys: the initial copy of a state saved before "initial_done" existed had ended,
+    # nothing is due, no resync under way
+    assert state.initial_done and state.disks_due == {} and state.resync_mode == "blocks" and state.digest_seq is None
+    assert state.bookmark_ids_seen == [] and state.pass_done_seq is None and not state.resync_flag_taken
+    saved = json.loads(state.to_json())
+    assert "a_key_from_elsewhere" not in saved and ItemState.from_dict(saved) == state
+    with pytest.raises(AttributeError):
+        state.no_such_field = 1  # a typo cannot add a key the next load would drop
+    with pytest.raises(StateError, match="lacks block_bytes"):
+        ItemState.from_dict({k: v for k, v in older.items() if k != "block_bytes"})

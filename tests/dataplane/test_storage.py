@@ -427,7 +427,7 @@ def test_local_a_failed_background_chunk_write_fails_the_flush_and_nothing_durab
     import threading
 
     from replication.dataplane.storage import StorageError
-    from replication.dataplane.storage import local
+    from replication.dataplane.storage import local_disk
 
     cb = 64 * 1024
     s = LocalStorage(str(tmp_path), chunk_bytes=cb)
@@ -435,20 +435,20 @@ def test_local_a_failed_background_chunk_write_fails_the_flush_and_nothing_durab
     s.write_disk("d", 0, b"\1" * (8 * cb))
     s.flush_disk("d")
     assert s._disks["d"].direct_ok, "the test's file system must take direct I/O"
-    real_write_all = local._write_all
+    real_write_all = local_disk.write_all
 
     def failing_in_the_background(fd, data, offset=None):
         if threading.current_thread().name.startswith("storage-writer"):
             raise OSError(errno.EIO, "Input/output error")
         return real_write_all(fd, data, offset)
 
-    monkeypatch.setattr(local, "_write_all", failing_in_the_background)
+    monkeypatch.setattr(local_disk, "write_all", failing_in_the_background)
     s.snapshot_disk("d")  # pinned: the next whole-chunk writes make new chunk versions
     s.write_disk("d", 2 * cb, b"\2" * (2 * cb))  # accepted: the failure comes later
     with pytest.raises(StorageError, match="writing a chunk failed"):
         s.flush_disk("d")
     assert disk_sha(LocalStorage(str(tmp_path), chunk_bytes=cb), "d") == sha(b"\1" * (8 * cb))
-    monkeypatch.setattr(local, "_write_all", real_write_all)
+    monkeypatch.setattr(local_disk, "write_all", real_write_all)
     s.write_disk("d", 2 * cb, b"\2" * (2 * cb))
     s.flush_disk("d")
     expected = b"\1" * (2 * cb) + b"\2" * (2 * cb) + b"\1" * (4 * cb)

@@ -8,10 +8,13 @@ from rest_framework.response import Response
 
 from core.api import accepted_job
 from core.api_views import JobSerializer
+from core.exceptions import NotFound, PermissionDenied
 from core.permissions import ReadOrAdmin
 from replication.models import ProtectedItem
+from replication.process_servers import process_server_config
 from vault import filters, services
 from vault.api import serializers as s
+from vault.discovery import vcenter_discover
 from vault.models import (
     Alert,
     ConfigurationServer,
@@ -25,6 +28,7 @@ from vault.models import (
     Vault,
     VCenter,
 )
+from vault.simulation import machine_set_workload
 
 
 class VaultViewSet(viewsets.ModelViewSet):
@@ -67,9 +71,6 @@ class ProcessServerViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSe
     @action(detail=True, methods=["get"])
     def configuration(self, request, pk=None):
         """The process server's configuration file (keys included): administrators only."""
-        from core.exceptions import PermissionDenied
-        from replication.process_servers import process_server_config
-
         if not request.user.is_staff:
             raise PermissionDenied("Only administrators can read a process server's keys.")
         return Response(process_server_config(server=self.get_object()))
@@ -94,8 +95,6 @@ class VCenterViewSet(viewsets.ModelViewSet):
     @action(detail=True, methods=["post"])
     def discover(self, request, pk=None):
         """Start a discovery job; poll the job (Location header) for its outcome."""
-        from vault.discovery import vcenter_discover
-
         job = vcenter_discover(vcenter=self.get_object(), user=request.user)
         return accepted_job(request, job, JobSerializer)
 
@@ -115,8 +114,6 @@ class MachineViewSet(viewsets.ReadOnlyModelViewSet):
     @action(detail=True, methods=["post"])
     def workload(self, request, pk=None):
         """Change how fast a simulated-site VM writes (the demo's churn); 400 for real machines."""
-        from vault.simulation import machine_set_workload
-
         data = s.WorkloadSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         machine_set_workload(machine=self.get_object(), **data.validated_data)
@@ -178,8 +175,6 @@ class RecoverySiteViewSet(viewsets.ModelViewSet):
     @action(detail=True, methods=["delete"], url_path=r"networks/(?P<network_id>[0-9]+)")
     def delete_network(self, request, pk=None, network_id=None):
         """Remove a network (not the last of its purpose, nor one an item is mapped to)."""
-        from core.exceptions import NotFound
-
         site = self.get_object()
         network = RecoveryNetwork.objects.filter(site=site, pk=network_id).first()
         if network is None:

@@ -21,9 +21,9 @@ from vault.connectors.base import (
     Unreachable,
     UntrustedCertificate,
     VmInfo,
-    open_connector,
     probe_certificate,
 )
+from vault.connectors.sites import open_connector
 
 __all__ = [
     "POWER_STATES",

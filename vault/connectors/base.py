@@ -262,20 +262,3 @@ def describe_os_error(exc: BaseException) -> str:
         return f"TLS failed ({exc.reason or exc.__class__.__name__})"
     text = getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
     return text[0].lower() + text[1:] if text else exc.__class__.__name__
-
-
-def open_connector(kind: str, **params: Any) -> SiteConnector:
-    """A connector for a site of the given kind ('vcenter' or 'simulated'), not yet connected.
-
-    'vcenter': host, port=443, user, password, allow_untrusted=False, thumbprint=None,
-    ca_file=None, timeout=30. 'simulated': data_dir, user, password.
-    """
-    if kind == "vcenter":
-        from vault.connectors.vsphere import VSphereConnector
-
-        return VSphereConnector(**params)
-    if kind == "simulated":
-        from vault.connectors.simulated import SimulatedSite
-
-        return SimulatedSite(**params)
-    raise ValueError(f"Unknown site kind {kind!r}; expected 'vcenter' or 'simulated'")

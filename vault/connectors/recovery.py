@@ -6,7 +6,7 @@ the site* and compared with the digest the replica has at the point; only when e
 matched is the VM powered on. A mismatch raises ``VerificationFailed`` after the connector
 removed everything it had built, so a failed recovery leaves nothing behind.
 
-Two kinds, opened with :func:`open_recovery_site`:
+Two kinds, opened with :func:`vault.connectors.sites.open_recovery_site`:
 
 * ``"simulated"`` (``recovery_sim.SimulatedRecoverySite``): a simulated vCenter in a
   directory, like the simulated source site; recovered disks are flat sparse files that the
@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from replication.dataplane.recovery import RecoveryDisk, VerificationFailed
-from vault.connectors.base import ConnectorError, NotFound, OperationFailed, Session
+from vault.connectors.base import NotFound, OperationFailed, Session
 
 __all__ = [
     "METHODS",
@@ -35,7 +35,6 @@ __all__ = [
     "RecoveredVmInfo",
     "RecoverySiteConnector",
     "VerificationFailed",
-    "open_recovery_site",
 ]
 
 # How a recovered disk was built: shared with the replica's blocks, copied sparse in the
@@ -138,29 +137,3 @@ def check_disks(disks: Sequence[RecoveryDisk], *, action: str) -> None:
     for d in disks:
         if not isinstance(d, RecoveryDisk):
             raise TypeError(f"{action}: disks must be RecoveryDisk, not {type(d).__name__}")
-
-
-def open_recovery_site(kind: str, **params: Any) -> RecoverySiteConnector:
-    """A recovery-site connector, not yet connected.
-
-    ``"simulated"``: ``data_dir`` (created on first use), ``networks`` (names; default
-    ``["recovery-net", "test-net"]`` for a new site), optional ``workload`` that recovered
-    VMs run once on (``rate_bytes_per_s``, ``write_size``, ``pattern``; default 64 KiB/s of
-    4 KiB writes, hotspot), optional ``username``/``password`` a new site is created with
-    (to open it later as a simulated source site, for failback). ``"vsphere"``: ``host``,
-    ``port``, ``username``, ``password``, ``allow_untrusted``, ``thumbprint``, ``ca_file``,
-    ``datacenter`` and ``datastore`` (each may be left empty when there is only one),
-    ``placement`` (a host or cluster name; ``host_name`` or ``cluster`` work too; empty: the
-    datacenter's first compute resource); networks are the datacenter's port groups.
-
-    ``progress(text, fraction)`` callbacks are always called from the caller's thread.
-    """
-    if kind == "simulated":
-        from vault.connectors.recovery_sim import SimulatedRecoverySite
-
-        return SimulatedRecoverySite(**params)
-    if kind == "vsphere":
-        from vault.connectors.recovery_vsphere import VSphereRecoverySite
-
-        return VSphereRecoverySite(**params)
-    raise ConnectorError(f"Unknown recovery site kind {kind!r}; expected 'simulated' or 'vsphere'")

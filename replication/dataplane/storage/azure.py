@@ -29,7 +29,8 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient
 
-from ..buffers import write_all
+from mobility.durable import write_all
+
 from .base import (
     MAX_PAGE_WRITE,
     DiskExists,

@@ -28,7 +28,9 @@ from typing import Iterable, Iterator
 
 from blake3 import blake3
 
-from ..buffers import BufferPool, Held, write_all
+from mobility.durable import write_all
+
+from ..buffers import BufferPool, Held
 
 SECTOR = 512
 MAX_PAGE_WRITE = 4 * 1024 * 1024  # the largest single page write Azure accepts

@@ -20,6 +20,7 @@ from replication.process_servers import process_server_config
 from replication.services import protected_item_enable, protected_item_set_recovery
 from vault import services
 from vault.choices import VCenterKind
+from vault.connectors.simulated import SimulatedSite
 from vault.discovery import connector_for, machines_upsert
 from vault.models import NetworkPurpose, ProcessServer, RecoverySite, RecoverySiteKind, ReplicationPolicy, Vault, VCenter
 
@@ -81,8 +82,6 @@ class Command(BaseCommand):
         os.chmod(ps_config, 0o600)
 
         site_dir = data / "simsite"
-        from vault.connectors.simulated import SimulatedSite
-
         if not (site_dir / "site.json").exists():
             SimulatedSite.create(site_dir, user="administrator@sim.local", password=creds["site_password"], vms=DEMO_VMS)
         vcenter = VCenter.objects.filter(vault=vault, name="simulated-site").first() or services.vcenter_create(

@@ -1,0 +1,20 @@
+"""The mobility agent's exceptions."""
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """The agent cannot go on with an operation; the message says what to fix."""
+
+
+class Waiting(Exception):
+    """The pass cannot go on before something outside the agent happens (the replica's
+    checksums being computed): the cycle ends and the next one tries again."""
+
+
+class NeedsResync(Exception):
+    """The item lost track of changes: it is reported and waits for a resync (``full``: the
+    replica cannot be trusted either, every block is sent again)."""
+
+    def __init__(self, reason: str, *, full: bool) -> None:
+        super().__init__(reason)
+        self.reason, self.full = reason, full
