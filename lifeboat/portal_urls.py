@@ -1,6 +1,7 @@
 from django.urls import path
 
 from core import views as core_views
+from recovery_plans import urls as plan_urls
 from recovery_plans import views as plan_views
 from replication import views as replication_views
 from vault import views as vault_views
@@ -27,8 +28,9 @@ urlpatterns = [
     path("items/<uuid:pk>/network-mapping/", replication_views.network_mapping_update, name="item-network-mapping"),
     path("items/<uuid:pk>/recovery/<slug:operation>/", plan_views.item_recovery, name="item-recovery"),
     path("items/<uuid:pk>/<str:action>/", replication_views.item_action, name="item-action"),
-    path("plans/", plan_views.plan_list, name="plans"),
+    *plan_urls.urlpatterns,
     path("jobs/", core_views.job_list, name="jobs"),
     path("jobs/<uuid:pk>/", core_views.job_detail, name="job-detail"),
     path("jobs/<uuid:pk>/cancel/", core_views.job_cancel_view, name="job-cancel"),
+    path("jobs/<uuid:pk>/resume/", core_views.job_resume_view, name="job-resume"),
 ]

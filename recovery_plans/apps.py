@@ -7,3 +7,4 @@ class RecoveryPlansConfig(AppConfig):
 
     def ready(self) -> None:
         from recovery_plans import jobs  # noqa: F401  registers the job handlers
+        from recovery_plans import runs  # noqa: F401  registers the plan jobs' handler

@@ -3,15 +3,44 @@ from __future__ import annotations
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.db.models import Count, Prefetch
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
 
-from core.portal import current_vault
+from core.portal import current_vault, render_page
 from recovery_plans import forms as recovery_forms
-from recovery_plans.models import RecoveryPlanGroup
+from recovery_plans import services
+from recovery_plans.models import ActionKind, ActionPhase, RecoveryPlan
+from recovery_plans.run_views import plan_run_context
 from replication.models import ProtectedItem
 from replication.views import recovery_operations
+
+
+def _require_admin(request) -> None:
+    if not request.user.is_staff:
+        raise PermissionDenied("Only administrators can change recovery plans.")
+
+
+def _plan_context(request, plan, *, error: str = "") -> dict:
+    status = services.recovery_plan_status(plan=plan)
+    placed = {r.item.pk for r in status.items}
+    sites = {r.item.recovery_site_id: r.item.recovery_site for r in status.items if r.item.recovery_site_id}
+    sites.update({m.site_id: m.site for m in plan.network_mappings.all()})
+    sites = sorted(sites.values(), key=lambda s: s.name)
+    groups = [(g, [r for r in status.items if r.group.pk == g.pk]) for g in plan.groups.all()]
+    return {
+        "vault": plan.vault, "plan": plan, "status": status, "groups": groups, "group_count": len(groups),
+        "available_items": [i for i in plan.vault.protected_items.order_by("name") if i.pk not in placed],
+        "settings_form": recovery_forms.PlanSettingsForm(plan=plan),
+        "mapping_form": recovery_forms.PlanNetworkMappingForm(plan=plan, sites=sites),
+        "action_form": recovery_forms.ActionAddForm(plan=plan),
+        "phases": ActionPhase.choices, "kinds": ActionKind.choices, "error": error,
+        **plan_run_context(plan=plan, status=status),  # the run panel (recovery_plans.run_views)
+    }
+
+
+def _plan(pk) -> RecoveryPlan:
+    return get_object_or_404(services.recovery_plans_for_vault(), pk=pk)
 
 
 @login_required
@@ -19,10 +48,70 @@ def plan_list(request):
     vault = current_vault(request)
     if vault is None:
         return redirect("portal:vault-create")
-    plans = vault.recovery_plans.prefetch_related(
-        Prefetch("groups", queryset=RecoveryPlanGroup.objects.annotate(item_count=Count("items")))
-    )
-    return render(request, "recovery_plans/plan_list.html", {"vault": vault, "plans": plans})
+    plans = services.recovery_plans_for_vault(vault=vault)
+    rows = [(plan, services.recovery_plan_status(plan=plan)) for plan in plans]
+    return render(request, "recovery_plans/plan_list.html", {"vault": vault, "rows": rows})
+
+
+@login_required
+def plan_create(request):
+    _require_admin(request)
+    vault = current_vault(request)
+    if vault is None:
+        return redirect("portal:vault-create")
+    form = recovery_forms.PlanCreateForm(request.POST or None, vault=vault)
+    status = 200
+    if request.method == "POST":
+        plan = form.submit(user=request.user) if form.is_valid() else None
+        if plan:
+            messages.success(request, f"Recovery plan {plan.name} created. Add groups, items and actions below.")
+            return redirect("portal:plan-detail", pk=plan.pk)
+        status = 409 if form.conflict else 400
+    return render(request, "recovery_plans/plan_create.html", {"vault": vault, "form": form}, status=status)
+
+
+@login_required
+def plan_detail(request, pk):
+    """The plan's page and editor; an HTMX poll gets only its state."""
+    plan = _plan(pk)
+    return render_page(request, "recovery_plans/plan_detail.html", _plan_context(request, plan),
+                       partial="status" if request.htmx and request.htmx.target == "plan-status" else None)
+
+
+@login_required
+@require_POST
+def plan_edit(request, pk, operation):
+    """One edit of the plan. HTMX gets the editor back (with the error, 400 / 409, if the edit
+    was refused); a plain form post is redirected to the plan's page."""
+    _require_admin(request)
+    if operation not in recovery_forms.PLAN_EDITS:
+        raise Http404("No such edit of a recovery plan.")
+    plan = _plan(pk)
+    extra = {"sites": plan.vault.recovery_sites.all()} if operation == "network-mapping" else {}
+    form = recovery_forms.PLAN_EDITS[operation](request.POST, plan=plan, **extra)
+    done = form.submit(user=request.user) if form.is_valid() else None
+    error = "" if done else (form.error_text() or "The change was refused.")
+    status = 200 if done else (409 if form.conflict else 400)
+    if not request.htmx:
+        if error:
+            messages.error(request, error)
+        return redirect("portal:plan-detail", pk=plan.pk)
+    plan = _plan(pk)
+    return render_page(request, "recovery_plans/plan_detail.html", _plan_context(request, plan, error=error),
+                       partial="editor", status=status)
+
+
+@login_required
+@require_POST
+def plan_delete(request, pk):
+    _require_admin(request)
+    plan = _plan(pk)
+    if request.POST.get("confirm_name", "").strip() != plan.name:
+        messages.error(request, f"The plan was not deleted: type its name, {plan.name}, to delete it.")
+        return redirect("portal:plan-detail", pk=plan.pk)
+    services.recovery_plan_delete(plan=plan)
+    messages.success(request, f"Recovery plan {plan.name} deleted; its items stay protected.")
+    return redirect("portal:plans")
 
 
 # --- recovery of one item ------------------------------------------------------------------

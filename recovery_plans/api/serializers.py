@@ -1,29 +1,50 @@
-from django.db import IntegrityError, transaction
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from core.exceptions import Conflict
-from recovery_plans.models import RecoveredVm, RecoveryPlan, RecoveryPlanAction, RecoveryPlanGroup
+from core.exceptions import ValidationFailed
+from recovery_plans import services
+from recovery_plans.choices import PlanState
+from recovery_plans.models import (
+    SCRIPT_TIMEOUT_DEFAULT_SECONDS,
+    SCRIPT_TIMEOUT_MAX_SECONDS,
+    SCRIPT_TIMEOUT_MIN_SECONDS,
+    PlanRecoveryPoint,
+    RecoveredVm,
+    RecoveryPlan,
+    RecoveryPlanAction,
+    RecoveryPlanGroup,
+    RecoveryPlanNetworkMapping,
+)
 from recovery_plans.services import POINT_CHOICES, POINT_HELP
 from replication.api.serializers import ProtectedItemSerializer
 from replication.models import ProtectedItem
 
 
 class ActionSerializer(serializers.ModelSerializer):
+    order = serializers.IntegerField(
+        required=False, min_value=1, help_text="Position among the group's actions of the same phase; default: as listed."
+    )
+    # The range is the model's rule (checked by the service, with a sentence).
+    timeout_seconds = serializers.IntegerField(
+        required=False, default=SCRIPT_TIMEOUT_DEFAULT_SECONDS,
+        help_text=f"For a script action: seconds it may run ({SCRIPT_TIMEOUT_MIN_SECONDS}-{SCRIPT_TIMEOUT_MAX_SECONDS}).",
+    )
+
     class Meta:
         model = RecoveryPlanAction
-        fields = ["phase", "order", "kind", "name", "script", "instructions"]
-
-    def validate(self, attrs):
-        if attrs["kind"] == "SCRIPT" and not attrs.get("script"):
-            raise serializers.ValidationError({"script": "A script action needs the command to run."})
-        if attrs["kind"] == "MANUAL" and not attrs.get("instructions"):
-            raise serializers.ValidationError({"instructions": "A manual action needs instructions for the admin."})
-        return attrs
+        fields = ["phase", "order", "kind", "name", "script", "timeout_seconds", "instructions"]
+        extra_kwargs = {"name": {"allow_blank": True}}  # the service says what a blank name misses
 
 
 class GroupSerializer(serializers.ModelSerializer):
-    items = serializers.PrimaryKeyRelatedField(many=True, queryset=ProtectedItem.objects.all())
+    order = serializers.IntegerField(
+        required=False, min_value=1, help_text="The group's place in the plan (groups fail over in this order); "
+        "default: as listed. Stored renumbered 1, 2, 3, ..."
+    )
+    items = serializers.PrimaryKeyRelatedField(
+        many=True, queryset=ProtectedItem.objects.all(), required=False,
+        help_text="Protected items of the plan's vault; each in one group of the plan only.",
+    )
     actions = ActionSerializer(many=True, required=False)
 
     class Meta:
@@ -31,66 +52,94 @@ class GroupSerializer(serializers.ModelSerializer):
         fields = ["order", "name", "items", "actions"]
 
 
+class NetworkMappingSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = RecoveryPlanNetworkMapping
+        fields = ["site", "recovery_network", "test_network"]
+        validators = []  # one mapping per site is checked by the service, with a sentence
+
+
+class PlanItemStateSerializer(serializers.Serializer):
+    item = serializers.UUIDField(source="item.pk")
+    name = serializers.CharField(source="item.name")
+    group = serializers.IntegerField(source="group.order")
+    protection_state = serializers.CharField(source="item.protection_state")
+    test_failover_state = serializers.CharField(source="item.test_failover_state")
+    recovery_network = serializers.CharField(source="recovery_network.name", allow_null=True, default=None,
+                                             help_text="The network a failover puts the VM on.")
+    test_network = serializers.CharField(source="test_network.name", allow_null=True, default=None,
+                                         help_text="The network a test failover puts the VM on.")
+    problems = serializers.ListField(child=serializers.CharField(), help_text="What stops this item from failing over.")
+
+
 class RecoveryPlanSerializer(serializers.ModelSerializer):
+    """A plan with its groups in order, their pre- and post-actions and the plan's defaults.
+
+    PUT / PATCH with ``groups`` replaces all of them (to move an item or reorder groups,
+    send the groups as they should be); ``network_mappings`` likewise. Every check runs
+    before anything is written: a refused change leaves the plan as it was.
+    """
+
     groups = GroupSerializer(many=True, required=False)
+    network_mappings = NetworkMappingSerializer(
+        many=True, required=False,
+        help_text="Per recovery site: the networks the plan's VMs go on there (empty: each item's own mapping).",
+    )
+    state = serializers.SerializerMethodField(help_text=f"One of {', '.join(PlanState.values)}.")
+    state_description = serializers.SerializerMethodField()
+    problems = serializers.SerializerMethodField(help_text="What stops the plan from failing over as a whole.")
+    item_states = serializers.SerializerMethodField()
 
     class Meta:
         model = RecoveryPlan
-        fields = ["id", "vault", "name", "description", "groups", "created_at", "updated_at"]
+        fields = [
+            "id", "vault", "name", "description", "recovery_point_type", "network_mappings", "groups", "state",
+            "state_description", "problems", "item_states", "created_at", "updated_at",
+        ]
         read_only_fields = ["id", "created_at", "updated_at"]
-        # A duplicate name is a conflict (409), checked in validate(), not a 400.
+        extra_kwargs = {"name": {"allow_blank": True}}  # the service says what a blank name misses
+        # A duplicate name is a conflict (409), said by the service, not a 400.
         validators = []
 
-    def validate(self, attrs):
-        vault = attrs.get("vault") or getattr(self.instance, "vault", None)
-        name = attrs.get("name", getattr(self.instance, "name", None))
-        same_name = RecoveryPlan.objects.filter(vault=vault, name=name)
-        if self.instance is not None:
-            same_name = same_name.exclude(pk=self.instance.pk)
-        if same_name.exists():
-            raise Conflict(f"A recovery plan named '{name}' already exists in this vault.")
-        groups = attrs.get("groups", [])
-        orders = [g["order"] for g in groups]
-        if len(orders) != len(set(orders)):
-            raise serializers.ValidationError({"groups": "Each group needs its own order number."})
-        seen = set()
-        for g in groups:
-            for item in g["items"]:
-                if item.vault_id != vault.pk:
-                    raise serializers.ValidationError({"groups": f"'{item.name}' belongs to another vault."})
-                if item.pk in seen:
-                    raise serializers.ValidationError({"groups": f"'{item.name}' is in more than one group."})
-                seen.add(item.pk)
-        return attrs
+    def _status(self, plan) -> services.PlanStatus:
+        cache = self.context.setdefault("plan_status", {})
+        if plan.pk not in cache:
+            cache[plan.pk] = services.recovery_plan_status(plan=plan)
+        return cache[plan.pk]
 
-    def _write_groups(self, plan, groups):
-        plan.groups.all().delete()
-        for g in groups:
-            items, actions = g.pop("items"), g.pop("actions", [])
-            group = RecoveryPlanGroup.objects.create(plan=plan, **g)
-            group.items.set(items)
-            RecoveryPlanAction.objects.bulk_create([RecoveryPlanAction(group=group, **a) for a in actions])
+    def get_state(self, plan) -> str:
+        return self._status(plan).state
+
+    def get_state_description(self, plan) -> str:
+        return self._status(plan).label
+
+    def get_problems(self, plan) -> list[str]:
+        return self._status(plan).problems
+
+    @extend_schema_field(PlanItemStateSerializer(many=True))
+    def get_item_states(self, plan):
+        return PlanItemStateSerializer(self._status(plan).items, many=True).data
 
     def create(self, validated_data):
-        groups = validated_data.pop("groups", [])
-        try:
-            with transaction.atomic():
-                plan = RecoveryPlan.objects.create(**validated_data)
-                self._write_groups(plan, groups)
-        except IntegrityError:
-            raise Conflict(f"A recovery plan named '{validated_data['name']}' already exists in this vault.") from None
-        return plan
+        return services.recovery_plan_create(
+            vault=validated_data["vault"], name=validated_data["name"], description=validated_data.get("description", ""),
+            recovery_point_type=validated_data.get("recovery_point_type", PlanRecoveryPoint.LATEST),
+            groups=validated_data.get("groups", []), network_mappings=validated_data.get("network_mappings", []),
+            user=self.context["request"].user,
+        )
 
     def update(self, instance, validated_data):
-        groups = validated_data.pop("groups", None)
-        validated_data.pop("vault", None)
-        with transaction.atomic():
-            for k, v in validated_data.items():
-                setattr(instance, k, v)
-            instance.save()
-            if groups is not None:
-                self._write_groups(instance, groups)
-        return instance
+        vault = validated_data.pop("vault", None)
+        if vault is not None and vault.pk != instance.vault_id:
+            raise ValidationFailed("A recovery plan cannot move to another vault; create one there instead.",
+                                   extra={"fields": {"vault": ["cannot change"]}})
+        return services.recovery_plan_update(plan=instance, **validated_data)
+
+    def to_representation(self, instance):
+        # Answer from one fresh read with everything prefetched (a write leaves stale caches).
+        if not hasattr(instance, "_prefetched_objects_cache") or not instance._prefetched_objects_cache:
+            instance = services.recovery_plans_for_vault().get(pk=instance.pk)
+        return super().to_representation(instance)
 
 
 # --- recovery of one item -------------------------------------------------------------------

@@ -8,20 +8,31 @@ from core.api_views import JobSerializer
 from core.permissions import ReadOrAdmin
 from recovery_plans import services
 from recovery_plans.api import serializers as rs
+from recovery_plans.api.runs import RecoveryPlanRunActions
 from recovery_plans.api.serializers import RecoveryPlanSerializer
-from recovery_plans.models import RecoveredVm, RecoveryPlan, RecoveryPlanGroup
+from recovery_plans.models import RecoveredVm
+from recovery_plans.services import recovery_plans_for_vault
 from replication.api.views import ProtectedItemViewSet
 
 
-class RecoveryPlanViewSet(viewsets.ModelViewSet):
-    """replicationRecoveryPlans: ordered groups of items that fail over together."""
+class RecoveryPlanViewSet(RecoveryPlanRunActions, viewsets.ModelViewSet):
+    """replicationRecoveryPlans: ordered groups of items that fail over together, with pre-
+    and post-actions per group (a script with a timeout, or a manual action with
+    instructions) and the plan's defaults (recovery point type, network mapping per site).
 
-    queryset = RecoveryPlan.objects.prefetch_related(
-        Prefetch("groups", queryset=RecoveryPlanGroup.objects.prefetch_related("items", "actions"))
-    )
+    Each plan says its state as a whole (ready, not ready and why, test failover under way,
+    failed over, ...) and each item's. A bad plan (no items, an item in two groups or of
+    another vault, a script without a command, a timeout out of range) is a 400 that
+    changes nothing; a name already used in the vault is a 409.
+    """
+
+    queryset = recovery_plans_for_vault()
     serializer_class = RecoveryPlanSerializer
     permission_classes = [ReadOrAdmin]
     filterset_fields = ["vault", "name"]
+
+    def perform_destroy(self, instance):
+        services.recovery_plan_delete(plan=instance)
 
 
 # --- recovery actions on protected items ----------------------------------------------------
