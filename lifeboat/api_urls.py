@@ -4,6 +4,7 @@ from rest_framework.routers import DefaultRouter
 from core.api_views import JobViewSet
 from recovery_plans.api.views import RecoveryPlanViewSet, RecoveryProtectedItemViewSet
 from replication.api import agents
+from replication.api.groups import ReplicationGroupViewSet
 from replication.api.views import RecoveryPointViewSet
 from vault.api import views as v
 
@@ -20,6 +21,7 @@ router.register("replicationPolicies", v.PolicyViewSet)
 # live in recovery_plans because replication must not import it.
 router.register("replicationProtectedItems", RecoveryProtectedItemViewSet, basename="protecteditem")
 router.register("recoveryPoints", RecoveryPointViewSet)
+router.register("replicationGroups", ReplicationGroupViewSet)
 router.register("recoverySites", v.RecoverySiteViewSet)
 router.register("replicationRecoveryPlans", RecoveryPlanViewSet)
 router.register("replicationJobs", JobViewSet, basename="job")

@@ -11,5 +11,7 @@ BEAT_SCHEDULE = {
     "wake-jobs": {"task": "core.wake_jobs", "schedule": timedelta(seconds=3)},
     "rediscover": {"task": "vault.rediscover", "schedule": crontab(minute="*")},
     "app-consistent": {"task": "replication.app_consistent_sweep", "schedule": crontab(minute="*")},
+    # Replication groups' shared points (each group's own frequency decides; see replication/groups.py).
+    "group-points": {"task": "replication.group_points_sweep", "schedule": timedelta(seconds=30)},
     "offhours-resync": {"task": "replication.offhours_resync", "schedule": crontab(minute="*/5")},
 }

@@ -350,7 +350,8 @@ class Agent:
                 positions = req.get("positions")
                 self._runner(item).add_bookmark(str(req.get("id") or uuid.uuid4()), str(req.get("label", "")),
                                                 positions={str(k): int(v) for k, v in positions.items()}
-                                                if positions is not None else None)
+                                                if positions is not None else None,
+                                                group=str(req["group"]) if req.get("group") else None)
             except (AgentError, KeyError, ValueError, TransportError) as e:
                 log.warning("bookmark request %s ignored: %s", name, e)
             os.unlink(path)

@@ -24,7 +24,8 @@ class Bookmarks(RunnerCore):
                 continue
             positions = b.get("positions")
             self.add_bookmark(str(b["id"]), str(b.get("label", "")),
-                              positions={str(k): int(v) for k, v in positions.items()} if positions else None)
+                              positions={str(k): int(v) for k, v in positions.items()} if positions else None,
+                              group=str(b["group"]) if b.get("group") else None)
 
     def _ready_bookmarks(self) -> Iterator[Built]:
         """Bookmarks with nothing left to wait for (no journaled disk, or nothing written since
@@ -47,11 +48,13 @@ class Bookmarks(RunnerCore):
             yield self._journal_batch([], b)
 
 
-    def add_bookmark(self, bookmark_id: str, label: str, *, positions: dict[str, int] | None = None) -> None:
+    def add_bookmark(self, bookmark_id: str, label: str, *, positions: dict[str, int] | None = None,
+                     group: str | None = None) -> None:
         """Queue a bookmark after every write journaled so far (or up to ``positions``: where
-        the journals stood when the VM was quiesced). A bookmark whose positions the stream
-        has already gone past is dropped: placed later, its point would hold writes made
-        after the quiesce and be app-consistent in name only."""
+        the journals stood when the VM was quiesced, or held at a replication group's
+        barrier; ``group`` then names the group point and travels in the label). A bookmark
+        whose positions the stream has already gone past is dropped: placed later, its point
+        would hold writes made after the quiesce (or barrier) and be consistent in name only."""
         if self.state is None:
             self._start()
         seen = self.state.bookmark_ids_seen
@@ -78,13 +81,16 @@ class Bookmarks(RunnerCore):
             "requested_ns": time.time_ns(),
             "positions": positions,
             "scan_pass": self.state.scan_passes + 1 if self.scanned else None,
+            **({"group": group} if group else {}),
         })
         self.save()
 
 
 def bookmark_label(bookmark: dict) -> bytes:
-    label = json.dumps({"id": bookmark["id"], "label": bookmark["label"],
-                        "requested_ns": bookmark["requested_ns"]}, sort_keys=True).encode()
+    fields = {"id": bookmark["id"], "label": bookmark["label"], "requested_ns": bookmark["requested_ns"]}
+    if bookmark.get("group"):
+        fields["group"] = bookmark["group"]
+    label = json.dumps(fields, sort_keys=True).encode()
     if len(label) > wire.MAX_BOOKMARK_BYTES:
         raise AgentError(f"bookmark label is {len(label)} bytes, over {wire.MAX_BOOKMARK_BYTES}")
     return label

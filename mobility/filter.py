@@ -17,15 +17,22 @@ Record: ``seq u64 | offset u64 | length u32 | crc32 u32 | time_ns u64 | data[len
 
 Journal seqs of a disk grow by one per write and never repeat, also across restarts of the
 filter (it continues from the last complete record), so a reader can tell a gap.
+
+A write holds the journal's ``HOLD`` lock shared from before the disk is written until it
+completes (``write`` returns). :func:`hold_writes` takes it exclusively on several disks at
+once: writes in flight complete first, new ones wait, so the journals' last seqs are then a
+cut that every completed write is inside of and every held write is after (the barrier of a
+replication group's shared recovery point).
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from mobility.checksums import crc32
 
@@ -34,6 +41,7 @@ SEGMENT_BYTES = 8 * 1024 * 1024
 DEFAULT_CAP_BYTES = 2 * 1024 * 1024 * 1024
 OVERFLOW = "OVERFLOW"
 WRITING = "WRITING"  # present while a filter has the disk open
+HOLD = "HOLD"  # lock file: shared by each write, exclusive while a barrier holds the disk's writes
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +78,21 @@ class WriteFilter:
                 f.write("the disk's last writer stopped without closing its write journal (a hard power-off or a "
                         "crash): a write may have reached the disk without being journaled")
         open(marker, "w").close()
+        self._hold = os.open(os.path.join(journal_dir, HOLD), os.O_RDWR | os.O_CREAT, 0o600)
 
     @property
     def overflowed(self) -> bool:
         return os.path.exists(os.path.join(self.journal_dir, OVERFLOW))
 
     def write(self, offset: int, data: bytes) -> None:
+        """Write and journal; returns (completes) only when no barrier holds the disk."""
+        fcntl.flock(self._hold, fcntl.LOCK_SH)
+        try:
+            self._write(offset, data)
+        finally:
+            fcntl.flock(self._hold, fcntl.LOCK_UN)
+
+    def _write(self, offset: int, data: bytes) -> None:
         with self._lock:
             self._disk.seek(offset)
             self._disk.write(data)
@@ -120,10 +137,62 @@ class WriteFilter:
                 self._segment.close()
                 self._segment = None
             self._disk.close()
+            if self._hold >= 0:
+                os.close(self._hold)
+                self._hold = -1
             try:
                 os.unlink(os.path.join(self.journal_dir, WRITING))
             except FileNotFoundError:
                 pass
+
+
+class HoldTimeout(Exception):
+    """A disk's writes could not be held in time (a write stuck in flight, a hung writer)."""
+
+
+class WriteHold:
+    """Writes held on some disks (see :func:`hold_writes`); ``release()`` lets them go on."""
+
+    def __init__(self, fds: dict[str, int]) -> None:
+        self._fds = fds
+
+    def positions(self) -> dict[str, int]:
+        """Per journal directory, the last journaled seq: every completed write is at or below it."""
+        return {d: last_seq(d) for d in self._fds}
+
+    def release(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)  # releases the lock
+        self._fds = {}
+
+    def __enter__(self) -> "WriteHold":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def hold_writes(journal_dirs: Sequence[str], *, timeout: float) -> WriteHold:
+    """Hold the completion of new writes on every disk (writes in flight complete first).
+    Raises :class:`HoldTimeout`, holding nothing, if a disk is not held within ``timeout``."""
+    fds: dict[str, int] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        for journal_dir in journal_dirs:
+            os.makedirs(journal_dir, exist_ok=True)
+            fd = fds[journal_dir] = os.open(os.path.join(journal_dir, HOLD), os.O_RDWR | os.O_CREAT, 0o600)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise HoldTimeout(f"the writes of {journal_dir} were not held within {timeout:g}s") from None
+                    time.sleep(0.001)
+    except BaseException:
+        WriteHold(fds).release()
+        raise
+    return WriteHold(fds)
 
 
 def list_segments(journal_dir: str) -> list[int]:

@@ -35,24 +35,28 @@ def write_request(state_dir: str, kind: str, item_id: str, label: str = "") -> s
     raise AgentError(f"unknown request {kind!r}")
 
 
-def guest_freeze(state_dir: str, *, bookmark_id: str | None = None, label: str = "") -> list[str]:
+def guest_freeze(state_dir: str, *, bookmark_id: str | None = None, label: str = "", group: str | None = None) -> list[str]:
     """The guest's freeze hook: called while the VM's writes are held for a quiesced
     snapshot (VMware Tools runs its freeze scripts then; ``python -m mobility freeze``), it
     bookmarks every assigned item at the journal positions of that very moment. The running
     agent places the bookmarks there, so their points are the quiesced state even though
-    the VM writes on once thawed. Returns the request files written."""
+    the VM writes on once thawed. With ``group`` (a replication group's point id) the writes
+    are held at the group's barrier instead and the bookmarks carry the group point. Returns
+    the request files written."""
     requests_dir = os.path.join(os.path.abspath(state_dir), "requests")
     os.makedirs(requests_dir, mode=0o700, exist_ok=True)
     cached = read_json(os.path.join(os.path.abspath(state_dir), "assignment.json"), {"items": []})
     bookmark_id = bookmark_id or uuid.uuid4().hex
     label = label or f"quiesced by the guest at {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC"
-    return [write_bookmark_request(requests_dir, ItemAssignment.from_dict(raw), bookmark_id, label)
+    return [write_bookmark_request(requests_dir, ItemAssignment.from_dict(raw), bookmark_id, label, group=group)
             for raw in cached.get("items", []) if any(d.get("journal_dir") for d in raw.get("disks", []))]
 
 
 def write_bookmark_request(requests_dir: str, item: ItemAssignment, bookmark_id: str, label: str, *,
-                            with_positions: bool = True) -> str:
+                            with_positions: bool = True, group: str | None = None) -> str:
     req: dict[str, Any] = {"item_id": str(item.item_id), "id": bookmark_id, "label": label}
+    if group:
+        req["group"] = group
     if with_positions:
         req["positions"] = {str(d.index): journal.last_seq(d.journal_dir) for d in item.disks if d.journal_dir}
     path = os.path.join(requests_dir, f"bookmark-{time.time_ns()}-{secrets.token_hex(3)}.json")

@@ -33,6 +33,7 @@ from recovery_plans.transitions import PLAN_RUN
 from recovery_plans.transitions import PlanRunState as R
 from replication.choices import ProtectionState as P
 from replication.choices import TestFailoverState as T
+from replication.groups import group_point_latest_complete
 from replication.models import ProtectedItem
 from vault.models import NetworkPurpose
 from vault.services import event_record
@@ -164,13 +165,40 @@ def _item_network(item: ProtectedItem, readiness, operation: str, network: str):
 
 
 def _check_inputs(plan: RecoveryPlan, operation: str, options: dict, status) -> None:
-    """Every item's network and recovery point exist (nothing starts otherwise)."""
+    """Every item's network and recovery point exist (nothing starts otherwise). The members
+    of a replication group go to its newest complete shared point (chosen here, once, for
+    the whole run: ``options["groupPoints"]``)."""
+    if operation in (O.TEST_FAILOVER, O.UNPLANNED_FAILOVER):
+        options["groupPoints"] = _group_points([r.item for r in status.items])
     for readiness in status.items:
         item = readiness.item
         if operation in (O.TEST_FAILOVER, O.PLANNED_FAILOVER, O.UNPLANNED_FAILOVER):
             _item_network(item, readiness, operation, options["network"])
-        if operation in (O.TEST_FAILOVER, O.UNPLANNED_FAILOVER):
+        if operation in (O.TEST_FAILOVER, O.UNPLANNED_FAILOVER) and _group_point_of(item, options) is None:
             services.recovery_point_choose(item=item, point=options["recoveryPoint"])
+
+
+def _group_points(items: list[ProtectedItem]) -> dict[str, dict]:
+    """Per replication group of these items: its newest complete shared point and each
+    member's recovery point of it. A group without one is a 400."""
+    chosen: dict[str, dict] = {}
+    for group in {i.replication_group for i in items if i.replication_group_id is not None}:
+        point = group_point_latest_complete(group=group)
+        if point is None:
+            raise ValidationFailed(
+                f"The replication group {group.name} has no complete shared recovery point yet (one that every "
+                "member has): its members fail over together only to one. Take one on the group's page, or wait for "
+                "the next.", extra={"fields": {"recoveryPoint": [f"no shared point of {group.name}"]}},
+            )
+        chosen[str(group.pk)] = {"id": str(point.pk), "points": {
+            str(item): str(pk) for pk, item in point.item_points.values_list("pk", "item_id")}}
+    return chosen
+
+
+def _group_point_of(item: ProtectedItem, options: dict) -> str | None:
+    """The item's recovery point (id) of its group's shared point chosen for the run, if any."""
+    group = (options.get("groupPoints") or {}).get(str(item.replication_group_id))
+    return group["points"].get(str(item.pk)) if group else None
 
 
 def _plan_job(run: RecoveryPlanRun, *, start: int, only_items: list[str] | None, user) -> Job:
@@ -321,15 +349,18 @@ def _start_item(run: RecoveryPlanRun, item: ProtectedItem, readiness, user) -> J
             network = services.recovery_network_choose(item=item, network=options.get("network") or None, purpose=purpose)
         else:
             network = _item_network(readiness.item, readiness, operation, options.get("network", ""))
+    shared = _group_point_of(item, options)  # a replication group's member: its share of the group point
+    point = "custom" if shared else options.get("recoveryPoint")
     if operation == O.TEST_FAILOVER:
-        _, job = services.protected_item_test_failover(item=item, point=options["recoveryPoint"], network=network, user=user)
+        _, job = services.protected_item_test_failover(item=item, point=point, recovery_point_id=shared, network=network,
+                                                       user=user)
     elif operation == O.TEST_FAILOVER_CLEANUP:
         _, job = services.protected_item_test_failover_cleanup(item=item, notes=options.get("comments", ""), user=user)
     elif operation == O.PLANNED_FAILOVER:
         _, job = services.protected_item_planned_failover(item=item, network=network, user=user)
     elif operation == O.UNPLANNED_FAILOVER:
         _, job = services.protected_item_unplanned_failover(
-            item=item, point=options["recoveryPoint"], shut_down_source=options.get("shutDownSource", True),
+            item=item, point=point, recovery_point_id=shared, shut_down_source=options.get("shutDownSource", True),
             network=network, user=user,
         )
     else:

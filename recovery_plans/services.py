@@ -428,6 +428,7 @@ def _checked_groups(*, vault, groups: list[dict]) -> list[tuple[dict, list, list
         raise _refuse("Each group needs its own order number.")
     ordered = sorted(enumerate(groups), key=lambda pair: (pair[1].get("order") or pair[0] + 1, pair[0]))
     seen: dict = {}
+    positions: dict = {}
     checked = []
     for position, (_index, spec) in enumerate(ordered, start=1):
         name = (spec.get("name") or "").strip()
@@ -441,10 +442,28 @@ def _checked_groups(*, vault, groups: list[dict]) -> list[tuple[dict, list, list
                 where = "twice in that group" if seen[item.pk] == label else f"both in {seen[item.pk]} and in {label}"
                 raise _refuse(f"'{item.name}' is in more than one group ({where}); an item fails over once per plan.")
             seen[item.pk] = label
+            positions[item.pk] = (position, label)
         checked.append(({"order": position, "name": name}, items, _actions(label, spec.get("actions") or [])))
     if not seen:
         raise _refuse("A recovery plan needs at least one protected item: add items to its first group.")
+    _replication_groups_together(positions)
     return checked
+
+
+def _replication_groups_together(placement: dict) -> None:
+    """The members of a replication group that are in the plan are in one group of it: they
+    fail over together, to one shared recovery point. ``placement``: item pk -> plan group
+    (a RecoveryPlanGroup, or (position, label) of one being written)."""
+    rows = (ProtectedItem.objects.filter(pk__in=list(placement), replication_group__isnull=False)
+            .order_by("name").values_list("pk", "name", "replication_group__name"))
+    where: dict[str, list[tuple[str, object]]] = {}
+    for pk, name, group in rows:
+        where.setdefault(group, []).append((name, placement[pk]))
+    for group, members in sorted(where.items()):
+        if len({g if isinstance(g, tuple) else g.pk for _n, g in members}) > 1:
+            spread = ", ".join(f"'{n}' in {g[1] if isinstance(g, tuple) else g}" for n, g in members)
+            raise _refuse(f"The members of the replication group {group} must be in one group of the plan (they fail "
+                          f"over together, to one shared recovery point): {spread}.", "items")
 
 
 def _checked_mappings(*, plan: RecoveryPlan, mappings: list[dict]) -> list[RecoveryPlanNetworkMapping]:
@@ -612,6 +631,7 @@ def recovery_plan_items_add(*, group: RecoveryPlanGroup, items: list[ProtectedIt
             if item.pk in placed:
                 raise _refuse(f"'{item.name}' is already in {placed[item.pk]} of this plan; move it instead of "
                               "adding it twice.", "items")
+        _replication_groups_together({**placed, **{i.pk: group for i in items}})
         group.items.add(*items)
     return group
 
@@ -626,6 +646,8 @@ def recovery_plan_item_move(*, plan: RecoveryPlan, item: ProtectedItem, group: R
         if current is None:
             raise _refuse(f"'{item.name}' is not in the plan {plan.name}.", "items")
         if current.pk != group.pk:
+            placed = {i.pk: g for g in plan.groups.prefetch_related("items") for i in g.items.all()}
+            _replication_groups_together({**placed, item.pk: group})
             current.items.remove(item)
             group.items.add(item)
     return group

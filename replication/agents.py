@@ -107,7 +107,7 @@ def agent_assignment(*, agent: MobilityAgent) -> dict:
             "process_server_thumbprint": ps.thumbprint,
             "resync": item.protection_state == P.RESYNCING,
             "resync_id": item.state_changed_at.isoformat() if item.protection_state == P.RESYNCING else "",
-            "bookmarks": [{k: b[k] for k in ("id", "label", "positions") if k in b} for b in item.pending_bookmarks],
+            "bookmarks": [{k: b[k] for k in ("id", "label", "positions", "group") if k in b} for b in item.pending_bookmarks],
             "disks": [
                 {"index": d.index, "key": str(d.source_disk_key), "path": d.source_path, "journal_dir": d.journal_dir or None}
                 for d in item.replica_disks.all() if d.removed_at is None  # a removed disk's stream ends

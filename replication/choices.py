@@ -44,3 +44,11 @@ class RecoveryPointType(models.TextChoices):
     # The replica then held blocks of a disk scanned without a frozen view (read at different
     # moments): never chosen as "latest" for a failover.
     NOT_CRASH_CONSISTENT = "not_crash_consistent", "Not crash-consistent"
+
+
+class GroupPointState(models.TextChoices):
+    """A replication group's shared point: the barrier's round, then its members' points."""
+
+    HOLDING = "holding", "Holding the members' writes"
+    RELEASED = "released", "Released: members' points follow"  # bookmarks placed at the held positions
+    ABANDONED = "abandoned", "Abandoned: a member was not held in time"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from datetime import datetime, timezone as dt_timezone
 
 from django.conf import settings
@@ -22,7 +23,7 @@ from replication.dataplane.apply import DiskSpec, PointNotFound, ReplicaApplier
 from replication.dataplane.digests import digest_request_answer, digest_request_read
 from replication.dataplane.storage import open_storage
 from replication.lease import APPLY_LEASE_SECONDS, ApplyLease, apply_lease_release, apply_lease_take  # noqa: F401
-from replication.models import ProtectedItem, RecoveryPoint, ReplicaDisk
+from replication.models import GroupRecoveryPoint, ProtectedItem, RecoveryPoint, ReplicaDisk
 from replication.services import protected_item_mark_resync_required, protected_item_transition
 from replication.waits import initial_slot_wait_key, item_wait_key
 from vault.choices import Severity
@@ -179,6 +180,10 @@ def points_mirror(*, item: ProtectedItem, points) -> None:
     with transaction.atomic():
         have = set(RecoveryPoint.objects.filter(item=item).values_list("point_id", flat=True))
         RecoveryPoint.objects.filter(item=item).exclude(point_id__in=wanted.keys()).delete()
+        # A point cut at a replication group's barrier is the item's share of the group point.
+        groups = {str(g) for g in GroupRecoveryPoint.objects.filter(
+            pk__in=[_group_of(p.label) for pid, p in wanted.items() if pid not in have and _group_of(p.label)],
+        ).values_list("pk", flat=True)}
         RecoveryPoint.objects.bulk_create([
             RecoveryPoint(
                 item=item, point_id=p.point_id, seq=p.seq, time=ns_to_dt(p.source_time_ns),
@@ -186,6 +191,7 @@ def points_mirror(*, item: ProtectedItem, points) -> None:
                       else RecoveryPointType.APP_CONSISTENT if p.kind == "app_consistent"
                       else RecoveryPointType.CRASH_CONSISTENT),
                 label=_label(p.label),
+                group_point_id=_group_of(p.label) if _group_of(p.label) in groups and p.consistent else None,
             )
             for pid, p in wanted.items() if pid not in have
         ])
@@ -195,6 +201,14 @@ def points_mirror(*, item: ProtectedItem, points) -> None:
         if item.pending_bookmarks and seen:
             fields["pending_bookmarks"] = [b for b in item.pending_bookmarks if b.get("id") not in seen]
         ProtectedItem.objects.filter(pk=item.pk).update(**fields)
+
+
+def _group_of(label) -> str | None:
+    group = label.get("group") if isinstance(label, dict) else None
+    try:
+        return str(uuid.UUID(str(group))) if group else None
+    except ValueError:
+        return None
 
 
 def _label(label) -> str:

@@ -6,13 +6,53 @@ from django.core.exceptions import ValidationError
 from django.db import models
 
 from core.models import TimeStampedModel
-from replication.choices import Direction, ProtectionState, RecoveryPointType, TestFailoverState
+from replication.choices import Direction, GroupPointState, ProtectionState, RecoveryPointType, TestFailoverState
 from vault.choices import Health
 from vault.models import NetworkPurpose
 
 
 def _a(noun: str) -> str:
     return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
+class ReplicationGroup(TimeStampedModel):
+    """Protected items that get shared recovery points (multi-VM consistency): one cut of
+    all their write streams, taken under a barrier, so that failing them over together never
+    shows one VM referring to data another does not have."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    vault = models.ForeignKey("vault.Vault", on_delete=models.CASCADE, related_name="replication_groups")
+    name = models.CharField(max_length=120)
+    point_frequency_seconds = models.PositiveIntegerField(
+        default=300, help_text="How often a shared (group) recovery point is taken; 0: only when asked for."
+    )
+    last_point_requested_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["vault", "name"], name="uniq_replication_group_name")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class GroupRecoveryPoint(models.Model):
+    """A replication group's shared point: one recovery point per member, all cut at the
+    journal positions noted while every member's writes were held. Complete only when every
+    member has its point; an abandoned round (a member not held in time) never is."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    group = models.ForeignKey(ReplicationGroup, on_delete=models.CASCADE, related_name="points")
+    state = models.CharField(max_length=16, choices=GroupPointState.choices, default=GroupPointState.HOLDING, editable=False)
+    members = models.JSONField(default=list, editable=False, help_text="The protected items (ids) the point was taken of.")
+    reason = models.TextField(blank=True, editable=False)  # why the round was abandoned
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.group} @ {self.created_at:%Y-%m-%d %H:%M:%S} ({self.state})"
 
 
 class ProtectedItem(TimeStampedModel):
@@ -67,6 +107,10 @@ class ProtectedItem(TimeStampedModel):
     test_network = models.ForeignKey(
         "vault.RecoveryNetwork", on_delete=models.PROTECT, null=True, blank=True, related_name="items_testing",
         help_text="The isolated network a test-failover VM is attached to.",
+    )
+    replication_group = models.ForeignKey(
+        ReplicationGroup, on_delete=models.SET_NULL, null=True, blank=True, related_name="members", editable=False,
+        help_text="The replication group whose shared recovery points the item gets.",
     )
 
     class Meta:
@@ -128,6 +172,10 @@ class RecoveryPoint(models.Model):
     time = models.DateTimeField(db_index=True, help_text="Source time of the newest write the point contains.")
     type = models.CharField(max_length=20, choices=RecoveryPointType.choices, db_index=True)
     label = models.CharField(max_length=255, blank=True)
+    group_point = models.ForeignKey(
+        GroupRecoveryPoint, on_delete=models.SET_NULL, null=True, blank=True, related_name="item_points",
+        help_text="The replication group's shared point this point is the item's share of.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

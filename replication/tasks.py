@@ -7,6 +7,7 @@ from django.utils import timezone
 
 from replication.choices import ProtectionState as P
 from replication.engine import item_apply
+from replication.groups import group_points_due
 from replication.models import ProtectedItem
 from replication.monitoring import items_monitor, process_servers_monitor
 from replication.scheduling import items_app_consistent_due, items_resync_in_offhours
@@ -54,3 +55,8 @@ def offhours_resync() -> int:
 @shared_task(name="replication.app_consistent_sweep", ignore_result=True)
 def app_consistent_sweep() -> int:
     return items_app_consistent_due()
+
+
+@shared_task(name="replication.group_points_sweep", ignore_result=True)
+def group_points_sweep() -> int:
+    return group_points_due()

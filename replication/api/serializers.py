@@ -29,7 +29,7 @@ class ProtectedItemSerializer(serializers.ModelSerializer):
             "last_error", "agent_last_heartbeat_at", "agent_backlog_bytes", "acked_seq", "applied_seq",
             "replica_disks", "recovery_site", "recovery_site_name", "recovery_network", "recovery_network_name",
             "test_network", "test_network_name", "state_changed_at", "created_at", "resync_attempts",
-            "resync_retry_at",
+            "resync_retry_at", "replication_group",
         ]
         read_only_fields = fields
 
@@ -37,7 +37,7 @@ class ProtectedItemSerializer(serializers.ModelSerializer):
 class RecoveryPointSerializer(serializers.ModelSerializer):
     class Meta:
         model = RecoveryPoint
-        fields = ["id", "item", "point_id", "seq", "time", "type", "label", "created_at"]
+        fields = ["id", "item", "point_id", "seq", "time", "type", "label", "group_point", "created_at"]
         read_only_fields = fields
 
 

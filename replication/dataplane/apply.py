@@ -27,7 +27,9 @@ stands in storage, so its numbering never goes back behind the replica.
 **Recovery points.** None before the initial copy is complete (a batch flagged
 ``FLAG_INITIAL_DONE`` applied). After that, at the boundary after each batch: an
 app-consistent point if the batch ends with a bookmark (its JSON label is the point's
-label); otherwise a crash-consistent point if at least the interval has passed in source
+label; a bookmark whose label names a replication group's point, ``group``, makes a
+crash-consistent point with that label: the member's share of the group point); otherwise
+a crash-consistent point if at least the interval has passed in source
 time since the last point (or the source clock went back). Boundaries inside an initial
 copy or a resync pass (``FLAG_INITIAL`` without ``FLAG_INITIAL_DONE``, ``FLAG_RESYNC``)
 are not consistent and get no point; a bookmark there is counted in
@@ -136,6 +138,11 @@ class ApplyStateError(Exception):
 
 class PointNotFound(LookupError):
     """No such recovery point (or it has no snapshot of the requested disk)."""
+
+
+def _group_bookmark(label: Any) -> bool:
+    """A bookmark placed at a replication group's barrier (its label names the group point)."""
+    return isinstance(label, dict) and bool(label.get("group"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -574,8 +581,12 @@ class ReplicaApplier:
                         kind = self._point_due(st, batch, opened.has_bookmark, interval_ns)
                         if opened.has_bookmark and kind != APP_CONSISTENT:
                             result.bookmarks_skipped += 1
-                        if kind is not None:
+                        if kind == APP_CONSISTENT and _group_bookmark(opened.label):
+                            kind = CRASH_CONSISTENT  # a replication group's barrier: consistent across
+                            label = opened.label  # the group's VMs, not quiesced inside them
+                        elif kind is not None:
                             label = opened.label if kind == APP_CONSISTENT else None
+                        if kind is not None:
                             result.new_points.append(self._cut_point(st, kind, label, now, dirty, done_keys))
                             unflushed = 0
                         elif unflushed >= self.checkpoint_bytes:

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from mobility.agent import guest_freeze
 from mobility.durable import replace_durably
-from mobility.filter import last_seq
+from mobility.filter import HoldTimeout, WriteHold, hold_writes, last_seq
 from vault.connectors.base import (
     POWER_STATES,
     POWERED_OFF,
@@ -142,7 +142,9 @@ class SimulatedSite(SiteConnector):
             return self._load()
 
     def _store(self, state: dict[str, Any]) -> None:
-        replace_durably(self.site_file, json.dumps(state, indent=1, sort_keys=True).encode())
+        # no indent: json.dumps then uses its C encoder (an indented dump of a site of 100 VMs
+        # took ~40 ms of CPU on each change, under the exclusive lock every site operation waits on)
+        replace_durably(self.site_file, json.dumps(state, sort_keys=True).encode())
 
     @contextmanager
     def _update(self) -> Iterator[dict[str, Any]]:
@@ -378,6 +380,34 @@ class SimulatedSite(SiteConnector):
                 vm["snapshots"].append(snapshot)
                 self._event(vm, "TaskEvent", f"Task: Create virtual machine snapshot {name} of {vm['name']}")
         return _snapshot_info(snapshot)
+
+    def hold_group_writes(self, vm_uuids: Sequence[str], *, timeout: float) -> tuple[WriteHold, dict[str, dict[int, int]]]:
+        """The barrier of a replication group's shared point: hold the completion of new
+        writes on every disk of these VMs at once (through their write filters; writes in
+        flight complete first) and return the hold with each VM's journal positions under it
+        (per disk key, the last journaled seq). ``release()`` the hold promptly. Raises
+        OperationFailed, holding nothing, when a VM's writes are not held within ``timeout``."""
+        self._check()
+        state = self.read_state()
+        dirs = {vm_uuid: {d["key"]: self._journal(vm_uuid, d["key"]) for d in self._vm(state, vm_uuid)["disks"]}
+                for vm_uuid in vm_uuids}
+        try:
+            hold = hold_writes([p for by_key in dirs.values() for p in by_key.values()], timeout=timeout)
+        except HoldTimeout as exc:
+            raise OperationFailed(f"Holding the writes of {len(dirs)} VM(s) failed: {exc}") from None
+        return hold, {vm_uuid: {key: last_seq(path) for key, path in by_key.items()} for vm_uuid, by_key in dirs.items()}
+
+    def place_group_bookmarks(self, vm_uuids: Sequence[str], bookmark: dict) -> None:
+        """While :meth:`hold_group_writes` holds their writes: run each VM's guest hook (its
+        mobility agent's freeze hook, as a quiesce does) so that its agent bookmarks its items
+        at these very journal positions, carrying the group point ``bookmark["group"]``."""
+        self._check()
+        state = self.read_state()
+        for vm_uuid in vm_uuids:
+            agent_dir = os.path.join(self.data_dir, "agents", vm_uuid)
+            if self._vm(state, vm_uuid)["power_state"] == POWERED_ON and os.path.isdir(agent_dir):
+                guest_freeze(agent_dir, bookmark_id=bookmark["id"], label=bookmark.get("label", ""),
+                             group=bookmark["group"])
 
     def list_snapshots(self, vm_uuid: str) -> list[SnapshotInfo]:
         self._check()
