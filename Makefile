@@ -49,6 +49,7 @@ bench: install
 	$(PY) bench/bench_replication.py
 	$(PY) bench/bench_rto.py
 	$(PY) bench/bench_resync.py
+	$(PY) bench/bench_plan_rto.py
 
 clean:
 	rm -rf var build staticfiles
