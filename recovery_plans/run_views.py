@@ -13,7 +13,7 @@ from django.views.decorators.http import require_POST
 from core.exceptions import LifeboatError
 from core.portal import HTMX_STOP_POLLING
 from recovery_plans import runs, services
-from recovery_plans.models import RecoveryPlan
+from recovery_plans.models import PlanRecoveryPoint, RecoveryPlan
 from recovery_plans.run_models import PlanOperation
 
 # URL slug -> operation
@@ -25,6 +25,8 @@ OPERATION_SLUGS = {
     "failover-commit": PlanOperation.FAILOVER_COMMIT,
 }
 CONTROLS = ("resume", "cancel", "retry", "continue")
+# The portal asks for a ticked confirmation before these (a real failover, a commit).
+CONFIRMED = ("planned-failover", "unplanned-failover", "failover-commit")
 
 
 def plan_run_context(*, plan: RecoveryPlan, status=None) -> dict:
@@ -40,6 +42,7 @@ def plan_run_context(*, plan: RecoveryPlan, status=None) -> dict:
     return {
         "plan": plan, "run": run, "run_active": active, "run_operations": operations,
         "run_tree": runs.recovery_plan_run_tree(run=run) if run else [], "plan_points": runs.PLAN_POINTS,
+        "plan_point_choices": PlanRecoveryPoint.choices, "run_confirmed_operations": CONFIRMED,
     }
 
 
@@ -74,6 +77,9 @@ def plan_run_operation(request, pk, operation):
         elif operation in ("retry", "continue"):
             runs.recovery_plan_run_retry(plan=plan, skip_failed=operation == "continue", user=request.user)
             messages.success(request, "The plan goes on." if operation == "continue" else "Retrying the failed part.")
+        elif operation in CONFIRMED and post.get("confirm") != "on":
+            messages.error(request, f"Tick the confirmation to start a {OPERATION_SLUGS[operation].label.lower()} "
+                                    f"of {plan.name}; nothing was started.")
         else:
             options = {"recoveryPoint": post.get("recoveryPoint") or None, "network": post.get("network", ""),
                        "comments": post.get("comments", ""), "shutDownSource": post.get("shutDownSource") == "on"}

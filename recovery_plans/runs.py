@@ -279,7 +279,10 @@ def recovery_plan_run_resume(*, plan: RecoveryPlan, user=None) -> RecoveryPlanRu
             f"(its {run.get_operation_display().lower()} is {run.get_state_display().lower()}); there is nothing to resume.",
             current_state=run.state, operation="resume",
         )
-    job_resume(job_id=run.job_id, user=user)
+    with transaction.atomic():  # the job is sent on commit: the run says RUNNING before the worker sees it
+        transition(PLAN_RUN, model=RecoveryPlanRun, pk=run.pk, to_state=R.RUNNING, operation="resume",
+                   from_states={R.WAITING_FOR_ACTION}, quiet=True)
+        job_resume(job_id=run.job_id, user=user)
     run.refresh_from_db()
     return run
 
@@ -558,7 +561,7 @@ def recovery_plan_run_tree(*, run: RecoveryPlanRun) -> list[dict]:
         if not groups or groups[-1]["index"] != stage["group"]:
             groups.append({"index": stage["group"], "label": stage["label"], "stages": []})
         entry = steps.get(stage["name"], {"name": stage["name"], "state": "PENDING", "progress": 0})
-        row = {"stage": stage, "step": entry}
+        row = {"stage": stage, "step": entry, "items": []}  # a template's row.items must not find dict.items
         if stage["kind"] == "items":
             row["items"] = [{"id": pk, "name": name, "job": children.get(pk), "outcome": run.items.get(pk, {})}
                             for pk, name in run.groups[stage["group"]]["items"]]

@@ -32,6 +32,8 @@ from recovery_plans.models import (
     RecoveryPlanGroup,
     RecoveryPlanNetworkMapping,
 )
+from recovery_plans.run_models import PlanOperation, RecoveryPlanRun
+from recovery_plans.transitions import PlanRunState
 from replication.choices import ProtectionState as P
 from replication.choices import RecoveryPointType
 from replication.choices import TestFailoverState as T
@@ -704,6 +706,7 @@ def recovery_plans_for_vault(*, vault=None) -> QuerySet:
             Prefetch("items", queryset=items), "actions")),
         Prefetch("network_mappings", queryset=RecoveryPlanNetworkMapping.objects.select_related(
             "site", "recovery_network", "test_network")),
+        Prefetch("runs", queryset=RecoveryPlanRun.objects.filter(state__in=PlanRunState.ACTIVE), to_attr="active_runs"),
     )
     return plans.filter(vault=vault) if vault is not None else plans
 
@@ -791,4 +794,12 @@ def recovery_plan_status(*, plan: RecoveryPlan) -> PlanStatus:
         state = PlanState.TEST_FAILOVER_CLEANUP_PENDING
     else:
         state = PlanState.NOT_READY if problems else PlanState.READY
+    # A run between its items (a group done, the next one not started, or paused at a manual
+    # action) is in progress although no item is busy at that moment.
+    active_runs = getattr(plan, "active_runs", None)
+    if active_runs is None:
+        active_runs = list(plan.runs.filter(state__in=PlanRunState.ACTIVE))
+    if active_runs and state not in PlanState.IN_PROGRESS:
+        testing = active_runs[0].operation in (PlanOperation.TEST_FAILOVER, PlanOperation.TEST_FAILOVER_CLEANUP)
+        state = PlanState.TEST_FAILOVER_IN_PROGRESS if testing else PlanState.FAILOVER_IN_PROGRESS
     return PlanStatus(state=state, label=PlanState(state).label, problems=problems, items=readiness)

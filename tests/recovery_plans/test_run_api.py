@@ -169,7 +169,12 @@ def test_the_plan_page_runs_the_plan_and_shows_the_tree(client, admin_user, vaul
     page = client.get(f"/plans/{plan.pk}/").content.decode()
     assert "Run the plan" in page and ">Test failover</button>" in page and ">Planned failover</button>" in page
     assert ">Commit failover</button>" not in page  # nothing is failed over
-    r = client.post(f"/plans/{plan.pk}/run/failover-commit/", follow=True)
+    # A real failover or a commit needs its box ticked in the portal; without it nothing starts.
+    r = client.post(f"/plans/{plan.pk}/run/planned-failover/", follow=True)
+    assert "Tick the confirmation to start a planned failover of tiers; nothing was started." in r.content.decode()
+    assert not RecoveryPlanRun.objects.exists()
+    assert 'name="confirm" required' in page and "Latest: the newest recovery point</option>" in page
+    r = client.post(f"/plans/{plan.pk}/run/failover-commit/", {"confirm": "on"}, follow=True)
     assert "Cannot start a commit failover of the plan tiers: db-01 is protected, not failed over" in r.content.decode()
     assert not RecoveryPlanRun.objects.exists()
     r = client.post(f"/plans/{plan.pk}/run/test-failover/", {"recoveryPoint": "latest"})
