@@ -7,6 +7,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from core.choices import JobState
+from core.filters import IdFilter
 from core.jobs import job_cancel, job_resume
 from core.models import Job
 from core.permissions import ReadOrAdmin
@@ -39,7 +40,7 @@ class JobSerializer(serializers.ModelSerializer):
 
 
 class JobFilter(django_filters.FilterSet):
-    vault = django_filters.NumberFilter(field_name="vault_id")
+    vault = IdFilter(field_name="vault_id")
     active = django_filters.BooleanFilter(method="filter_active")
 
     class Meta:

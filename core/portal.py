@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from django.contrib import messages
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
@@ -30,3 +31,14 @@ def render_page(request: HttpRequest, template: str, context: dict, *, partial: 
     if partial and getattr(request, "htmx", False) and not request.htmx.boosted:
         return render(request, f"{template}#{partial}", context, status=status)
     return render(request, template, context, status=status)
+
+
+def filtered(request: HttpRequest, filterset):
+    """The rows a portal table shows. A filter value that is not understood (``?vault=abc``,
+    an id past 2^63, non-ASCII digits) shows a message saying so and no rows, never a 500."""
+    if filterset.is_bound and not filterset.is_valid():
+        for field, errors in filterset.errors.items():
+            value = request.GET.get(field, "")
+            messages.error(request, f"The filter {field}={value[:40]!r} was not understood: {' '.join(errors)}")
+        return filterset.queryset.none()
+    return filterset.qs

@@ -10,7 +10,7 @@ from core.api_views import JobFilter
 from core.exceptions import LifeboatError
 from core.jobs import job_cancel, job_resume
 from core.models import Job
-from core.portal import HTMX_STOP_POLLING, current_vault, render_page
+from core.portal import HTMX_STOP_POLLING, current_vault, filtered, render_page
 
 
 @login_required
@@ -18,7 +18,7 @@ def job_list(request):
     vault = current_vault(request)
     qs = Job.objects.filter(vault=vault).select_related("created_by") if vault else Job.objects.none()
     filterset = JobFilter(request.GET, queryset=qs)
-    page = Paginator(filterset.qs, 50).get_page(request.GET.get("page"))
+    page = Paginator(filtered(request, filterset), 50).get_page(request.GET.get("page"))
     return render_page(request, "core/job_list.html", {"vault": vault, "filter": filterset, "page": page}, partial="rows")
 
 

@@ -13,5 +13,6 @@ urlpatterns = [
     path("", include("lifeboat.portal_urls")),
 ]
 
+handler400 = "core.api.bad_request_view"
 handler404 = "core.api.not_found_view"
 handler500 = "core.api.server_error_view"

@@ -1,13 +1,14 @@
 import django_filters
 
+from core.filters import IdFilter
 from replication.models import ProtectedItem, RecoveryPoint
 
 
 class ProtectedItemFilter(django_filters.FilterSet):
-    vault = django_filters.NumberFilter(field_name="vault_id")
+    vault = IdFilter(field_name="vault_id")
     name = django_filters.CharFilter(lookup_expr="icontains")
-    policy = django_filters.NumberFilter(field_name="policy_id")
-    process_server = django_filters.NumberFilter(field_name="process_server_id")
+    policy = IdFilter(field_name="policy_id")
+    process_server = IdFilter(field_name="process_server_id")
 
     class Meta:
         model = ProtectedItem

@@ -10,7 +10,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from core.exceptions import LifeboatError
-from core.portal import current_vault, render_page
+from core.portal import current_vault, filtered, render_page
 from replication import services
 from replication.choices import ProtectionState, TestFailoverState
 from replication.filters import ProtectedItemFilter
@@ -51,7 +51,7 @@ def item_list(request):
         return redirect("portal:vault-create")
     qs = ProtectedItem.objects.filter(vault=vault).select_related("policy", "process_server", "machine")
     filterset = ProtectedItemFilter(request.GET, queryset=qs)
-    page = Paginator(filterset.qs, 100).get_page(request.GET.get("page"))
+    page = Paginator(filtered(request, filterset), 100).get_page(request.GET.get("page"))
     return render_page(request, "replication/item_list.html", {"vault": vault, "filter": filterset, "page": page}, partial="rows")
 
 

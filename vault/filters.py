@@ -1,11 +1,12 @@
 """Filtersets shared by the API lists and the portal tables."""
 import django_filters
 
+from core.filters import IdFilter
 from vault.models import Alert, DiscoveredMachine, Event, ProcessServer, ReplicationPolicy, VCenter
 
 
 class VaultScopedFilter(django_filters.FilterSet):
-    vault = django_filters.NumberFilter(field_name="vault_id")
+    vault = IdFilter(field_name="vault_id")
 
 
 class PolicyFilter(VaultScopedFilter):
@@ -30,7 +31,7 @@ class ProcessServerFilter(VaultScopedFilter):
 
 class MachineFilter(VaultScopedFilter):
     name = django_filters.CharFilter(lookup_expr="icontains")
-    vcenter = django_filters.NumberFilter(field_name="vcenter_id")
+    vcenter = IdFilter(field_name="vcenter_id")
     protected = django_filters.BooleanFilter(method="filter_protected")
 
     class Meta:

@@ -5,6 +5,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 
 from core.exceptions import LifeboatError
+from core.validators import single_line
 from vault import services
 from vault.choices import MAX_RETENTION_HOURS
 from vault.models import NetworkPurpose, RecoverySite, RecoverySiteKind, ReplicationPolicy, Vault, VCenter
@@ -41,7 +42,7 @@ class EmailListField(forms.CharField):
 
 
 class VaultForm(ServiceForm):
-    name = forms.CharField(max_length=80)
+    name = forms.CharField(max_length=80, validators=[single_line])
     passphrase = forms.CharField(
         widget=forms.PasswordInput, min_length=services.MIN_PASSPHRASE_LENGTH, required=False,
         help_text=f"At least {services.MIN_PASSPHRASE_LENGTH} characters; agents use it to register. Leave empty to keep the current one.",
@@ -113,7 +114,7 @@ class PolicyForm(forms.ModelForm):
 
 
 class VCenterForm(ServiceForm):
-    name = forms.CharField(max_length=120)
+    name = forms.CharField(max_length=120, validators=[single_line])
     kind = forms.ChoiceField(choices=VCenter._meta.get_field("kind").choices, initial="vcenter")
     host = forms.CharField(max_length=255, help_text="Host name or IP address (for the simulated site: its data directory).")
     port = forms.IntegerField(min_value=1, max_value=65535, initial=443)
@@ -138,7 +139,7 @@ class NameListField(forms.CharField):
 class RecoverySiteForm(ServiceForm):
     """Add a recovery site with its networks (at least one recovery and one test network)."""
 
-    name = forms.CharField(max_length=120)
+    name = forms.CharField(max_length=120, validators=[single_line])
     kind = forms.ChoiceField(choices=RecoverySiteKind.choices, initial=RecoverySiteKind.SIMULATED)
     host = forms.CharField(
         max_length=1000, label="Host or data directory",

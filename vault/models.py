@@ -11,6 +11,7 @@ from django.db import models
 
 from core.models import TimeStampedModel
 from core.secrets import decrypt_secret
+from core.validators import single_line
 from vault.choices import (
     MAX_RETENTION_HOURS,
     AlertState,
@@ -33,7 +34,7 @@ def validate_time_zone(value: str) -> None:
 class Vault(TimeStampedModel):
     """The Recovery Services vault: owns everything else."""
 
-    name = models.CharField(max_length=80, unique=True)
+    name = models.CharField(max_length=80, unique=True, validators=[single_line])
     description = models.TextField(blank=True)
     # Agents and servers prove they belong to the vault with this passphrase; stored hashed.
     passphrase_hash = models.CharField(max_length=256, editable=False)
@@ -61,7 +62,7 @@ class ConfigurationServer(TimeStampedModel):
     """The on-premises coordinator; the Lifeboat web/API service plays it."""
 
     vault = models.ForeignKey(Vault, on_delete=models.CASCADE, related_name="configuration_servers")
-    name = models.CharField(max_length=120)
+    name = models.CharField(max_length=120, validators=[single_line])
     host = models.CharField(max_length=255)
     version = models.CharField(max_length=40, blank=True)
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
@@ -78,7 +79,7 @@ class ProcessServer(TimeStampedModel):
     """Receives replication data from agents, caches it durably and uploads it sealed."""
 
     vault = models.ForeignKey(Vault, on_delete=models.CASCADE, related_name="process_servers")
-    name = models.CharField(max_length=120)
+    name = models.CharField(max_length=120, validators=[single_line])
     host = models.CharField(max_length=255)
     data_port = models.PositiveIntegerField(default=9443, validators=[MinValueValidator(1), MaxValueValidator(65535)])
     site = models.CharField(max_length=16, choices=Site.choices, default=Site.PRIMARY)
@@ -108,7 +109,7 @@ class MasterTargetServer(TimeStampedModel):
     """Writes replication data back to on-premises disks during failback."""
 
     vault = models.ForeignKey(Vault, on_delete=models.CASCADE, related_name="master_target_servers")
-    name = models.CharField(max_length=120)
+    name = models.CharField(max_length=120, validators=[single_line])
     host = models.CharField(max_length=255)
     site = models.CharField(max_length=16, choices=Site.choices, default=Site.PRIMARY)
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
@@ -125,7 +126,7 @@ class VCenter(TimeStampedModel):
     """A VMware endpoint (vCenter or ESXi, or the simulated site) added to the vault."""
 
     vault = models.ForeignKey(Vault, on_delete=models.CASCADE, related_name="vcenters")
-    name = models.CharField(max_length=120)
+    name = models.CharField(max_length=120, validators=[single_line])
     kind = models.CharField(max_length=16, choices=VCenterKind.choices, default=VCenterKind.VCENTER)
     host = models.CharField(max_length=255, help_text="Host name or address; for the simulated site, its data directory.")
     port = models.PositiveIntegerField(default=443, validators=[MinValueValidator(1), MaxValueValidator(65535)])
@@ -190,7 +191,7 @@ class ReplicationPolicy(TimeStampedModel):
     """RPO threshold, retention and snapshot cadence; a failback policy comes with each."""
 
     vault = models.ForeignKey(Vault, on_delete=models.CASCADE, related_name="policies")
-    name = models.CharField(max_length=80)
+    name = models.CharField(max_length=80, validators=[single_line])
     storage_tier = models.CharField(max_length=16, choices=StorageTier.choices, default=StorageTier.STANDARD)
     rpo_threshold_minutes = models.PositiveIntegerField(
         default=15, validators=[MinValueValidator(1), MaxValueValidator(1440)],
@@ -299,7 +300,7 @@ class RecoverySite(TimeStampedModel):
     """Where failed-over VMs run: the simulated recovery site or a vSphere endpoint."""
 
     vault = models.ForeignKey(Vault, on_delete=models.CASCADE, related_name="recovery_sites")
-    name = models.CharField(max_length=120)
+    name = models.CharField(max_length=120, validators=[single_line])
     kind = models.CharField(max_length=16, choices=RecoverySiteKind.choices, default=RecoverySiteKind.SIMULATED)
     host = models.CharField(
         max_length=1000, help_text="Host name or address of the vCenter / ESXi server; for the simulated site, its data directory."
@@ -360,7 +361,7 @@ class RecoveryNetwork(models.Model):
     """A network of a recovery site that recovered VMs are attached to (a port group on vSphere)."""
 
     site = models.ForeignKey(RecoverySite, on_delete=models.CASCADE, related_name="networks")
-    name = models.CharField(max_length=255)
+    name = models.CharField(max_length=255, validators=[single_line])
     purpose = models.CharField(max_length=16, choices=NetworkPurpose.choices, default=NetworkPurpose.RECOVERY)
 
     class Meta:

@@ -223,6 +223,37 @@ def vcenter_update(*, vcenter: VCenter, password: str | None = None, **fields) -
     return vcenter
 
 
+def vcenter_delete(*, vcenter: VCenter) -> None:
+    """Remove a vCenter and the machines discovered on it: 409 while any of them is protected."""
+    with transaction.atomic():
+        vcenter = VCenter.objects.select_for_update().get(pk=vcenter.pk)
+        protected = sorted(vcenter.machines.filter(protected_items__isnull=False).values_list("name", flat=True).distinct())
+        if protected:
+            raise Conflict(
+                f"The vCenter {vcenter.name} still has {len(protected)} protected machine(s) ({', '.join(protected[:5])}): "
+                "disable replication of them first, then delete the vCenter.",
+                code="in_use",
+            )
+        vcenter.delete()
+
+
+def vault_delete(*, vault: Vault) -> None:
+    """Remove an empty vault: 409 while it protects machines (their replicas live in it)."""
+    with transaction.atomic():
+        vault = Vault.objects.select_for_update().get(pk=vault.pk)
+        count = vault.protected_items.count()
+        if count:
+            raise Conflict(
+                f"The vault {vault.name} still protects {count} machine(s): disable replication of them first, "
+                "then delete the vault.",
+                code="in_use",
+            )
+        try:
+            vault.delete()
+        except ProtectedError:
+            raise Conflict(f"The vault {vault.name} is still in use: remove what it holds first.", code="in_use") from None
+
+
 def vcenter_password(*, vcenter: VCenter) -> str:
     return decrypt_secret(vcenter.password_encrypted).decode()
 

@@ -9,7 +9,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from core.exceptions import LifeboatError
-from core.portal import current_vault, render_page
+from core.portal import current_vault, filtered, render_page
 from replication.choices import ProtectionState
 from vault import selectors, services
 from vault.discovery import vcenter_discover
@@ -182,7 +182,7 @@ def alert_list(request):
     params = request.GET.copy()
     params.setdefault("state", "ACTIVE")
     filterset = AlertFilter(params, queryset=Alert.objects.filter(vault=vault).select_related("protected_item", "process_server", "job"))
-    page = Paginator(filterset.qs, 50).get_page(request.GET.get("page"))
+    page = Paginator(filtered(request, filterset), 50).get_page(request.GET.get("page"))
     events = vault.events.select_related("protected_item")[:30]
     return render(request, "vault/alert_list.html", {"vault": vault, "filter": filterset, "page": page, "events": events})
 

@@ -2,6 +2,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from core.exceptions import ValidationFailed
+from core.validators import single_line
 from recovery_plans import services
 from recovery_plans.choices import PlanState
 from recovery_plans.models import (
@@ -33,7 +34,8 @@ class ActionSerializer(serializers.ModelSerializer):
     class Meta:
         model = RecoveryPlanAction
         fields = ["phase", "order", "kind", "name", "script", "timeout_seconds", "instructions"]
-        extra_kwargs = {"name": {"allow_blank": True}}  # the service says what a blank name misses
+        # the service says what a blank name misses; a name is one line (issue 16)
+        extra_kwargs = {"name": {"allow_blank": True, "validators": [single_line]}}
 
 
 class GroupSerializer(serializers.ModelSerializer):
@@ -97,7 +99,8 @@ class RecoveryPlanSerializer(serializers.ModelSerializer):
             "state_description", "problems", "item_states", "created_at", "updated_at",
         ]
         read_only_fields = ["id", "created_at", "updated_at"]
-        extra_kwargs = {"name": {"allow_blank": True}}  # the service says what a blank name misses
+        # the service says what a blank name misses; a name is one line (issue 16)
+        extra_kwargs = {"name": {"allow_blank": True, "validators": [single_line]}}
         # A duplicate name is a conflict (409), said by the service, not a 400.
         validators = []
 

@@ -8,6 +8,7 @@ servers send heartbeats with the token of ``process-server:<id>``.
 from __future__ import annotations
 
 import logging
+import uuid
 
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers
@@ -16,6 +17,8 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
 from core.exceptions import PermissionDenied
+from core.filters import BIGINT_MAX
+from core.validators import single_line
 from core.jobs import job_wake
 from replication import agents as agent_services
 from replication.models import MobilityAgent
@@ -26,9 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 class DiskReport(serializers.Serializer):
-    key = serializers.IntegerField(min_value=0)
+    key = serializers.IntegerField(min_value=0, max_value=2**31 - 1)
     path = serializers.CharField(max_length=1000)
-    capacity_bytes = serializers.IntegerField(min_value=512)
+    capacity_bytes = serializers.IntegerField(min_value=512, max_value=BIGINT_MAX)
     label = serializers.CharField(max_length=120, required=False, allow_blank=True)
 
     def validate_capacity_bytes(self, value):
@@ -38,23 +41,45 @@ class DiskReport(serializers.Serializer):
 
 
 class MachineReport(serializers.Serializer):
-    name = serializers.CharField(max_length=255)
+    name = serializers.CharField(max_length=255, validators=[single_line])
     os = serializers.CharField(max_length=120, required=False, allow_blank=True)
-    instance_uuid = serializers.CharField(max_length=64, required=False)
+    # Letters, digits and hyphens only: an id may name a directory, a name never does.
+    instance_uuid = serializers.RegexField(r"^[A-Za-z0-9-]{1,64}\Z", required=False, error_messages={
+        "invalid": "instance_uuid is letters, digits and hyphens (at most 64)."})
     disks = DiskReport(many=True, allow_empty=False, max_length=64)
 
 
 class RegisterSerializer(serializers.Serializer):
     passphrase = serializers.CharField(max_length=256)
-    hostname = serializers.CharField(max_length=255)
+    hostname = serializers.CharField(max_length=255, validators=[single_line])
     vault = serializers.CharField(max_length=80, required=False, help_text="Vault name, when several share a server.")
     version = serializers.CharField(max_length=40, required=False, allow_blank=True)
     machine = MachineReport()
 
 
+def _check_counter(where: str, key: str, value) -> None:
+    """A counter the vault stores in a bigint column: a whole number from 0 to 2^63 - 1."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= BIGINT_MAX:
+        raise serializers.ValidationError(f"{where}{key} must be a whole number from 0 to {BIGINT_MAX}.")
+
+
 class HeartbeatSerializer(serializers.Serializer):
     items = serializers.ListField(child=serializers.DictField(), required=False, max_length=64)
     version = serializers.CharField(max_length=40, required=False, allow_blank=True)
+
+    def validate_items(self, items):
+        """The per-item figures the vault stores are checked here; the rest is kept as sent."""
+        for status in items:
+            for key in ("acked_seq", "backlog_bytes", "pass_done_seq"):
+                _check_counter("", key, status.get(key))
+            progress = status.get("progress")
+            if progress is not None and (isinstance(progress, bool) or not isinstance(progress, (int, float)) or not 0 <= progress <= 1):
+                raise serializers.ValidationError("progress must be a fraction from 0 to 1.")
+            if status.get("item_id") is not None and not isinstance(status["item_id"], str):
+                raise serializers.ValidationError("item_id must be a string.")
+        return items
 
 
 class AgentEventSerializer(serializers.Serializer):
@@ -67,11 +92,21 @@ class AgentEventSerializer(serializers.Serializer):
 class PsHeartbeatSerializer(serializers.Serializer):
     cpu_percent = serializers.FloatField(min_value=0, max_value=100, required=False)
     memory_percent = serializers.FloatField(min_value=0, max_value=100, required=False)
-    cache_free_bytes = serializers.IntegerField(min_value=0, required=False)
-    cache_total_bytes = serializers.IntegerField(min_value=0, required=False)
-    pending_upload_bytes = serializers.IntegerField(min_value=0, required=False)
+    cache_free_bytes = serializers.IntegerField(min_value=0, max_value=BIGINT_MAX, required=False)
+    cache_total_bytes = serializers.IntegerField(min_value=0, max_value=BIGINT_MAX, required=False)
+    pending_upload_bytes = serializers.IntegerField(min_value=0, max_value=BIGINT_MAX, required=False)
     thumbprint = serializers.CharField(max_length=128, required=False, allow_blank=True)
     items = serializers.DictField(child=serializers.DictField(), required=False, help_text="Per item id: acked_seq, uploaded_seq, pending_batches.")
+
+    def validate_items(self, items):
+        for item_id, figures in items.items():
+            try:
+                uuid.UUID(item_id)
+            except ValueError:
+                raise serializers.ValidationError(f"{item_id[:40]!r} is not an item id.") from None
+            for key in ("acked_seq", "uploaded_seq", "pending_batches"):
+                _check_counter("", key, figures.get(key))
+        return items
 
 
 def _bearer(request) -> str:

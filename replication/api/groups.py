@@ -7,6 +7,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from core.permissions import ReadOrAdmin
+from core.validators import single_line
 from replication import groups
 from replication.models import GroupRecoveryPoint, ProtectedItem, ReplicationGroup
 from vault.models import Vault
@@ -39,6 +40,7 @@ class ReplicationGroupSerializer(serializers.ModelSerializer):
         model = ReplicationGroup
         fields = ["id", "vault", "name", "items", "point_frequency_seconds", "last_point_requested_at", "created_at"]
         read_only_fields = ["id", "last_point_requested_at", "created_at"]
+        extra_kwargs = {"name": {"validators": [single_line]}}
 
 
 class ReplicationGroupViewSet(viewsets.ModelViewSet):

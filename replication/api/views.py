@@ -76,6 +76,12 @@ class ProtectedItemViewSet(mixins.CreateModelMixin, mixins.DestroyModelMixin, vi
         return accepted_job(request, job, JobSerializer)
 
 
+def image_filename(*, item, point, disk_index: int) -> str:
+    """The download's file name: ids and a time only. A name never becomes part of a path or
+    a header (a VM name may hold quotes, slashes or line breaks)."""
+    return f"{item.pk}-disk{disk_index}-{point.time:%Y%m%dT%H%M%S}.img"
+
+
 class RecoveryPointViewSet(viewsets.ReadOnlyModelViewSet):
     """recoveryPoints: points in time an item can be recovered to, newest first."""
 
@@ -98,5 +104,6 @@ class RecoveryPointViewSet(viewsets.ReadOnlyModelViewSet):
         size, chunks = disk_image_stream(item=item, point=point, disk_index=replica.index)
         response = StreamingHttpResponse(chunks, content_type="application/octet-stream")
         response["Content-Length"] = str(size)
-        response["Content-Disposition"] = f'attachment; filename="{item.name}-disk{replica.index}-{point.time:%Y%m%dT%H%M%S}.img"'
+        response["Content-Disposition"] = f'attachment; filename="{image_filename(item=item, point=point, disk_index=replica.index)}"'
+        response["Cache-Control"] = "no-store"  # a whole disk: no proxy or browser cache keeps it
         return response

@@ -39,6 +39,9 @@ class VaultViewSet(viewsets.ModelViewSet):
     permission_classes = [ReadOrAdmin]
     filterset_fields = ["name"]
 
+    def perform_destroy(self, instance):
+        services.vault_delete(vault=instance)  # 409 while it protects machines
+
 
 class PolicyViewSet(viewsets.ModelViewSet):
     """replicationPolicies: RPO threshold, retention and snapshot frequency."""
@@ -73,7 +76,9 @@ class ProcessServerViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSe
         """The process server's configuration file (keys included): administrators only."""
         if not request.user.is_staff:
             raise PermissionDenied("Only administrators can read a process server's keys.")
-        return Response(process_server_config(server=self.get_object()))
+        response = Response(process_server_config(server=self.get_object()))
+        response["Cache-Control"] = "no-store"  # keys: never kept by a proxy or browser cache
+        return response
 
 
 class MasterTargetServerViewSet(mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
@@ -90,6 +95,9 @@ class VCenterViewSet(viewsets.ModelViewSet):
     serializer_class = s.VCenterSerializer
     permission_classes = [ReadOrAdmin]
     filterset_class = filters.VCenterFilter
+
+    def perform_destroy(self, instance):
+        services.vcenter_delete(vcenter=instance)  # 409 while its machines are protected
 
     @extend_schema(request=None, responses={202: JobSerializer})
     @action(detail=True, methods=["post"])
