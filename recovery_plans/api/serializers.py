@@ -52,6 +52,7 @@ class GroupSerializer(serializers.ModelSerializer):
     class Meta:
         model = RecoveryPlanGroup
         fields = ["order", "name", "items", "actions"]
+        extra_kwargs = {"name": {"validators": [single_line]}}
 
 
 class NetworkMappingSerializer(serializers.ModelSerializer):

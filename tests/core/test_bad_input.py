@@ -350,3 +350,13 @@ def test_process_server_keys_are_not_cached(api, vault):
     ps = ProcessServerFactory(vault=vault)
     r = api.get(f"/api/v1/processServers/{ps.pk}/configuration")
     assert r.status_code == 200 and r["Cache-Control"] == "no-store"
+
+
+def test_a_plan_group_name_with_a_line_break_is_refused(api, vault):
+    item = ProtectedItemFactory(vault=vault)
+    path = "/api/v1/replicationRecoveryPlans/"
+    r = api.post(path, {"vault": vault.pk, "name": "plan", "groups": [{"name": "web\ntier", "items": [str(item.pk)]}]},
+                 format="json")
+    assert r.status_code == 400, r.content[:300]
+    assert "control characters" in _error(r)["message"]
+    assert api.get(path).json()["count"] == 0
