@@ -28,7 +28,10 @@ from mobility.transport import TransportError
 
 COMPARE_BYTES = 8 * 1024 * 1024  # source read ahead of one request for the replica's 4 KiB digests
 MAX_GROUPS_PER_REQUEST = 4096  # the process server's limit per block-digest request
-DIGEST_POLL_SECONDS = 0.2  # at most this long between asks for the replica's checksums
+DIGEST_POLL_SECONDS = 0.05  # at most this long between asks for the replica's checksums (a few
+# hundred bytes each, only while they are being computed: the pass starts as soon as they are there)
+RESYNC_BATCH_BYTES = 2 * 1024 * 1024  # at most this much data per resync batch: the replica side applies
+# the first batches while the rest of the disk is still compared
 
 
 class ChecksumPass(RunnerCore):
@@ -62,7 +65,7 @@ class ChecksumPass(RunnerCore):
             return
         source = self._source_digests.result() if self._source_digests is not None else {}
         bb = self.bb
-        budget = self.agent.batch_bytes - wire.HEADER.size
+        budget = min(self.agent.batch_bytes, RESYNC_BATCH_BYTES) - wire.HEADER.size
         client_seq = st.digest_seq
         read_buf = bytearray(max(COMPARE_BYTES, bb))
         batch: dict[str, Any] = {"ranges": [], "records": [], "digests": [], "forget": [], "used": 0,
@@ -91,20 +94,25 @@ class ChecksumPass(RunnerCore):
             groups_r, replica_size = replica[disk.index]
             same_size = replica_size == cap
             # The source's group digests hashed while the replica's were computed: a block
-            # whose groups all match is not read again. (A write after they were hashed is
-            # in the journal, or the block map sends it at the next scan.)
+            # whose groups all match is not read again, and of a block whose groups do not
+            # all match only the differing groups are read. (A write after they were hashed
+            # is in the journal, or the block map sends it at the next scan.)
             pre_groups, pre_blocks = source.get(disk.index, (None, None))
             if pre_groups is not None and (not disk.journal_dir) and pre_blocks is None:
                 pre_groups = None
             fine_total = -(-cap // FINE_BYTES)
-            pending: list[tuple[int, int, int, bytes, list[int]]] = []  # block, offset in read_buf, length, fine, groups
+            # Blocks with differing groups, until the replica's 4 KiB digests of those groups
+            # are fetched: (block, length, differing groups, parts read, offset in read_buf
+            # of the whole block when it was read whole, the block's digest when known). A
+            # part: (offset in read_buf, offset in the block, bytes, their 4 KiB digests).
+            pending: list[tuple[int, int, list[int], list[tuple[int, int, int, bytes]], int | None, bytes | None]] = []
             used_read = 0
 
             def settle() -> Iterator[Built]:
                 """Fetch the replica's 4 KiB digests of the pending blocks' differing groups,
                 then plan the differing 4 KiB blocks."""
                 theirs: dict[int, bytes] = {}
-                wanted = sorted({g for p in pending for g in p[4]}) if same_size else []
+                wanted = sorted({g for p in pending for g in p[2]}) if same_size else []
                 for i in range(0, len(wanted), MAX_GROUPS_PER_REQUEST):
                     chunk = wanted[i : i + MAX_GROUPS_PER_REQUEST]
                     answer = self.sender.replica_digests(disk=disk.index, min_seq=client_seq,
@@ -119,49 +127,57 @@ class ChecksumPass(RunnerCore):
                     if at != len(answer.data):
                         raise TransportError(f"the process server sent {len(answer.data)} bytes of block digests "
                                              f"for groups that hold {at}", transient=True)
-                for blk, off, length, fine, diff in pending:
-                    runs: list[list[int]] = []  # [start, end) within the block
+                for blk, length, diff, parts, whole_off, digest in pending:
+                    differing = set(diff)
+                    runs: list[list[int]] = []  # [start, end) within the block, offset in read_buf of start
                     first_fine = blk * bb // FINE_BYTES
-                    for g in diff:
-                        other = theirs.get(g)
-                        for j in range(g * GROUP_BLOCKS, min((g + 1) * GROUP_BLOCKS, fine_total)):
-                            local = j - first_fine
-                            if local < 0 or local * FINE_BYTES >= length:
+                    for buf_off, start, nbytes, fine in parts:
+                        joinable = False  # runs join only within one part (one piece of read_buf)
+                        for local in range(-(-nbytes // FINE_BYTES)):
+                            j = first_fine + start // FINE_BYTES + local
+                            g = j // GROUP_BLOCKS
+                            if g not in differing:
+                                joinable = False
                                 continue
-                            mine = fine[local * FINE_DIGEST_BYTES : (local + 1) * FINE_DIGEST_BYTES]
+                            other = theirs.get(g)
                             k = (j - g * GROUP_BLOCKS) * FINE_DIGEST_BYTES
-                            if other is not None and other[k : k + FINE_DIGEST_BYTES] == mine:
+                            if other is not None and other[k : k + FINE_DIGEST_BYTES] == \
+                                    fine[local * FINE_DIGEST_BYTES : (local + 1) * FINE_DIGEST_BYTES]:
+                                joinable = False
                                 continue
-                            start, end = local * FINE_BYTES, min(length, (local + 1) * FINE_BYTES)
-                            if runs and runs[-1][1] == start:
-                                runs[-1][1] = end
+                            b = start + local * FINE_BYTES
+                            e = min(start + nbytes, b + FINE_BYTES)
+                            if joinable:
+                                runs[-1][1] = e
                             else:
-                                runs.append([start, end])
-                    view = memoryview(read_buf)[off : off + length]
+                                runs.append([b, e, buf_off + local * FINE_BYTES])
+                            joinable = True
+                    view = memoryview(read_buf)[whole_off : whole_off + length] if whole_off is not None else None
                     if not runs:  # every 4 KiB block the same after all
                         st.pass_acked += length
-                        self._note_block(disk, bmap, blk, view, batch=None)
+                        self._note_block(disk, bmap, blk, view, batch=None, digest=digest)
                         continue
-                    sent = sum(e - b for b, e in runs)
+                    sent = sum(e - b for b, e, _ in runs)
                     if batch["records"] and batch["used"] + sent + len(runs) * wire.RECORD.size > budget:
                         st.cursor = [disk_pos, blk]
                         yield take_batch(flags)
-                    for b, e in runs:
+                    for b, e, at in runs:
                         batch["records"].append(wire.Record(wire.KIND_WRITE, disk.index, blk * bb + b,
-                                                            bytes(view[b:e])))
+                                                            bytes(read_buf[at : at + e - b])))
                         batch["ranges"].append([disk.index, blk * bb + b, e - b])
                     batch["used"] += sent + len(runs) * wire.RECORD.size
                     batch["compared"] += length
                     batch["sent"] += sent
                     st.pass_sent = st.pass_sent + 1
-                    self._note_block(disk, bmap, blk, view, batch=batch)
+                    self._note_block(disk, bmap, blk, view, batch=batch, digest=digest)
                 pending.clear()
 
             while block < nblocks:
                 length = min(bb, cap - block * bb)
+                g0 = block * bb // GROUP_BYTES
+                ngroups = -(-length // GROUP_BYTES)
                 if pre_groups is not None and same_size:
-                    first, last = block * bb // GROUP_BYTES, -(-(block * bb + length) // GROUP_BYTES)
-                    span = slice(first * FINE_DIGEST_BYTES, last * FINE_DIGEST_BYTES)
+                    span = slice(g0 * FINE_DIGEST_BYTES, (g0 + ngroups) * FINE_DIGEST_BYTES)
                     if pre_groups[span] == groups_r[span]:
                         st.pass_compared = st.pass_compared + length
                         st.pass_acked += length
@@ -169,6 +185,21 @@ class ChecksumPass(RunnerCore):
                                          digest=pre_blocks[block] if pre_blocks is not None else None)
                         block += 1
                         continue
+                    parts = self._read_groups(fd, read_buf, used_read, block, length, pre_groups, groups_r)
+                    if parts is None:  # no room left in read_buf
+                        yield from settle()
+                        used_read = 0
+                        parts = self._read_groups(fd, read_buf, used_read, block, length, pre_groups, groups_r)
+                    if parts:
+                        st.pass_compared = st.pass_compared + length
+                        diff = [g0 + start // GROUP_BYTES + i for _, start, nbytes, _ in parts
+                                for i in range(-(-nbytes // GROUP_BYTES))]
+                        pending.append((block, length, diff, parts, None,
+                                        pre_blocks[block] if pre_blocks is not None else None))
+                        used_read = parts[-1][0] + parts[-1][2]
+                        block += 1
+                        continue
+                    # a group changed on the source since it was hashed: the block is read whole
                 if used_read + length > len(read_buf):
                     yield from settle()
                     used_read = 0
@@ -176,13 +207,12 @@ class ChecksumPass(RunnerCore):
                 pread_exact(fd, view, block * bb)
                 fine = fine_digests(view)
                 mine = group_digests(fine)
-                g0 = block * bb // GROUP_BYTES
                 diff = [g0 + i for i in range(len(mine) // FINE_DIGEST_BYTES)
                         if not same_size or groups_r[(g0 + i) * FINE_DIGEST_BYTES : (g0 + i + 1) * FINE_DIGEST_BYTES]
                         != mine[i * FINE_DIGEST_BYTES : (i + 1) * FINE_DIGEST_BYTES]]
                 st.pass_compared = st.pass_compared + length
                 if diff:
-                    pending.append((block, used_read, length, fine, diff))
+                    pending.append((block, length, diff, [(used_read, 0, length, fine)], used_read, None))
                     used_read += length
                 else:
                     st.pass_acked += length
@@ -194,6 +224,39 @@ class ChecksumPass(RunnerCore):
         self._end_of_pass()
         if batch["records"]:
             yield take_batch(flags)
+
+    def _read_groups(self, fd: int, read_buf: bytearray, at: int, block: int, length: int, pre_groups: bytes,
+                     groups_r: bytes) -> list[tuple[int, int, int, bytes]] | None:
+        """Read into ``read_buf`` from ``at`` the groups of a block whose source digest (hashed
+        by ``SourceDigests``) differs from the replica's, each run of adjacent ones at once,
+        with their 4 KiB digests: the parts for ``settle``. None if they do not fit in
+        ``read_buf`` from ``at``; [] if a group read no longer has the digest it was hashed
+        with (written since: the caller reads the whole block, so that the block map records
+        what the replica will hold)."""
+        bb, d = self.bb, FINE_DIGEST_BYTES
+        g0 = block * bb // GROUP_BYTES
+        runs: list[list[int]] = []  # [first, end) groups of the block
+        for i in range(-(-length // GROUP_BYTES)):
+            g = g0 + i
+            if pre_groups[g * d : (g + 1) * d] != groups_r[g * d : (g + 1) * d]:
+                if runs and runs[-1][1] == i:
+                    runs[-1][1] = i + 1
+                else:
+                    runs.append([i, i + 1])
+        if at + sum(min(b * GROUP_BYTES, length) - a * GROUP_BYTES for a, b in runs) > len(read_buf):
+            return None
+        parts: list[tuple[int, int, int, bytes]] = []
+        for a, b in runs:
+            start = a * GROUP_BYTES
+            nbytes = min(b * GROUP_BYTES, length) - start
+            view = memoryview(read_buf)[at : at + nbytes]
+            pread_exact(fd, view, block * bb + start)
+            fine = fine_digests(view)
+            if group_digests(fine) != pre_groups[(g0 + a) * d : (g0 + b) * d]:
+                return []
+            parts.append((at, start, nbytes, fine))
+            at += nbytes
+        return parts
 
     def _note_block(self, disk: DiskAssignment, bmap: BlockMap, block: int, view: memoryview | None, *,
                     batch: dict | None, digest: bytes | None = None) -> None:
@@ -239,7 +302,7 @@ class ChecksumPass(RunnerCore):
                 return None
             if answer.state == "pending":
                 # Retry-After is in whole seconds; a digest object often comes sooner
-                self._digests_retry_at = time.monotonic() + min(max(answer.retry_after, 0.1), DIGEST_POLL_SECONDS)
+                self._digests_retry_at = time.monotonic() + min(max(answer.retry_after, 0), DIGEST_POLL_SECONDS)
                 raise Waiting("waiting for the replica's checksums")
             groups = -(-answer.disk_size // GROUP_BYTES) if answer.disk_size >= 0 else -1
             if groups < 0 or len(answer.data) != groups * FINE_DIGEST_BYTES:
@@ -296,9 +359,12 @@ class SourceDigests:
             except OSError:
                 continue
             try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 for offset in range(0, cap, len(buf)):
                     if self._cancelled.is_set():
                         return
+                    if offset + len(buf) < cap:  # the next piece is read from the disk while this one is hashed
+                        os.posix_fadvise(fd, offset + len(buf), len(buf), os.POSIX_FADV_WILLNEED)
                     view = memoryview(buf)[: min(len(buf), cap - offset)]
                     pread_exact(fd, view, offset)
                     groups.append(group_digests(fine_digests(view)))

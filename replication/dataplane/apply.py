@@ -765,6 +765,12 @@ class ReplicaApplier:
     def _write(self, batch: Batch, st: _State, dirty: set[str]) -> int:
         written = 0
         write = self.storage.write_disk
+        if all(rec.kind == KIND_WRITE for rec in batch.records):  # no size change: the disks are as they are
+            extents: dict[str, list[tuple[int, int]]] = {}
+            for rec in batch.records:
+                extents.setdefault(st.disks[rec.disk].name, []).append((rec.offset, len(rec.data)))
+            for name, ext in sorted(extents.items()):
+                self.storage.prepare_writes(name, ext)
         for rec in batch.records:
             if rec.kind == KIND_WRITE:
                 name = st.disks[rec.disk].name

@@ -17,6 +17,7 @@ import uuid
 
 import pytest
 
+from mobility import checksum_pass
 from mobility import filter as journal
 from mobility import wire
 from mobility.agent import Agent, AgentError, DiskAssignment, ItemAssignment, load_item_state, write_request
@@ -857,6 +858,58 @@ def test_a_resync_sends_exactly_the_4k_blocks_that_differ_from_the_replica(tmp_p
     status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
     worker.wait_applied(status["acked_seq"])
     assert not [r for b in worker.since(resync[-1].seq) for r in b.records if r.kind == batch_format.KIND_WRITE]
+    worker.close()
+    agent.close()
+
+
+def test_a_resync_reads_only_differing_groups_and_source_writes_during_the_pass_still_arrive(
+        tmp_path, start_ps, vault, monkeypatch):
+    """Of a block whose groups differ from the replica's, the resync reads only the
+    differing groups. Source writes made after the source was hashed for the pass: one in
+    a differing group (the group no longer has the digest it was hashed with: the block is
+    read whole and the write goes with the resync), one in an equal group of such a block
+    (not read: the block map records the block as hashed, so the next scan sends it). The
+    replica ends equal to the source."""
+    ps = start_ps()
+    size = 4 * MiB
+    d0 = make_disk(str(tmp_path / "d0.img"), size, seed=31)  # scanned, no journal
+    item_id = uuid.uuid4()
+    items = [item_for(ps, vault, item_id, [(0, d0, None)])]
+    worker = ReplicaWorker(ps, vault, item_id, {0: size})
+    agent = small_agent(tmp_path / "agent", items, block_bytes=256 * 1024)  # 4 groups per block
+    acked = agent.replicate_until_caught_up(timeout=60)[str(item_id)]["acked_seq"]
+    worker.wait_applied(acked)
+    agent.close()
+
+    rng = random.Random(32)
+    flipped = _flip_replica(worker, rng, 0, size, [1, 70])  # block 0 group 0, block 1 group 4
+    written = {}
+
+    real_result = checksum_pass.SourceDigests.result
+
+    def result_then_written(self):
+        out = real_result(self)
+        with open(d0, "r+b") as f:
+            for k in (2, 100):  # block 0 group 0 (differs), block 1 group 6 (equal)
+                written[k] = rng.randbytes(4096)
+                f.seek(k * 4096)
+                f.write(written[k])
+        return out
+
+    monkeypatch.setattr(checksum_pass.SourceDigests, "result", result_then_written)
+    agent = small_agent(tmp_path / "agent", items, block_bytes=256 * 1024)
+    agent.request_resync(item_id)
+    status = agent.replicate_until_caught_up(timeout=60)[str(item_id)]
+    assert written and status["phase"] == "delta"
+    worker.wait_applied(status["acked_seq"])
+    batches = worker.since(acked)
+    resync = [b for b in batches if b.flags & batch_format.FLAG_RESYNC]
+    after = [b for b in batches if not b.flags & batch_format.FLAG_RESYNC]
+    assert fine_blocks(resync) == sorted(flipped | {(0, 2)})  # the whole of block 0 compared again
+    # the scan after the pass sends block 1 (the write it holds); block 0's map entry is
+    # what the replica holds, so the scan does not send it again
+    assert (0, 100) in fine_blocks(after) and all(64 <= k < 128 for _, k in fine_blocks(after))
+    worker.assert_matches({0: d0})
     worker.close()
     agent.close()
 

@@ -592,3 +592,53 @@ def test_local_sigkill_never_corrupts_a_snapshot(tmp_path):
     chunk_files = [os.path.basename(p) for p in s.chunk_files("k")]
     assert len(chunk_files) == len({name.split(".")[0] for name in chunk_files}) <= 16
     assert not os.path.exists(os.path.join(root, "disks", "k", "ALLOCATING"))
+
+
+def test_local_prepared_writes_copy_pinned_and_shared_chunks_as_single_writes_do(tmp_path):
+    """``prepare_writes`` makes the new chunk versions a batch's writes need several at once
+    (what a resync's apply does): the snapshot, a clone sharing the chunk files and the
+    live disk read exactly as if each write had copied its chunk itself, and a handle
+    dropped before its flush leaves the durable disk as it was, its files collected."""
+    root = str(tmp_path)
+    s = LocalStorage(root, chunk_bytes=MiB)
+    size = 8 * MiB + 12288  # the last chunk is short
+    s.create_disk("p", size)
+    rng = random.Random(21)
+    model = bytearray(size)
+    model[: 6 * MiB] = rng.randbytes(6 * MiB)  # chunks 6 to 8 never written
+    s.write_disk("p", 0, bytes(model[: 6 * MiB]))
+    s.flush_disk("p")
+    sid = s.snapshot_disk("p")
+    s.clone_disk_at("p", snapshot=sid, dest_name="c")
+    before = bytes(model)
+    writes = [(8192, 4096), (MiB + 4096, 8192), (2 * MiB, MiB), (4 * MiB - 4096, 8192), (7 * MiB + 512, 4096),
+              (8 * MiB + 4096, 8192), (3 * MiB + 65536, 4096)]
+    s.prepare_writes("p", [*writes, (size, 4096), (-4096, 4096)])  # extents outside the disk are left alone
+    for off, n in writes:
+        data = rng.randbytes(n)
+        model[off : off + n] = data
+        s.write_disk("p", off, data)
+    s.flush_disk("p")
+    assert s.read_disk("p", 0, size) == bytes(model)
+    assert s.read_disk("p", 0, size, snapshot=sid) == before
+    assert s.read_disk("c", 0, size) == before
+    s.write_disk("c", 8192, b"c" * 4096)  # the clone copies what it shares too
+    s.flush_disk("c")
+    assert s.read_disk("p", 0, size) == bytes(model)
+    assert s.read_disk("p", 0, size, snapshot=sid) == before
+    sid2 = s.snapshot_disk("p")
+    durable = sorted(s.chunk_files("p"))
+
+    # prepared but never flushed: a crash. The durable disk is as it was; its files go.
+    s.prepare_writes("p", [(MiB, 4096), (5 * MiB, 4096), (8 * MiB, 4096)])
+    assert len(list(s.chunk_files("p"))) > len(durable)
+    other = LocalStorage(root, chunk_bytes=MiB)
+    assert other.read_disk("p", 0, size) == bytes(model)
+    other.write_disk("p", 0, bytes(model[:4096]))  # the writer finishes what the crash left
+    other.flush_disk("p")
+    made = set(other.chunk_files("p")) - set(durable)  # only the version that write made
+    assert set(durable) <= set(other.chunk_files("p")) and len(made) == 1
+    assert os.path.basename(made.pop()).startswith("0.")
+    assert other.read_disk("p", 0, size) == bytes(model)
+    assert other.read_disk("p", 0, size, snapshot=sid) == before
+    assert other.read_disk("p", 0, size, snapshot=sid2) == bytes(model)

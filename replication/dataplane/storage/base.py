@@ -283,6 +283,11 @@ class Storage(abc.ABC):
     def write_disk(self, name: str, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``offset`` (both 512-byte aligned, inside the disk)."""
 
+    def prepare_writes(self, name: str, extents: list[tuple[int, int]]) -> None:
+        """A hint that writes to these (offset, length) extents come next, so that a storage
+        can make ready what they need several at once (local storage: the chunk versions
+        they copy). Changes nothing the disk reads; by default it does nothing."""
+
     @abc.abstractmethod
     def flush_disk(self, name: str) -> None:
         """Make every write so far durable."""

@@ -314,6 +314,10 @@ class LocalStorage(Storage):
             if view:
                 d.write(offset, view)
 
+    def prepare_writes(self, name: str, extents: list[tuple[int, int]]) -> None:
+        with self._lock:
+            self._disk(name, for_write=True).prepare(extents)
+
     def flush_disk(self, name: str) -> None:
         with self._lock:
             self._disk(name, for_write=True).flush()

@@ -11,7 +11,7 @@ import mmap
 import os
 import re
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 from mobility.durable import TEMP_PREFIX, fsync_dir, makedirs_durable, replace_durably, unlink_quietly, write_all
@@ -28,6 +28,7 @@ SNAP_ID = re.compile(r"^[0-9]{20}$")
 CHUNK_FILE = re.compile(r"^([0-9]+)\.([0-9]+)$")
 _MAX_OPEN = 256
 _DIRECT_DEPTH = 4  # whole-chunk direct writes under way at once, per disk
+_PREPARE_THREADS = 4  # chunk versions made at once by ``prepare``
 
 
 class LocalDisk:
@@ -259,6 +260,75 @@ class LocalDisk:
             self.released.append(self.chunk_path(idx, gen))
         return fd
 
+    def prepare(self, extents: list[tuple[int, int]]) -> None:
+        """Make ahead, several at once, the new versions of the chunks that writes to these
+        (offset, length) extents will copy: a chunk written in part whose current version a
+        snapshot pins or a clone shares. ``write`` then finds each one made and writes in
+        place. Creating a chunk file and copying it into the page cache mostly wait (on
+        the file system's journal, on memory): done one after the other, as ``write`` does,
+        they were most of a resync's apply time. The files, the marker and the state are
+        those ``_writable_fd`` makes (the live map durable only at ``flush``), so a crash
+        leaves what it would: orphans the marker finds."""
+        cb = self.map.chunk_bytes
+        whole: set[int] = set()
+        partial: set[int] = set()
+        for offset, length in extents:
+            if length <= 0 or offset < 0 or offset + length > self.map.size:
+                continue  # ``write`` rejects or ignores it
+            for idx in range(offset // cb, (offset + length - 1) // cb + 1):
+                start, end = max(offset, idx * cb), min(offset + length, idx * cb + cb)
+                (whole if start == idx * cb and end - start >= self.map.extent(idx) else partial).add(idx)
+        todo = sorted(idx for idx in partial - whole if idx not in self.inflight and not self._owns_version(idx))
+        if len(todo) < 2:
+            return
+        self._mark_allocating()
+        jobs: list[tuple[int, int, int]] = []  # chunk, its current version, its new version
+        for idx in todo:
+            new_gen = self.map.next_gen
+            self.map.next_gen += 1
+            shard_dir = os.path.dirname(self.chunk_path(idx, new_gen))
+            if shard_dir not in self.dirty_dirs and not os.path.isdir(shard_dir):
+                makedirs_durable(shard_dir)
+            self.dirty_dirs.add(shard_dir)
+            jobs.append((idx, self.map.gens[idx], new_gen))
+
+        def make(job: tuple[int, int, int]) -> None:
+            idx, gen, new_gen = job
+            path = self.chunk_path(idx, new_gen)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                raise StorageError(
+                    f"disk {self.name!r}: chunk file {path} already exists (corrupt generation counter)"
+                ) from None
+            try:
+                if gen:
+                    copy_sparse(self.chunk_path(idx, gen), fd)
+                    start_writeback(fd, 0, 0)
+            except BaseException:
+                os.close(fd)
+                unlink_quietly(path)
+                raise
+            os.close(fd)
+
+        with ThreadPoolExecutor(max_workers=_PREPARE_THREADS, thread_name_prefix="storage-prepare") as pool:
+            futures = [pool.submit(make, job) for job in jobs]
+        failed = [f.exception() for f in futures if f.exception() is not None]
+        if failed:  # none is used: the files made are removed (the marker covers a crash here)
+            for (idx, _gen, new_gen), f in zip(jobs, futures):
+                if f.exception() is None:
+                    unlink_quietly(self.chunk_path(idx, new_gen))
+            raise failed[0]
+        for idx, gen, new_gen in jobs:
+            old = self.fds.pop(idx, None)
+            if old is not None:
+                os.close(old)
+            if gen and gen >= self.watermark:  # shared with a clone; no snapshot here pins it
+                self.released.append(self.chunk_path(idx, gen))
+            self.map.gens[idx] = new_gen
+            self.dirty_chunks.add(idx)
+        self.map_dirty = True
+
     # -- I/O ------------------------------------------------------------------------------
     def write(self, offset: int, data: memoryview) -> None:
         cb = self.map.chunk_bytes
@@ -358,6 +428,12 @@ class LocalDisk:
         cb = m.chunk_bytes
         pieces: list[bytes] = []
         pos = 0
+        if live and length > cb:
+            # A read of several chunk files: their reads are started at once (a device answers
+            # several faster than one after the other; each file's own read-ahead starts small).
+            for idx in range(offset // cb, (offset + length - 1) // cb + 1):
+                if m.gens[idx] and idx not in self.inflight:
+                    os.posix_fadvise(self._live_fd(idx), 0, 0, os.POSIX_FADV_WILLNEED)
         while pos < length:
             at = offset + pos
             idx, within = divmod(at, cb)
