@@ -4,5 +4,11 @@ WORKDIR /app
 COPY requirements.txt package.json package-lock.json ./
 RUN pip install --no-cache-dir -r requirements.txt && npm ci --omit=dev --no-audit --no-fund
 COPY . .
-RUN python manage.py collectstatic --noinput
+# collectstatic runs no system checks that need the production keys.
+RUN LIFEBOAT_DEMO=1 python manage.py collectstatic --noinput
+# Lifeboat runs as an unprivileged user; it writes only to its data directory (a volume).
+RUN useradd --system --uid 10001 --home-dir /var/lib/lifeboat --shell /usr/sbin/nologin lifeboat \
+    && mkdir -p /var/lib/lifeboat && chown lifeboat:lifeboat /var/lib/lifeboat
+USER lifeboat
+ENV LIFEBOAT_DATA_DIR=/var/lib/lifeboat
 EXPOSE 8000 9443

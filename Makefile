@@ -29,11 +29,17 @@ install: $(VENV)/.installed node_modules/.installed
 peers: install
 	bash scripts/install-peers.sh
 
+# The demo runs on the embedded default keys (LIFEBOAT_DEMO=1); production refuses them.
+run: export LIFEBOAT_DEMO = 1
 run: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py lifeboat_demo
 	$(PY) scripts/run.py
 
+# The checks run as production would (DEBUG off), with keys made up for the check only;
+# docker compose needs them too, since it refuses to run without them.
+check: export SECRET_KEY = make-check-only-signing-key-not-for-use-0123456789
+check: export LIFEBOAT_SECRETS_KEY = make-check-only-secrets-key-not-for-use-0123456789
 check: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports

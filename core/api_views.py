@@ -2,15 +2,16 @@ from __future__ import annotations
 
 import django_filters
 from drf_spectacular.utils import extend_schema
-from rest_framework import mixins, serializers, viewsets
+from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from core.choices import JobState
 from core.filters import IdFilter
 from core.jobs import job_cancel, job_resume
-from core.models import Job
+from core.models import ApiToken, Job
 from core.permissions import ReadOrAdmin
+from core.tokens import token_create, token_revoke
 
 
 class JobStepSerializer(serializers.Serializer):
@@ -74,3 +75,44 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         the job is not waiting)."""
         job = job_resume(job_id=self.get_object().pk, user=request.user)
         return Response(JobSerializer(job, context={"request": request}).data)
+
+
+class ApiTokenSerializer(serializers.ModelSerializer):
+    state = serializers.CharField(read_only=True, help_text="active, expired or revoked")
+
+    class Meta:
+        model = ApiToken
+        fields = ["id", "name", "prefix", "state", "created_at", "expires_at", "last_used_at", "revoked_at"]
+        read_only_fields = ["id", "prefix", "state", "created_at", "last_used_at", "revoked_at"]
+        extra_kwargs = {"expires_at": {"required": False, "allow_null": True}}
+
+
+class ApiTokenCreatedSerializer(ApiTokenSerializer):
+    secret = serializers.CharField(read_only=True, help_text="The token itself: shown this once, never again.")
+
+    class Meta(ApiTokenSerializer.Meta):
+        fields = [*ApiTokenSerializer.Meta.fields, "secret"]
+
+
+class ApiTokenViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
+    """apiTokens: the caller's own personal API tokens. Creating one answers its secret once;
+    DELETE revokes it (it stays listed as revoked). Nobody sees another user's tokens."""
+
+    serializer_class = ApiTokenSerializer
+    queryset = ApiToken.objects.none()
+    filterset_fields: list[str] = []
+    ordering_fields = ["created_at", "name"]
+
+    def get_queryset(self):
+        return ApiToken.objects.filter(user=self.request.user)
+
+    @extend_schema(request=ApiTokenSerializer, responses={201: ApiTokenCreatedSerializer})
+    def create(self, request):
+        serializer = ApiTokenSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        token, secret = token_create(user=request.user, **serializer.validated_data)
+        token.secret = secret
+        return Response(ApiTokenCreatedSerializer(token).data, status=status.HTTP_201_CREATED)
+
+    def perform_destroy(self, instance):
+        token_revoke(user=self.request.user, token_id=instance.pk)

@@ -1,16 +1,22 @@
 from __future__ import annotations
 
+from datetime import timedelta
+
+from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.shortcuts import get_object_or_404, redirect
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from core.api_views import JobFilter
 from core.exceptions import LifeboatError
 from core.jobs import job_cancel, job_resume
-from core.models import Job
+from core.models import ApiToken, Job
 from core.portal import HTMX_STOP_POLLING, current_vault, filtered, render_page
+from core.tokens import token_create, token_revoke
+from core.validators import single_line
 
 
 @login_required
@@ -58,3 +64,51 @@ def job_resume_view(request, pk):
         except LifeboatError as exc:
             messages.error(request, exc.message)
     return redirect("portal:job-detail", pk=pk)
+
+
+class ApiTokenForm(forms.Form):
+    EXPIRY_CHOICES = [("", "Never"), ("7", "In 7 days"), ("30", "In 30 days"), ("90", "In 90 days"), ("365", "In a year")]
+
+    name = forms.CharField(max_length=100, validators=[single_line], help_text="What uses it, e.g. \"nightly DR report\".")
+    expires_in_days = forms.TypedChoiceField(
+        label="Expires", choices=EXPIRY_CHOICES, coerce=int, empty_value=None, required=False
+    )
+
+
+@login_required
+def token_list(request):
+    """The signed-in user's API tokens: create (the secret is shown on this answer only),
+    list and revoke."""
+    form = ApiTokenForm(request.POST or None)
+    secret = None
+    status = 200
+    if request.method == "POST":
+        if form.is_valid():
+            days = form.cleaned_data["expires_in_days"]
+            expires_at = timezone.now() + timedelta(days=days) if days else None
+            try:
+                token, secret = token_create(user=request.user, name=form.cleaned_data["name"], expires_at=expires_at)
+            except LifeboatError as exc:
+                form.add_error(None, exc.message)
+        if secret is None:
+            status = 400
+        else:
+            messages.success(request, f"Token {token.name!r} created. Copy it now: it is not shown again.")
+            form = ApiTokenForm()
+    tokens = ApiToken.objects.filter(user=request.user)
+    response = render_page(request, "core/token_list.html", {"form": form, "tokens": tokens, "secret": secret}, status=status)
+    if secret:
+        response["Cache-Control"] = "no-store"
+    return response
+
+
+@login_required
+@require_POST
+def token_revoke_view(request, pk):
+    try:
+        token = token_revoke(user=request.user, token_id=pk)
+    except LifeboatError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.info(request, f"Token {token.name!r} revoked: it is refused from now on.")
+    return redirect("portal:tokens")

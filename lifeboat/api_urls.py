@@ -1,7 +1,7 @@
 from django.urls import path
 from rest_framework.routers import DefaultRouter
 
-from core.api_views import JobViewSet
+from core.api_views import ApiTokenViewSet, JobViewSet
 from recovery_plans.api.views import RecoveryPlanViewSet, RecoveryProtectedItemViewSet
 from replication.api import agents
 from replication.api.groups import ReplicationGroupViewSet
@@ -27,6 +27,7 @@ router.register("replicationRecoveryPlans", RecoveryPlanViewSet)
 router.register("replicationJobs", JobViewSet, basename="job")
 router.register("replicationEvents", v.EventViewSet)
 router.register("replicationAlerts", v.AlertViewSet)
+router.register("apiTokens", ApiTokenViewSet, basename="apitoken")
 
 app_name = "api"
 urlpatterns = [

@@ -33,4 +33,6 @@ urlpatterns = [
     path("jobs/<uuid:pk>/", core_views.job_detail, name="job-detail"),
     path("jobs/<uuid:pk>/cancel/", core_views.job_cancel_view, name="job-cancel"),
     path("jobs/<uuid:pk>/resume/", core_views.job_resume_view, name="job-resume"),
+    path("account/tokens/", core_views.token_list, name="tokens"),
+    path("account/tokens/<int:pk>/revoke/", core_views.token_revoke_view, name="token-revoke"),
 ]

@@ -27,12 +27,31 @@ def env_list(name: str, default: str = "") -> list[str]:
 
 
 DEBUG = env_bool("DEBUG", False)
-SECRET_KEY = os.environ.get("SECRET_KEY") or "lifeboat-embedded-default-change-me-" + "x" * 24
+# The demo (``make run``) on the embedded defaults. Without it or DEBUG, Lifeboat refuses to
+# start with a missing or default SECRET_KEY or LIFEBOAT_SECRETS_KEY (core/checks.py).
+LIFEBOAT_DEMO = env_bool("LIFEBOAT_DEMO", False)
+EMBEDDED_SECRET_KEY = "lifeboat-embedded-default-change-me-" + "x" * 24
+SECRET_KEY = os.environ.get("SECRET_KEY") or EMBEDDED_SECRET_KEY
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
-# Key that encrypts secrets at rest (vCenter passwords, per-vault keys). Defaults to one
-# derived from SECRET_KEY; set it separately so rotating SECRET_KEY keeps secrets readable.
+# Key that encrypts secrets at rest (vCenter passwords, per-vault keys), apart from the
+# signing key: production must set it, to another value than SECRET_KEY (core/checks.py);
+# the demo and DEBUG fall back to one derived from SECRET_KEY.
 LIFEBOAT_SECRETS_KEY = os.environ.get("LIFEBOAT_SECRETS_KEY", "")
+# Behind a TLS-terminating proxy that sets X-Forwarded-Proto: secure cookies, HSTS, and
+# request.is_secure() from the proxy's header. Never set it without such a proxy in front:
+# a client could then claim https itself.
+LIFEBOAT_BEHIND_TLS = env_bool("LIFEBOAT_BEHIND_TLS", False)
+if LIFEBOAT_BEHIND_TLS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = int(os.environ.get("LIFEBOAT_HSTS_SECONDS", str(365 * 24 * 3600)))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("LIFEBOAT_HSTS_INCLUDE_SUBDOMAINS", False)
+    # Off by default: agents and process servers may reach the web service inside the
+    # network over plain HTTP; the proxy redirects browsers.
+    SECURE_SSL_REDIRECT = env_bool("LIFEBOAT_SSL_REDIRECT", False)
+SESSION_COOKIE_HTTPONLY = True
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -132,6 +151,8 @@ WHITENOISE_USE_FINDERS = True
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         # Token first: an unauthenticated API call is answered 401 with WWW-Authenticate.
+        # Personal tokens (core/tokens.py); then the admin site's DRF tokens, kept working.
+        "core.authentication.ApiTokenAuthentication",
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
@@ -164,6 +185,13 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # The error responses of every operation and the agents' bearer scheme (core/schema.py).
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "core.schema.error_responses"],
+    # Two choice sets whose fields are both named after the recovery point type: one name each.
+    "ENUM_NAME_OVERRIDES": {
+        "PlanRecoveryPointEnum": "recovery_plans.models.PlanRecoveryPoint",
+        "RecoveryPointKindEnum": "replication.choices.RecoveryPointType",
+    },
 }
 
 # --- Celery ---------------------------------------------------------------------------

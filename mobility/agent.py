@@ -65,6 +65,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -84,7 +85,7 @@ from mobility.state import (
     ItemState,
     load_item_state,
 )
-from mobility.transport import JsonClient, PinMismatch, RetryPolicy, TransportError
+from mobility.transport import JsonClient, PinMismatch, RetryPolicy, TransportError, plain_http_warning
 
 __all__ = [
     "AGENT_VERSION", "BATCH_BYTES", "BLOCK_BYTES", "MAX_DELAY", "PHASE_DELTA", "PHASE_INITIAL", "PHASE_RESYNC",
@@ -184,6 +185,10 @@ class Agent:
             return creds["agent_id"]
         if self._config is None or not self.passphrase or not self.machine:
             raise AgentError("registering needs config_url, passphrase and machine")
+        insecure = plain_http_warning(self.config_url)
+        if insecure:
+            log.warning("%s", insecure)
+            print(f"WARNING: {insecure}", file=sys.stderr, flush=True)
         body = {"passphrase": self.passphrase, "hostname": self.hostname, "machine": self.machine,
                 "version": AGENT_VERSION}
         answer = self.retry.run(lambda: self._config.call("POST", "/api/v1/agents/register", body=body))

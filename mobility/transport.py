@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import random
 import socket
@@ -99,6 +100,23 @@ def _split_url(url: str) -> tuple[str, str, int, str]:
         raise ValueError(f"{url!r} is not an http(s) URL")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
+
+
+def plain_http_warning(url: str) -> str | None:
+    """A loud warning when ``url`` is plain HTTP to another machine than this one: the vault
+    passphrase and the agent's token would cross the network in clear. None otherwise."""
+    scheme, host, _, _ = _split_url(url)
+    if scheme != "http":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+            return None
+    return (f"INSECURE: registering with {url} over plain HTTP: the vault passphrase and this agent's "
+            "token cross the network unencrypted and can be read or replayed by anyone on the way. "
+            "Use an https:// configuration-server URL (with --config-ca-file or --config-thumbprint).")
 
 
 @dataclass(frozen=True)

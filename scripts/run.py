@@ -18,6 +18,7 @@ DATA = Path(os.environ.get("LIFEBOAT_DATA_DIR", ROOT / "var")).resolve()
 
 env = dict(os.environ)
 env.setdefault("LIFEBOAT_DATA_DIR", str(DATA))
+env.setdefault("LIFEBOAT_DEMO", "1")  # the embedded default keys are accepted for the demo only
 env.setdefault("EMAIL_BACKEND", "django.core.mail.backends.filebased.EmailBackend")
 env.setdefault("EMAIL_FILE_PATH", str(DATA / "mail"))
 env.setdefault("PYTHONUNBUFFERED", "1")

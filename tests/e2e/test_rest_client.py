@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import requests
-from rest_framework.authtoken.models import Token
 
+from core.tokens import token_create
 from tests.conftest import wait_for
 from tests.e2e.harness import MiB, Site, process_server
 
@@ -21,7 +21,7 @@ class Client:
     def __init__(self, base: str, token: str):
         self.base = base.rstrip("/")
         self.http = requests.Session()
-        self.http.headers["Authorization"] = f"Token {token}"
+        self.http.headers["Authorization"] = f"Bearer {token}"
 
     def call(self, method: str, path: str, **kw) -> requests.Response:
         return self.http.request(method, path if path.startswith("http") else f"{self.base}{path}", timeout=30, **kw)
@@ -46,9 +46,11 @@ def site(tmp_path, live_server, celery_worker):
 
 
 def test_protect_watch_and_disable_through_http_only(site, live_server, admin_user):
-    token = Token.objects.create(user=admin_user).key
+    # A personal API token, as the admin makes one in the portal (or the API) for a script.
+    _, token = token_create(user=admin_user, name="e2e REST client")
     api = Client(live_server.url, token)
     assert api.call("GET", "/api/v1/vaults/", headers={"Authorization": "Token wrong"}).status_code == 401
+    assert api.call("GET", "/api/v1/vaults/", headers={"Authorization": "Bearer lbt_wrong"}).status_code == 401
 
     schema = api.ok("GET", "/api/schema/", headers={"Accept": "application/json"}).json()
     assert "/api/v1/replicationProtectedItems/{id}/repairReplication" in {p.rstrip("/") for p in schema["paths"]} or any(
