@@ -63,6 +63,24 @@ class JSONParser(parsers.JSONParser):
             raise drf_exceptions.ParseError("The JSON body is nested too deeply.") from None
 
 
+def holds_nul(data) -> bool:
+    """Whether a NUL character is in any string or key of parsed JSON. PostgreSQL stores none
+    in text or jsonb: a free-form value (a DictField, a JSONField) is checked with this before
+    it is stored; named fields refuse NUL themselves, with their own message."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return True
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
+
+
 class FormParser(parsers.FormParser):
     """DRF's urlencoded-form parser with Django's body-size limit (DRF reads the stream itself)."""
 

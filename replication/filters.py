@@ -1,6 +1,6 @@
 import django_filters
 
-from core.filters import IdFilter
+from core.filters import IdFilter, InstantFilter
 from replication.models import ProtectedItem, RecoveryPoint
 
 
@@ -17,8 +17,8 @@ class ProtectedItemFilter(django_filters.FilterSet):
 
 class RecoveryPointFilter(django_filters.FilterSet):
     item = django_filters.UUIDFilter(field_name="item_id")
-    after = django_filters.IsoDateTimeFilter(field_name="time", lookup_expr="gte")
-    before = django_filters.IsoDateTimeFilter(field_name="time", lookup_expr="lte")
+    after = InstantFilter(field_name="time", lookup_expr="gte")
+    before = InstantFilter(field_name="time", lookup_expr="lte")
 
     class Meta:
         model = RecoveryPoint

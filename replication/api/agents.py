@@ -16,7 +16,9 @@ from rest_framework.decorators import api_view, authentication_classes, permissi
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
+from core.api import holds_nul
 from core.exceptions import PermissionDenied
+from core.schema import AGENT_TOKEN
 from core.filters import BIGINT_MAX
 from core.validators import single_line
 from core.jobs import job_wake
@@ -26,6 +28,9 @@ from replication.waits import machine_wait_key
 from vault.models import ProcessServer, Vault
 
 logger = logging.getLogger(__name__)
+
+# The schema's security requirement of the endpoints that take a Bearer token (core/schema.py).
+AGENT_AUTH = [{AGENT_TOKEN: []}]
 
 
 class DiskReport(serializers.Serializer):
@@ -57,6 +62,12 @@ class RegisterSerializer(serializers.Serializer):
     machine = MachineReport()
 
 
+def _refuse_nul(items) -> None:
+    """Items are kept as sent (jsonb), which holds no NUL character."""
+    if holds_nul(items):
+        raise serializers.ValidationError("items must not hold NUL characters (\\u0000).")
+
+
 def _check_counter(where: str, key: str, value) -> None:
     """A counter the vault stores in a bigint column: a whole number from 0 to 2^63 - 1."""
     if value is None:
@@ -71,6 +82,7 @@ class HeartbeatSerializer(serializers.Serializer):
 
     def validate_items(self, items):
         """The per-item figures the vault stores are checked here; the rest is kept as sent."""
+        _refuse_nul(items)
         for status in items:
             for key in ("acked_seq", "backlog_bytes", "pass_done_seq"):
                 _check_counter("", key, status.get(key))
@@ -99,6 +111,7 @@ class PsHeartbeatSerializer(serializers.Serializer):
     items = serializers.DictField(child=serializers.DictField(), required=False, help_text="Per item id: acked_seq, uploaded_seq, pending_batches.")
 
     def validate_items(self, items):
+        _refuse_nul(items)
         for item_id, figures in items.items():
             try:
                 uuid.UUID(item_id)
@@ -130,7 +143,7 @@ def _validated(serializer_class, request):
     return s.validated_data
 
 
-@extend_schema(request=RegisterSerializer, responses=inline_serializer("AgentRegistration", {"agent_id": serializers.UUIDField(), "token": serializers.CharField()}), tags=["agents"])
+@extend_schema(request=RegisterSerializer, responses={201: inline_serializer("AgentRegistration", {"agent_id": serializers.UUIDField(), "token": serializers.CharField()})}, auth=[], tags=["agents"])
 @api_view(["POST"])
 @authentication_classes([])
 @permission_classes([AllowAny])
@@ -146,7 +159,7 @@ def agent_register(request):
     return Response({"agent_id": str(agent.pk), "token": token}, status=201)
 
 
-@extend_schema(request=None, responses=inline_serializer("AgentAssignment", {"items": serializers.ListField(child=serializers.DictField())}), tags=["agents"])
+@extend_schema(request=None, responses=inline_serializer("AgentAssignment", {"items": serializers.ListField(child=serializers.DictField())}), auth=AGENT_AUTH, tags=["agents"])
 @api_view(["GET"])
 @authentication_classes([])
 @permission_classes([AllowAny])
@@ -155,7 +168,7 @@ def agent_assignment(request, agent_id):
     return Response(agent_services.agent_assignment(agent=_agent(request, agent_id)))
 
 
-@extend_schema(request=HeartbeatSerializer, responses=None, tags=["agents"])
+@extend_schema(request=HeartbeatSerializer, responses={204: None}, auth=AGENT_AUTH, tags=["agents"])
 @api_view(["POST"])
 @authentication_classes([])
 @permission_classes([AllowAny])
@@ -166,7 +179,7 @@ def agent_heartbeat(request, agent_id):
     return Response(status=204)
 
 
-@extend_schema(request=AgentEventSerializer, responses=None, tags=["agents"])
+@extend_schema(request=AgentEventSerializer, responses={204: None}, auth=AGENT_AUTH, tags=["agents"])
 @api_view(["POST"])
 @authentication_classes([])
 @permission_classes([AllowAny])
@@ -178,7 +191,7 @@ def agent_event(request, agent_id):
     return Response(status=204)
 
 
-@extend_schema(request=PsHeartbeatSerializer, responses=None, tags=["processServers"])
+@extend_schema(request=PsHeartbeatSerializer, responses={204: None}, auth=AGENT_AUTH, tags=["processServers"])
 @api_view(["POST"])
 @authentication_classes([])
 @permission_classes([AllowAny])

@@ -16,9 +16,9 @@ class ProtectedItemSerializer(serializers.ModelSerializer):
     machine_name = serializers.CharField(source="machine.name", read_only=True)
     policy_name = serializers.CharField(source="policy.name", read_only=True)
     process_server_name = serializers.CharField(source="process_server.name", read_only=True)
-    recovery_site_name = serializers.CharField(source="recovery_site.name", read_only=True, default=None)
-    recovery_network_name = serializers.CharField(source="recovery_network.name", read_only=True, default=None)
-    test_network_name = serializers.CharField(source="test_network.name", read_only=True, default=None)
+    recovery_site_name = serializers.CharField(source="recovery_site.name", read_only=True, default=None, allow_null=True)
+    recovery_network_name = serializers.CharField(source="recovery_network.name", read_only=True, default=None, allow_null=True)
+    test_network_name = serializers.CharField(source="test_network.name", read_only=True, default=None, allow_null=True)
 
     class Meta:
         model = ProtectedItem

@@ -51,7 +51,7 @@ class VaultSerializer(serializers.ModelSerializer):
 
 
 class PolicySerializer(serializers.ModelSerializer):
-    failback_policy = serializers.PrimaryKeyRelatedField(read_only=True)
+    failback_policy = serializers.PrimaryKeyRelatedField(read_only=True, allow_null=True)
 
     class Meta:
         model = ReplicationPolicy

@@ -168,7 +168,7 @@ class RecoverySiteViewSet(viewsets.ModelViewSet):
 
     @extend_schema(methods=["GET"], request=None, responses=s.RecoveryNetworkSerializer(many=True))
     @extend_schema(methods=["POST"], request=s.RecoveryNetworkSerializer, responses={201: s.RecoveryNetworkSerializer})
-    @action(detail=True, methods=["get", "post"], url_path="networks")
+    @action(detail=True, methods=["get", "post"], url_path="networks", pagination_class=None)
     def networks(self, request, pk=None):
         """The site's networks; POST adds one ({name, purpose: RECOVERY|TEST})."""
         site = self.get_object()
