@@ -38,6 +38,8 @@ ERRORS = {
     "404": "No such object (or one the caller cannot see).",
     "409": "The object is not in a state that allows the operation, or others depend on it.",
     "413": "The request body is larger than the limit.",
+    "415": "The request body is of a media type the operation does not read, or is not well formed as one "
+           "(send application/json).",
     "429": "Too many requests; Retry-After says when to try again.",
 }
 
