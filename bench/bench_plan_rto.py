@@ -48,7 +48,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import mmap
 import os
 import platform
 import shutil
@@ -65,6 +64,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+from bench_rto import baseline_copy, drop_cache  # noqa: E402
 from benchdoc import replace_section  # noqa: E402
 
 MiB = 1024 * 1024
@@ -279,52 +279,17 @@ def _replica_names(items) -> list[str]:
     return [d.storage_name for item in items for d in item.replica_disks.all()]
 
 
-def _drop_cache(store, names: list[str]) -> None:
-    for name in names:
-        for path in store.chunk_files(name):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def _plain_copy(store, name: str, dest: str) -> int:
-    """Read the disk's chunk files in order and write them into one file, fsync'd: a plain copy."""
-    buf = mmap.mmap(-1, store.chunk_bytes)
-    view = memoryview(buf)
-    files = sorted(store.chunk_files(name), key=lambda p: int(os.path.basename(p).split(".")[0]))
-    total = 0
-    out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for path in files:
-            idx = int(os.path.basename(path).split(".")[0])
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                n = os.readv(fd, [view])
-            finally:
-                os.close(fd)
-            os.pwrite(out, view[:n], idx * store.chunk_bytes)
-            total += n
-        os.fsync(out)
-    finally:
-        os.close(out)
-        view.release()
-        buf.close()
-    return total
-
-
 def baseline(workdir: str, items) -> tuple[float, int]:
     from replication.engine import storage
 
     store = storage()
     names = _replica_names(items)
-    _drop_cache(store, names)
+    drop_cache(store, names)
     out = os.path.join(workdir, "baseline")
     os.makedirs(out)
     t = time.perf_counter()
     with ThreadPoolExecutor(max_workers=CONTROL_CONCURRENCY) as pool:
-        copied = sum(pool.map(lambda n: _plain_copy(store, n, os.path.join(out, n + ".img")), names))
+        copied = sum(pool.map(lambda n: baseline_copy(store, n, os.path.join(out, n + ".img")), names))
     seconds = time.perf_counter() - t
     shutil.rmtree(out)
     return seconds, copied
@@ -462,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in range(args.rounds):
             base_s, copied = baseline(workdir, s["items"])
             assert copied == total_bytes, (copied, total_bytes)
-            _drop_cache(storage(), _replica_names(s["items"]))
+            drop_cache(storage(), _replica_names(s["items"]))
             failover = timed_run(s["api"], s["plan"], "testFailover", {})
             if n == 0:
                 checked = verify(s["items"], s["shas"])

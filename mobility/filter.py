@@ -181,18 +181,26 @@ def hold_writes(journal_dirs: Sequence[str], *, timeout: float) -> WriteHold:
         for journal_dir in journal_dirs:
             os.makedirs(journal_dir, exist_ok=True)
             fd = fds[journal_dir] = os.open(os.path.join(journal_dir, HOLD), os.O_RDWR | os.O_CREAT, 0o600)
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise HoldTimeout(f"the writes of {journal_dir} were not held within {timeout:g}s") from None
-                    time.sleep(0.001)
+            if not lock_exclusive_by(fd, deadline, poll=0.001):
+                raise HoldTimeout(f"the writes of {journal_dir} were not held within {timeout:g}s")
     except BaseException:
         WriteHold(fds).release()
         raise
     return WriteHold(fds)
+
+
+def lock_exclusive_by(fd: int, deadline: float, *, poll: float) -> bool:
+    """Take ``fd``'s exclusive flock, trying until ``deadline`` (``time.monotonic()``); False
+    if it is still taken then. A lock is tried without blocking so a wait never outlives the
+    deadline."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
 
 
 def list_segments(journal_dir: str) -> list[int]:

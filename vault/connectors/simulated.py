@@ -29,7 +29,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from mobility.agent import guest_freeze
 from mobility.durable import replace_durably
-from mobility.filter import HoldTimeout, WriteHold, hold_writes, last_seq
+from mobility.filter import HoldTimeout, WriteHold, hold_writes, last_seq, lock_exclusive_by
 from vault.connectors.base import (
     POWER_STATES,
     POWERED_OFF,
@@ -337,16 +337,8 @@ class SimulatedSite(SiteConnector):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise OperationFailed(
-                            f"Quiescing VM {vm_uuid} failed: its writes did not pause within {timeout:.0f}s") from None
-                    time.sleep(0.01)
+            if not lock_exclusive_by(fd, time.monotonic() + timeout, poll=0.01):
+                raise OperationFailed(f"Quiescing VM {vm_uuid} failed: its writes did not pause within {timeout:.0f}s")
             yield
         finally:
             os.close(fd)

@@ -28,7 +28,7 @@ from typing import Iterable, Iterator
 
 from blake3 import blake3
 
-from mobility.durable import write_all
+from mobility.durable import unlink_quietly, write_all
 
 from ..buffers import BufferPool, Held
 
@@ -216,16 +216,9 @@ def create_export_file(path: str, size_bytes: int) -> int:
         os.ftruncate(fd, size_bytes)
     except BaseException:
         os.close(fd)
-        _remove_quiet(path)
+        unlink_quietly(path)
         raise
     return fd
-
-
-def _remove_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _all_zero(piece: bytes | bytearray | memoryview) -> bool:
@@ -362,7 +355,7 @@ class Storage(abc.ABC):
                 os.fsync(fd)
         except BaseException:
             os.close(fd)
-            _remove_quiet(path)
+            unlink_quietly(path)
             raise
         os.close(fd)
         return ExportResult(path, size, copied, "copy")

@@ -227,26 +227,8 @@ class LocalDisk:
             return self._live_fd(idx)
         shared = bool(gen) and gen >= self.watermark  # with a clone; no snapshot here pins it
         self._mark_allocating()
-        new_gen = self.map.next_gen
-        self.map.next_gen += 1
-        shard_dir = os.path.dirname(self.chunk_path(idx, new_gen))
-        if shard_dir not in self.dirty_dirs and not os.path.isdir(shard_dir):
-            makedirs_durable(shard_dir)
-        path = self.chunk_path(idx, new_gen)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except FileExistsError:
-            raise StorageError(
-                f"disk {self.name!r}: chunk file {path} already exists (corrupt generation counter)"
-            ) from None
-        try:
-            if gen and not whole_chunk:
-                copy_sparse(self.chunk_path(idx, gen), fd)
-                start_writeback(fd, 0, 0)  # 0 length: to the end of the file
-        except BaseException:
-            os.close(fd)
-            unlink_quietly(path)
-            raise
+        new_gen = self._next_version(idx)
+        fd = self._make_version(idx, gen if not whole_chunk else 0, new_gen)
         old = self.fds.pop(idx, None)
         if old is not None:
             os.close(old)
@@ -255,9 +237,38 @@ class LocalDisk:
         self.fds[idx] = fd
         self.map.gens[idx] = new_gen
         self.map_dirty = True
-        self.dirty_dirs.add(shard_dir)
         if shared:
             self.released.append(self.chunk_path(idx, gen))
+        return fd
+
+    def _next_version(self, idx: int) -> int:
+        """A new version number for chunk ``idx``, its shard directory made (and owed an fsync)."""
+        new_gen = self.map.next_gen
+        self.map.next_gen += 1
+        shard_dir = os.path.dirname(self.chunk_path(idx, new_gen))
+        if shard_dir not in self.dirty_dirs and not os.path.isdir(shard_dir):
+            makedirs_durable(shard_dir)
+        self.dirty_dirs.add(shard_dir)
+        return new_gen
+
+    def _make_version(self, idx: int, gen: int, new_gen: int) -> int:
+        """Create chunk ``idx``'s version ``new_gen`` as a copy of version ``gen`` (empty for
+        0) and return it open for writing; nothing is left behind on an error."""
+        path = self.chunk_path(idx, new_gen)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            raise StorageError(
+                f"disk {self.name!r}: chunk file {path} already exists (corrupt generation counter)"
+            ) from None
+        try:
+            if gen:
+                copy_sparse(self.chunk_path(idx, gen), fd)
+                start_writeback(fd, 0, 0)  # 0 length: to the end of the file
+        except BaseException:
+            os.close(fd)
+            unlink_quietly(path)
+            raise
         return fd
 
     def prepare(self, extents: list[tuple[int, int]]) -> None:
@@ -284,32 +295,10 @@ class LocalDisk:
         self._mark_allocating()
         jobs: list[tuple[int, int, int]] = []  # chunk, its current version, its new version
         for idx in todo:
-            new_gen = self.map.next_gen
-            self.map.next_gen += 1
-            shard_dir = os.path.dirname(self.chunk_path(idx, new_gen))
-            if shard_dir not in self.dirty_dirs and not os.path.isdir(shard_dir):
-                makedirs_durable(shard_dir)
-            self.dirty_dirs.add(shard_dir)
-            jobs.append((idx, self.map.gens[idx], new_gen))
+            jobs.append((idx, self.map.gens[idx], self._next_version(idx)))
 
         def make(job: tuple[int, int, int]) -> None:
-            idx, gen, new_gen = job
-            path = self.chunk_path(idx, new_gen)
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except FileExistsError:
-                raise StorageError(
-                    f"disk {self.name!r}: chunk file {path} already exists (corrupt generation counter)"
-                ) from None
-            try:
-                if gen:
-                    copy_sparse(self.chunk_path(idx, gen), fd)
-                    start_writeback(fd, 0, 0)
-            except BaseException:
-                os.close(fd)
-                unlink_quietly(path)
-                raise
-            os.close(fd)
+            os.close(self._make_version(*job))
 
         with ThreadPoolExecutor(max_workers=_PREPARE_THREADS, thread_name_prefix="storage-prepare") as pool:
             futures = [pool.submit(make, job) for job in jobs]
