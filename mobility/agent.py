@@ -7,7 +7,11 @@ process server:
    newest seq (the *base*); then it reads every block of every disk and ships them in
    batches flagged FLAG_INITIAL, the last one also FLAG_INITIAL_DONE. Journal records after
    the base follow in the same stream, so every write that raced with the copy is applied
-   after the block it changed: the replica ends right whatever the copy read.
+   after the block it changed: the replica ends right whatever the copy read. An item
+   whose replica already holds a copy of its disks (assignment ``"seeded": true``: seeded
+   from the original disk on failback, or replicated before by an agent whose state for it
+   is gone) has no initial copy: its first pass is a full checksum resync (3.) against the
+   replica, which sends only the blocks that differ.
 2. Delta replication: journaled disks ship their write-filter journal in write order
    (records of several disks merged by time, each disk's own order kept); disks without a
    journal are compared block by block (BLAKE3 digests) with the block map and changed
@@ -274,6 +278,12 @@ class Agent:
                 log.warning("fetching the assignment failed (using the cached one): %s", e)
                 self._assignment_at = time.monotonic()
         self._take_requests()
+        # An item that left the assignment (failed over, disabled) gives back its runner and
+        # open disk files: when it returns, its saved state is loaded anew and its disks are
+        # opened again (a failback may have replaced a disk file meanwhile).
+        assigned = {item.item_id for item in self.assignment}
+        for item_id in [i for i in self._runners if i not in assigned]:
+            self._runners.pop(item_id).close()
         for item in self.assignment:
             runner = self._runner(item)
             try:

@@ -34,7 +34,8 @@ class ItemRunner(CopyPasses, ChecksumPass, JournalBatches, Bookmarks, DiskShape,
 
     def _start(self) -> None:
         """First sight of the item: continue the process server's seq, note the journal
-        bases and start the initial replication."""
+        bases and start the initial replication, or, when the replica already holds a copy
+        of the disks (``seeded``), a full checksum resync against it instead."""
         acked = self.sender.acked_seq()
         capacity = {}
         for d in self.disks:
@@ -56,12 +57,26 @@ class ItemRunner(CopyPasses, ChecksumPass, JournalBatches, Bookmarks, DiskShape,
             initial_done=False,
             created_at=time.time(),
         )
+        if self.item.seeded:
+            # The replica was seeded from a copy of the disks (failback), or an agent whose
+            # state is gone replicated it: every disk is compared with the replica's digests
+            # and only the 4 KiB blocks that differ are sent. Nothing here is evidence of what
+            # the replica holds, so the resync is full: ``_begin_resync`` takes the journal
+            # base again and forgets the block maps. The configuration server asks for it
+            # (``resync``) with the flag; if it did not, the item reports that it needs one.
+            self.state.update(phase=PHASE_RESYNC_REQUIRED, initial_done=True, pass_kind="resync",
+                              resync_full=True, resync_reported=bool(self.item.resync),
+                              resync_reason="the replica already holds a copy of the disks: comparing with it")
         self._set_journal_base()
         self.save()
-        for d in self.journaled:  # writes before the base are in the copy
+        for d in self.journaled:  # writes before the base are in the copy (or the compare)
             journal.drop_segments_through(d.journal_dir, acked_seq=self.state.journal_acked[str(d.index)])
-        log.info("item %s: initial replication of %d bytes starts at seq %d",
-                 self.item.item_id, self.state.pass_total, acked + 1)
+        if self.item.seeded:
+            log.info("item %s: the replica holds a copy of its %d bytes: compared with it from seq %d",
+                     self.item.item_id, self.state.pass_total, acked + 1)
+        else:
+            log.info("item %s: initial replication of %d bytes starts at seq %d",
+                     self.item.item_id, self.state.pass_total, acked + 1)
 
     def cycle(self, *, flush: bool, scan: bool = False) -> None:
         if self.state is None:

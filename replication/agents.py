@@ -107,6 +107,10 @@ def agent_assignment(*, agent: MobilityAgent) -> dict:
             "process_server_thumbprint": ps.thumbprint,
             "resync": item.protection_state == P.RESYNCING,
             "resync_id": item.state_changed_at.isoformat() if item.protection_state == P.RESYNCING else "",
+            # The replica is complete: an agent with no state for the item (a new agent, a
+            # lost state folder, failback's returning replica seeded from the original disk)
+            # compares with it instead of copying the disks whole. An agent with state ignores it.
+            "seeded": item.protection_state == P.RESYNCING and item.initial_replication_progress == 100,
             "bookmarks": [{k: b[k] for k in ("id", "label", "positions", "group") if k in b} for b in item.pending_bookmarks],
             "disks": [
                 {"index": d.index, "key": str(d.source_disk_key), "path": d.source_path, "journal_dir": d.journal_dir or None}

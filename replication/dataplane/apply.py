@@ -54,18 +54,28 @@ checked against the size in force where they stand in the stream. Every point re
 disk's size, and snapshots keep the size they were taken at, so a point from before a disk
 grew reads at its old size. A batch of disk records only cuts no point.
 
-Calls for one item (apply, prune, delete) must not run at the same time: the caller holds the
-item's lock (one apply task per item). Reading points may happen anywhere.
+**Seeding** (failback). ``seed`` makes a new replica (nothing applied yet) hold a copy of
+the disks that already exists: the original on-premises disk when a recovered VM replicates
+back, or a flat image. Only the source's allocated, non-zero ranges are written (a new disk
+reads as zeros), and the replica counts as initially copied: the agent then compares its
+disks with the replica by checksums (a resync pass) instead of copying them, and points are
+cut from the first batch after that pass. Seeding again before any batch is applied starts
+the disks over, so a seed a crash cut short is simply run again.
+
+Calls for one item (seed, apply, prune, delete) must not run at the same time: the caller
+holds the item's lock (one apply task per item). Reading points may happen anywhere.
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 import uuid
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from .batch import (
     FLAG_INITIAL,
@@ -84,7 +94,7 @@ from .batch import (
 )
 from .buffers import BufferPool
 from .sealing import TAG_BYTES, TamperedData, unseal
-from .storage import DiskNotFound, ObjectNotFound, Storage
+from .storage import MAX_PAGE_WRITE, DiskNotFound, ObjectNotFound, Storage
 
 CRASH_CONSISTENT = "crash_consistent"
 APP_CONSISTENT = "app_consistent"
@@ -99,6 +109,10 @@ RECENT_TAGS = 256  # applied logs remembered by seal tag (a process server re-up
 DEFAULT_GAP_GRACE_S = 120.0
 _PREFETCH = 2  # logs fetched and opened ahead of the one being written
 _OPENERS = 2  # threads fetching and opening them (the work releases the GIL)
+# Seeding reads the source in pieces of this size (one page write on Azure, whole chunks of
+# local storage) and writes only the units of them that are not all zeros.
+SEED_PIECE = MAX_PAGE_WRITE
+SEED_ZERO_UNIT = 1024 * 1024
 # Sealed logs and their decrypted (still compressed) bytes are read into buffers kept for
 # the next log, shared by every applier of the process.
 _BUFFERS = BufferPool(keep_bytes=64 * 1024 * 1024)
@@ -130,6 +144,43 @@ def stream_floor(storage: Storage, item_id: uuid.UUID | str) -> int:
         return floor
     st = _State.from_bytes(raw, f"replicas/{item}/state.json")
     return max(floor, st.applied_seq)
+
+
+def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of the allocated ranges of an open file below ``size`` (SEEK_DATA /
+    SEEK_HOLE); where the file cannot tell (no support in the file system or platform),
+    the rest of it as one range."""
+    seek_data, seek_hole = getattr(os, "SEEK_DATA", None), getattr(os, "SEEK_HOLE", None)
+    pos = 0
+    while pos < size:
+        if seek_data is None or seek_hole is None:
+            yield pos, size
+            return
+        try:
+            start = os.lseek(fd, pos, seek_data)
+            end = min(os.lseek(fd, start, seek_hole), size) if start < size else size
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return  # only a hole remains
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ESPIPE):
+                raise
+            seek_data = None  # cannot tell: read the rest
+            continue
+        if start >= size:
+            return
+        yield start, end
+        pos = end
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset`` of the file; the bytes read (fewer at its end)."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    return got
 
 
 class ApplyStateError(Exception):
@@ -233,6 +284,23 @@ class ApplyResult:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+
+@dataclass(slots=True)
+class SeedResult:
+    """What ``seed`` copied, per disk index: bytes read from the source and bytes written to
+    the replica disk (fewer: holes are not read, and zeros are read but not written)."""
+
+    bytes_read: dict[int, int] = field(default_factory=dict)
+    bytes_written: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def total_read(self) -> int:
+        return sum(self.bytes_read.values())
+
+    @property
+    def total_written(self) -> int:
+        return sum(self.bytes_written.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,6 +526,146 @@ class ReplicaApplier:
             point = self._finish_point(st)
             if result is not None:
                 result.new_points.append(point)
+
+    # -- seeding --------------------------------------------------------------------------
+    def seed(self, sources: Mapping[int, str | os.PathLike[str] | Iterable[bytes]]) -> SeedResult:
+        """Make a new replica hold a copy of its disks that already exists (module docstring).
+
+        ``sources`` gives, per disk index of ``disks``, the path of a flat image file (or
+        block device), or an iterable of byte pieces read in order from offset 0. A source
+        shorter than its disk leaves the rest zero; a disk without a source stays all
+        zeros (the checksum compare that follows sends it whole). The state is saved with
+        the initial copy complete only once every disk is written and flushed.
+
+        Only a replica that has applied nothing can be seeded (``ApplyStateError``
+        otherwise); seeding it again (after a crash, or from other sources) recreates its
+        disks first, so nothing of an earlier seed stays behind. A source longer than its
+        disk is a ``ValueError``; for a file that is found before anything changes.
+        """
+        unknown = sorted(set(sources) - set(self.disks))
+        if unknown:
+            raise ValueError(f"item {self.item_id} has no disk {', '.join(map(str, unknown))} to seed "
+                             f"(its disks are {', '.join(map(str, sorted(self.disks)))})")
+        files: dict[int, int] = {}
+        try:
+            for index, source in sorted(sources.items()):
+                if not isinstance(source, (str, os.PathLike)):
+                    continue
+                fd = files[index] = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+                size, disk = os.lseek(fd, 0, os.SEEK_END), self.disks[index]
+                if size > disk.size_bytes:
+                    raise ValueError(f"cannot seed disk {index} ({disk.name}, {disk.size_bytes} bytes) of item "
+                                     f"{self.item_id} from {os.fspath(source)}: the image is larger ({size} bytes)")
+            st = self._load_state(create=True)
+            assert st is not None
+            if st.deleting:
+                raise ApplyStateError(f"the replica of item {self.item_id} is being deleted")
+            if st.applied_seq or st.points or st.pending_point is not None:
+                raise ApplyStateError(
+                    f"the replica of item {self.item_id} cannot be seeded: it has already applied replication "
+                    f"logs (through seq {st.applied_seq}, {len(st.points)} recovery points); only a new replica "
+                    "can be seeded (delete the replica first to start it over from a copy)")
+            # Durably not complete before a byte changes: a seed cut short is never taken for a copy.
+            names = {s.name for s in (*st.disks.values(), *self.disks.values())}
+            st.initial_copy_complete = False
+            st.disks, st.retired = {}, {}
+            self._save(st)
+            for name in sorted(names):
+                self.storage.delete_disk(name)  # what an earlier seed wrote goes with it
+            self._disks_ready = False
+            self._ensure_disks(st)  # the disks, new and all zeros, as the first apply pass makes them
+            result = SeedResult()
+            zeros = bytes(SEED_PIECE)
+            for index, source in sorted(sources.items()):
+                spec = st.disks[index]
+                if index in files:
+                    read, written = self._seed_file(spec, files[index], zeros)
+                else:
+                    read, written = self._seed_pieces(spec, source, zeros)  # type: ignore[arg-type]
+                self.storage.flush_disk(spec.name)
+                result.bytes_read[index], result.bytes_written[index] = read, written
+            st.initial_copy_complete = True
+            self._save(st)
+            return result
+        finally:
+            for fd in files.values():
+                os.close(fd)
+
+    def _seed_file(self, spec: DiskSpec, fd: int, zeros: bytes) -> tuple[int, int]:
+        """Copy the allocated ranges of an open image into a new replica disk, in pieces
+        that start on ``SEED_PIECE`` boundaries; (bytes read, bytes written)."""
+        size = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except (AttributeError, OSError):
+            pass  # only a hint
+        buf = bytearray(SEED_PIECE)
+        read = written = done = 0
+        for start, end in _data_ranges(fd, size):
+            # Whole sectors: an image that ends inside one is padded with zeros (the disk,
+            # a whole number of sectors, is at least as large).
+            pos = max(done, start - start % SECTOR)
+            end = -(-end // SECTOR) * SECTOR
+            while pos < end:
+                n = min(SEED_PIECE - pos % SEED_PIECE, end - pos)
+                got = _pread_into(fd, memoryview(buf)[:n], pos)
+                read += got
+                if got < n:
+                    buf[got:n] = bytes(n - got)  # past the image's end
+                written += self._seed_write(spec.name, pos, buf, n, zeros)
+                pos += n
+            done = end
+        return read, written
+
+    def _seed_pieces(self, spec: DiskSpec, pieces: Iterable[bytes], zeros: bytes) -> tuple[int, int]:
+        """Copy byte pieces, in order from offset 0, into a new replica disk; (bytes read,
+        bytes written)."""
+        buf = bytearray(SEED_PIECE)
+        read = written = fill = offset = 0
+        for piece in pieces:
+            view = memoryview(piece)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
+            if offset + fill + len(view) > spec.size_bytes:
+                raise ValueError(f"cannot seed disk {spec.name} ({spec.size_bytes} bytes) of item {self.item_id}: "
+                                 f"its source goes on past {offset + fill + len(view)} bytes")
+            read += len(view)
+            while view:
+                take = min(len(buf) - fill, len(view))
+                buf[fill : fill + take] = view[:take]
+                fill += take
+                view = view[take:]
+                if fill == len(buf):
+                    written += self._seed_write(spec.name, offset, buf, fill, zeros)
+                    offset, fill = offset + fill, 0
+        if fill:
+            padded = -(-fill // SECTOR) * SECTOR
+            buf[fill:padded] = bytes(padded - fill)
+            written += self._seed_write(spec.name, offset, buf, padded, zeros)
+        return read, written
+
+    def _seed_write(self, name: str, offset: int, buf: bytearray, length: int, zeros: bytes) -> int:
+        """Write ``buf[:length]`` at ``offset`` but for its ``SEED_ZERO_UNIT`` units of zeros
+        (the new disk reads them as zeros already); the bytes written. The disk is new and
+        has no snapshot, so no write copies a chunk version (no ``prepare_writes`` needed)."""
+        if (buf if length == len(buf) else buf[:length]) == zeros[:length]:
+            return 0
+        view = memoryview(buf)
+        written = 0
+        run = None  # start of the run of non-zero units being gathered
+        for at in range(0, length, SEED_ZERO_UNIT):
+            unit = min(SEED_ZERO_UNIT, length - at)
+            if buf[at : at + unit] == zeros[:unit]:
+                if run is not None:
+                    self.storage.write_disk(name, offset + run, view[run:at])
+                    written += at - run
+                    run = None
+            elif run is None:
+                run = at
+        if run is not None:
+            self.storage.write_disk(name, offset + run, view[run:length])
+            written += length - run
+        return written
 
     # -- applying -------------------------------------------------------------------------
     def apply_pending(
