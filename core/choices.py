@@ -33,3 +33,7 @@ class JobType(models.TextChoices):
     PLAN_PLANNED_FAILOVER = "PLAN_PLANNED_FAILOVER", "Planned failover of a recovery plan"
     PLAN_UNPLANNED_FAILOVER = "PLAN_UNPLANNED_FAILOVER", "Unplanned failover of a recovery plan"
     PLAN_FAILOVER_COMMIT = "PLAN_FAILOVER_COMMIT", "Commit failover of a recovery plan"
+    REPROTECT = "REPROTECT", "Reprotect (replicate back to on-premises)"
+    FAILBACK = "FAILBACK", "Fail over to on-premises"
+    FAILBACK_COMMIT = "FAILBACK_COMMIT", "Commit failback"
+    REENABLE_REPLICATION = "REENABLE_REPLICATION", "Re-enable replication"

@@ -4,3 +4,6 @@ from django.apps import AppConfig
 class FailbackConfig(AppConfig):
     name = "failback"
     verbose_name = "Failback"
+
+    def ready(self) -> None:
+        from failback import jobs  # noqa: F401  registers the job handlers

@@ -2,7 +2,8 @@ from django.urls import path
 from rest_framework.routers import DefaultRouter
 
 from core.api_views import ApiTokenViewSet, JobViewSet
-from recovery_plans.api.views import RecoveryPlanViewSet, RecoveryProtectedItemViewSet
+from failback.api import FailbackProtectedItemViewSet, FailbackViewSet
+from recovery_plans.api.views import RecoveryPlanViewSet
 from replication.api import agents
 from replication.api.groups import ReplicationGroupViewSet
 from replication.api.views import RecoveryPointViewSet
@@ -17,9 +18,11 @@ router.register("masterTargetServers", v.MasterTargetServerViewSet)
 router.register("replicationvCenters", v.VCenterViewSet)
 router.register("replicationProtectableItems", v.MachineViewSet, basename="machine")
 router.register("replicationPolicies", v.PolicyViewSet)
-# The item viewset with the recovery actions (testFailover, plannedFailover, ...), which
-# live in recovery_plans because replication must not import it.
-router.register("replicationProtectedItems", RecoveryProtectedItemViewSet, basename="protecteditem")
+# The item viewset with the recovery actions (testFailover, plannedFailover, ...: they live in
+# recovery_plans) and failback (reProtect, failBack, ...: in failback), because replication
+# imports neither.
+router.register("replicationProtectedItems", FailbackProtectedItemViewSet, basename="protecteditem")
+router.register("failbacks", FailbackViewSet)
 router.register("recoveryPoints", RecoveryPointViewSet)
 router.register("replicationGroups", ReplicationGroupViewSet)
 router.register("recoverySites", v.RecoverySiteViewSet)

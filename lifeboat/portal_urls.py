@@ -1,6 +1,7 @@
 from django.urls import path
 
 from core import views as core_views
+from failback import views as failback_views
 from recovery_plans import urls as plan_urls
 from recovery_plans import views as plan_views
 from replication import views as replication_views
@@ -27,6 +28,7 @@ urlpatterns = [
     path("items/<uuid:pk>/workload/", replication_views.workload_update, name="item-workload"),
     path("items/<uuid:pk>/network-mapping/", replication_views.network_mapping_update, name="item-network-mapping"),
     path("items/<uuid:pk>/recovery/<slug:operation>/", plan_views.item_recovery, name="item-recovery"),
+    path("items/<uuid:pk>/failback/<slug:operation>/", failback_views.item_failback, name="item-failback"),
     path("items/<uuid:pk>/<str:action>/", replication_views.item_action, name="item-action"),
     *plan_urls.urlpatterns,
     path("jobs/", core_views.job_list, name="jobs"),

@@ -34,6 +34,7 @@ from recovery_plans.models import (
 )
 from recovery_plans.run_models import PlanOperation, RecoveryPlanRun
 from recovery_plans.transitions import PlanRunState
+from replication.choices import Direction
 from replication.choices import ProtectionState as P
 from replication.choices import RecoveryPointType
 from replication.choices import TestFailoverState as T
@@ -185,6 +186,15 @@ def _job(*, item: ProtectedItem, job_type: str, steps: list[str], params: dict, 
     )
 
 
+def _forward_only(item: ProtectedItem, operation: str) -> None:
+    """A returning replication (failback, recovery to primary) is failed over from its
+    failback, never recovered to a recovery site."""
+    if item.direction == Direction.RECOVERY_TO_PRIMARY:
+        raise ValidationFailed(
+            f"'{item.name}' replicates back to on-premises (failback): it cannot {operation}. Fail it over to "
+            "on-premises from the item that failed over (plannedFailover, unplannedFailover or failBack).")
+
+
 def _locked(item: ProtectedItem) -> ProtectedItem:
     return ProtectedItem.objects.select_for_update(of=("self",)).select_related("vault", "recovery_site").get(pk=item.pk)
 
@@ -195,6 +205,7 @@ def _locked(item: ProtectedItem) -> ProtectedItem:
 def protected_item_test_failover(*, item: ProtectedItem, point: str, recovery_point_id=None, network=None, user=None):
     """A DR drill: a copy of the VM from the chosen point, in the isolated test network;
     replication goes on untouched."""
+    _forward_only(item, "test failover")
     item = ProtectedItem.objects.select_related("vault", "recovery_site").get(pk=item.pk)
     if item.protection_state not in TEST_FAILOVER_STATES:
         raise InvalidTransition(
@@ -241,6 +252,7 @@ def protected_item_test_failover_cleanup(*, item: ProtectedItem, notes: str = ""
 def protected_item_planned_failover(*, item: ProtectedItem, network=None, user=None):
     """Shut the source down, replicate its last writes and recover from a point after them:
     no data is lost."""
+    _forward_only(item, "fail over to a recovery site")
     item = ProtectedItem.objects.select_related("vault", "recovery_site", "machine").get(pk=item.pk)
     if item.protection_state != P.PROTECTED:
         raise InvalidTransition(
@@ -269,6 +281,7 @@ def protected_item_unplanned_failover(
 ):
     """Recover from the chosen point (the source is assumed lost; it is shut down first if
     asked and reachable)."""
+    _forward_only(item, "fail over to a recovery site")
     item = ProtectedItem.objects.select_related("vault", "recovery_site").get(pk=item.pk)
     if item.protection_state != P.PROTECTED:
         raise InvalidTransition(
@@ -297,6 +310,7 @@ def _failed_over_job_running(item: ProtectedItem) -> Job | None:
 
 def protected_item_apply_recovery_point(*, item: ProtectedItem, point: str, recovery_point_id=None, user=None):
     """Change recovery point: swap the failed-over VM's disks to another point (before commit)."""
+    _forward_only(item, "change its recovery point")
     item = ProtectedItem.objects.select_related("vault").get(pk=item.pk)
     if item.protection_state != P.FAILED_OVER:
         raise InvalidTransition(
@@ -331,6 +345,7 @@ def protected_item_apply_recovery_point(*, item: ProtectedItem, point: str, reco
 
 def protected_item_failover_commit(*, item: ProtectedItem, user=None):
     """Make the failover final and release the recovery points no longer needed."""
+    _forward_only(item, "commit a failover")
     with transaction.atomic():
         locked = _locked(item)
         running = _failed_over_job_running(locked)
@@ -397,6 +412,9 @@ def _plan_point_type(value: str) -> str:
 def _item_in_vault(*, vault, item: ProtectedItem) -> None:
     if item.vault_id != vault.pk:
         raise _refuse(f"'{item.name}' belongs to another vault; a plan holds only items of its own vault.")
+    if item.direction == Direction.RECOVERY_TO_PRIMARY:
+        raise _refuse(f"'{item.name}' is a replication back to on-premises (failback); a plan holds the items that fail "
+                      "over to the recovery site.")
 
 
 def _actions(group_name: str, actions: list[dict]) -> list[RecoveryPlanAction]:

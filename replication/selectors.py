@@ -7,6 +7,7 @@ from django.utils import timezone
 
 from core.choices import JobState, JobType
 from core.models import Job
+from replication.choices import Direction
 from replication.choices import ProtectionState as P
 from replication.models import ProtectedItem, RecoveryPoint
 
@@ -21,7 +22,9 @@ def item_actions(*, item: ProtectedItem) -> list[tuple[str, str, str]]:
                         "what differs? Replication goes on meanwhile."))
     if item.protection_state == P.ENABLE_FAILED:
         actions.append(("retry", "Retry enabling replication", ""))
-    if item.protection_state not in (P.DISABLING, P.FAILOVER_IN_PROGRESS, P.FAILED_OVER, P.REPROTECTING):
+    if item.direction == Direction.RECOVERY_TO_PRIMARY:
+        pass  # a failback's returning replication ends with the failback, never by itself
+    elif item.protection_state not in (P.DISABLING, P.FAILOVER_IN_PROGRESS, P.FAILED_OVER, P.REPROTECTING):
         actions.append(("disable", "Disable replication", "Disable replication and delete this item's replica disks and recovery points?"))
     elif item.protection_state == P.DISABLING and not _job_active(item, JobType.DISABLE_REPLICATION):
         # The disable failed (or its worker died): its replica data may be half removed.

@@ -11,7 +11,7 @@ from core.exceptions import Conflict, InvalidTransition, ValidationFailed
 from core.jobs import job_create
 from core.models import Job
 from core.transitions import transition
-from replication.choices import ProtectionState, TestFailoverState
+from replication.choices import Direction, ProtectionState, TestFailoverState
 from replication.models import ProtectedItem
 from replication.transitions import PROTECTION, TEST_FAILOVER
 from vault.choices import Severity
@@ -95,6 +95,10 @@ def protected_item_enable_retry(*, item, user=None):
 def protected_item_disable(*, item, user=None):
     """Stop replicating and remove the item and its replica data (as a job). An item left
     DISABLING by a disable that failed is disabled again the same way."""
+    if item.direction == Direction.RECOVERY_TO_PRIMARY and item.protection_state != ProtectionState.DISABLING:
+        raise ValidationFailed(
+            f"'{item.name}' is the replication of a failback back to on-premises: it ends when replication of the "
+            "item that failed over is re-enabled.")
     with transaction.atomic():
         ProtectedItem.objects.select_for_update().filter(pk=item.pk).first()  # one disable at a time
         if Job.objects.filter(type=JobType.DISABLE_REPLICATION, target_type="protected_item", target_id=str(item.pk),

@@ -10,7 +10,8 @@ from replication.choices import ProtectionState as P
 from replication.choices import TestFailoverState as T
 
 PROTECTION_TRANSITIONS: dict[str, frozenset[str]] = {
-    P.ENABLING: frozenset({P.INITIAL_REPLICATION, P.ENABLE_FAILED, P.DISABLING}),
+    # A replica seeded from an existing copy (failback) is compared with its source, not copied.
+    P.ENABLING: frozenset({P.INITIAL_REPLICATION, P.RESYNCING, P.ENABLE_FAILED, P.DISABLING}),
     P.ENABLE_FAILED: frozenset({P.ENABLING, P.DISABLING}),
     P.INITIAL_REPLICATION: frozenset({P.PROTECTED, P.RESYNC_REQUIRED, P.DISABLING}),
     P.PROTECTED: frozenset({P.RESYNC_REQUIRED, P.RESYNCING, P.FAILOVER_IN_PROGRESS, P.DISABLING}),
@@ -19,7 +20,10 @@ PROTECTION_TRANSITIONS: dict[str, frozenset[str]] = {
     P.FAILOVER_IN_PROGRESS: frozenset({P.FAILED_OVER, P.PROTECTED}),
     P.FAILED_OVER: frozenset({P.FAILOVER_COMMITTED}),
     P.FAILOVER_COMMITTED: frozenset({P.REPROTECTING, P.DISABLING}),
-    P.REPROTECTING: frozenset({P.PROTECTED, P.FAILOVER_COMMITTED}),
+    # Failback: the item stays REPROTECTING while its VM replicates back and fails over to
+    # on-premises; re-enabling compares the on-premises VM with the replica (RESYNCING); a
+    # reprotect that failed leaves it committed.
+    P.REPROTECTING: frozenset({P.RESYNCING, P.FAILOVER_COMMITTED}),
     # A disable that failed (its job failed or was reaped) is run again from here.
     P.DISABLING: frozenset({P.DISABLING}),
 }

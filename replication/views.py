@@ -15,6 +15,7 @@ from replication import services
 from replication.choices import ProtectionState, TestFailoverState
 from replication.filters import ProtectedItemFilter
 from replication.forms import EnableReplicationForm, NetworkMappingForm
+from replication.choices import Direction
 from replication.models import ProtectedItem
 from replication.selectors import item_actions, item_rpo_history
 from vault.forms import WorkloadForm
@@ -24,6 +25,8 @@ from vault.simulation import machine_set_workload, machine_workload
 def recovery_operations(*, item: ProtectedItem) -> list[tuple[str, str]]:
     """(operation, button label) of the recovery operations the item's state allows now."""
     operations = []
+    if item.direction == Direction.RECOVERY_TO_PRIMARY:
+        return operations  # a returning replication fails over from its failback (failback app)
     if item.protection_state in ProtectionState.TEST_FAILOVER_ALLOWED and item.test_failover_state == TestFailoverState.NONE:
         operations.append(("test-failover", "Test failover"))
     if item.test_failover_state == TestFailoverState.SUCCEEDED:

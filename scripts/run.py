@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Run Lifeboat on one machine with the embedded defaults: web, worker, beat, a process
 server, the simulated VMware site's workload and its agents, and the workload of the VMs
-recovered onto the simulated recovery site. Ctrl-C stops everything."""
+recovered onto the simulated recovery site, with the recovery site's process server and the
+agents of recovered VMs replicating back (failback). Ctrl-C stops everything."""
 from __future__ import annotations
 
 import os
@@ -37,6 +38,10 @@ PROCESSES = {
     # A VM failed over (or test-failed-over) to the demo's recovery site writes to its disks
     # while it runs, like the source VMs: the same runner, on the recovery site's directory.
     "recovery-site": [PY, "-m", "vault.connectors.simsite", "--data-dir", str(DATA / "recovery-site")],
+    # Failback: the recovery site's process server, and the agents Lifeboat pushes into the
+    # recovered VMs when they are reprotected (replicated back on-premises).
+    "process-server-recovery": [PY, "-m", "replication.dataplane.process_server", "--config", str(DATA / "process-server-ps-recovery.json")],
+    "recovery-agents": [PY, "-m", "replication.agent_host", "--site-dir", str(DATA / "recovery-site")],
 }
 
 

@@ -21,6 +21,7 @@ from core.jobs import JobContext, job_create, job_handler
 from core.models import Job
 from vault.choices import MachineSource, VCenterKind
 from vault.connectors import ConnectorError, open_connector
+from vault.connectors.sites import open_failback_target
 from vault.models import DiscoveredDisk, DiscoveredMachine, VCenter
 from vault.services import vcenter_password
 from vault.signals import machine_disks_changed
@@ -37,6 +38,23 @@ def connector_for(vcenter: VCenter):
     if vcenter.kind == VCenterKind.SIMULATED:
         return open_connector("simulated", data_dir=vcenter.host, user=vcenter.username, password=vcenter_password(vcenter=vcenter))
     return open_connector(
+        "vcenter",
+        host=vcenter.host,
+        port=vcenter.port,
+        user=vcenter.username,
+        password=vcenter_password(vcenter=vcenter),
+        allow_untrusted=vcenter.allow_untrusted,
+        thumbprint=vcenter.thumbprint or None,
+    )
+
+
+def failback_target_for(vcenter: VCenter):
+    """An unconnected failback target (the on-premises side of a failback) for the
+    endpoint, from the vault's stored settings."""
+    if vcenter.kind == VCenterKind.SIMULATED:
+        return open_failback_target("simulated", data_dir=vcenter.host, user=vcenter.username,
+                                    password=vcenter_password(vcenter=vcenter))
+    return open_failback_target(
         "vcenter",
         host=vcenter.host,
         port=vcenter.port,

@@ -48,7 +48,14 @@ from vault.connectors.recovery import (
     check_disks,
     check_request,
 )
-from vault.connectors.simulated import FIRST_DISK_KEY, SimulatedSite, _workload, disk_file, journal_path
+from vault.connectors.simulated import (
+    FIRST_DISK_KEY,
+    SimulatedSite,
+    _workload,
+    auth_record,
+    disk_file,
+    journal_path,
+)
 
 DEFAULT_NETWORKS = ("recovery-net", "test-net")
 RECOVERY_HOST = "esx-r01.recovery.sim.local"
@@ -124,6 +131,18 @@ class SimulatedRecoverySite(RecoverySiteConnector):
 
     def networks(self) -> list[str]:
         return list(self.site.read_state().get("networks", []))
+
+    def source_login(self, user: str, password: str) -> None:
+        """Set the login with which this site is opened as a simulated *source* site
+        (``SimulatedSite(data_dir, user, password)``), so that a recovered VM can be
+        protected back from here: its agent is pushed and it is discovered as on any source
+        site. Stored like the source site's own (a salted PBKDF2 in site.json); replaces the
+        login the site had."""
+        if not isinstance(user, str) or not user.strip() or not isinstance(password, str) or not password:
+            raise ConnectorError(f"Setting the login of {self.where} failed: a user name and a password are needed")
+        record = auth_record(user, password)
+        with self.site._update() as state:
+            state["auth"] = record
 
     # --- reading -------------------------------------------------------------------------
 

@@ -24,12 +24,10 @@ without checking the session cookie and does not mark distributed uplink port gr
 """
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import math
 import secrets
-import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -37,7 +35,6 @@ from typing import Any, Iterator, Sequence
 from pyVmomi import vim, vmodl
 
 from replication.dataplane.recovery import RecoveryDisk, VerificationFailed, check_digest
-from replication.dataplane.storage import StorageError
 from replication.dataplane.storage.base import ImageHasher
 from vault.connectors.base import (
     POWERED_OFF,
@@ -45,9 +42,8 @@ from vault.connectors.base import (
     ConnectorError,
     NotFound,
     OperationFailed,
-    Unreachable,
-    describe_os_error,
 )
+from vault.connectors.datastore_http import PIECE, DatastoreHttp
 from vault.connectors.recovery import (
     Progress,
     RecoveredDisk,
@@ -67,7 +63,7 @@ from vault.connectors.vsphere import (
 
 log = logging.getLogger(__name__)
 
-UPLOAD_PIECE = 4 * 1024 * 1024
+UPLOAD_PIECE = PIECE
 EXTRA_PREFIX = "lifeboat.recovery."
 
 
@@ -95,7 +91,7 @@ class VSphereRecoverySite(RecoverySiteConnector):
     def __init__(
         self,
         *,
-        host: str,
+        host: str = "",
         port: int = 443,
         username: str = "",
         password: str = "",
@@ -109,11 +105,21 @@ class VSphereRecoverySite(RecoverySiteConnector):
         ca_file: str | None = None,
         timeout: float = 30.0,
         user: str = "",
+        connector: VSphereConnector | None = None,
         **_ignored: Any,
     ) -> None:
-        self.vc = VSphereConnector(host=host, port=port, user=username or user, password=password,
-                                   allow_untrusted=allow_untrusted, thumbprint=thumbprint or None, ca_file=ca_file,
-                                   timeout=timeout)
+        # ``connector``: a session of the caller's to work in (it opens and closes it), for
+        # the failback target, which builds new VMs on the on-premises vCenter this way.
+        self._own_session = connector is None
+        if connector is not None:
+            self.vc = connector
+        elif not host:
+            raise ConnectorError("A vSphere recovery site needs the host name of its vCenter or ESXi server")
+        else:
+            self.vc = VSphereConnector(host=host, port=port, user=username or user, password=password,
+                                       allow_untrusted=allow_untrusted, thumbprint=thumbprint or None,
+                                       ca_file=ca_file, timeout=timeout)
+        self.files = DatastoreHttp(self.vc)
         self.datacenter = datacenter
         self.datastore = datastore
         self.placement = placement or cluster or host_name
@@ -123,7 +129,8 @@ class VSphereRecoverySite(RecoverySiteConnector):
         return f"<VSphereRecoverySite {self.vc.host}:{self.vc.port}>"
 
     def connect(self) -> None:
-        self.vc.connect()
+        if self._own_session:
+            self.vc.connect()
 
     @contextmanager
     def _task_errors(self, action: str) -> Iterator[None]:
@@ -138,7 +145,8 @@ class VSphereRecoverySite(RecoverySiteConnector):
             raise carried.error from None
 
     def close(self) -> None:
-        self.vc.close()
+        if self._own_session:
+            self.vc.close()
 
     # --- inventory -----------------------------------------------------------------------
 
@@ -211,72 +219,14 @@ class VSphereRecoverySite(RecoverySiteConnector):
 
     # --- datastore files -----------------------------------------------------------------
 
-    def _url(self, place: _Placement, path: str) -> str:
-        query = urllib.parse.urlencode({"dcPath": place.datacenter, "dsName": place.datastore})
-        return f"/folder/{urllib.parse.quote(path)}?{query}"
-
-    def _http(self) -> http.client.HTTPConnection:
-        factory = self.vc._connection_factory()
-        return factory(self.vc.host, self.vc.port, context=self.vc._ssl_context(), timeout=max(self.vc.timeout, 300))
-
-    def _headers(self) -> dict[str, str]:
-        stub = self.vc._stub
-        if stub is None:
-            raise ConnectorError(f"Not connected to {self.where}")
-        return {"Cookie": stub.cookie} if getattr(stub, "cookie", None) else {}
-
-    def _request(self, method: str, place: _Placement, path: str, *, body: Any = None, length: int | None = None,
-                 action: str) -> http.client.HTTPResponse:
-        conn = self._http()
-        headers = self._headers()
-        if body is not None:
-            headers["Content-Type"] = "application/octet-stream"
-            headers["Content-Length"] = str(length)
-        try:
-            conn.request(method, self._url(place, path), body=body, headers=headers, encode_chunked=False)
-            response = conn.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            detail = describe_os_error(exc) if isinstance(exc, OSError) else str(exc) or "bad HTTP response"
-            raise Unreachable(f"{action} failed: lost the connection to {self.where} ({detail})") from None
-        except StorageError as exc:
-            conn.close()
-            raise OperationFailed(f"{action} failed: reading the replica failed: {exc}") from None
-        response._lifeboat_conn = conn  # type: ignore[attr-defined]  # closed with the response
-        return response
-
     def _put(self, place: _Placement, path: str, body: Any, length: int, action: str) -> None:
-        response = self._request("PUT", place, path, body=body, length=length, action=action)
-        try:
-            response.read()
-        finally:
-            response._lifeboat_conn.close()  # type: ignore[attr-defined]
-        if response.status not in (200, 201, 204):
-            raise OperationFailed(f"{action} failed: the datastore answered HTTP {response.status} {response.reason}")
+        self.files.put(place.datacenter, place.datastore, path, body, length, action=action)
 
     def _get(self, place: _Placement, path: str, action: str) -> Iterator[bytes]:
-        response = self._request("GET", place, path, action=action)
-        try:
-            if response.status == 404:
-                raise NotFound(f"{action} failed: {path} is not on datastore {place.datastore}")
-            if response.status != 200:
-                raise OperationFailed(f"{action} failed: the datastore answered HTTP {response.status} {response.reason}")
-            while True:
-                piece = response.read(UPLOAD_PIECE)
-                if not piece:
-                    return
-                yield piece
-        finally:
-            response.close()
-            response._lifeboat_conn.close()  # type: ignore[attr-defined]
+        return self.files.get(place.datacenter, place.datastore, path, action=action)
 
     def _exists(self, place: _Placement, path: str) -> bool:
-        response = self._request("GET", place, path, action=f"Checking {path}")
-        try:
-            return response.status != 404
-        finally:
-            response.close()
-            response._lifeboat_conn.close()  # type: ignore[attr-defined]
+        return self.files.exists(place.datacenter, place.datastore, path)
 
     def _delete_folder(self, place: _Placement, folder: str) -> None:
         """Delete the folder with every file in it; a folder already gone is fine."""
@@ -325,7 +275,10 @@ class VSphereRecoverySite(RecoverySiteConnector):
         disks: Sequence[RecoveryDisk],
         guest_os: str = "otherGuest64",
         progress: Progress | None = None,
+        power_on: bool = True,
     ) -> RecoveredVmInfo:
+        """As the recovery site's ``create_vm``; with ``power_on=False`` the verified VM is
+        left off (a failback to a new VM on the on-premises side is started by the admin)."""
         action = f"Recovering VM {name!r} on {self.where}"
         with self._task_errors(action):
             nodes = self._nodes()
@@ -348,7 +301,8 @@ class VSphereRecoverySite(RecoverySiteConnector):
                                 records=records, nic=self._nic_backing(nets[network]), network=network)
                 vm = self.vc._wait(place.vm_folder.CreateVM_Task(config=spec, pool=place.pool, host=place.host),
                                    action)
-                self.vc._wait(vm.PowerOnVM_Task(), f"Powering on recovered VM {name!r}")
+                if power_on:
+                    self.vc._wait(vm.PowerOnVM_Task(), f"Powering on recovered VM {name!r}")
                 vm_id = self.vc._prop(vm, vim.VirtualMachine, "config.instanceUuid")
             except BaseException:
                 if vm is not None:
@@ -356,7 +310,8 @@ class VSphereRecoverySite(RecoverySiteConnector):
                 self._delete_folder(place, folder)
                 raise
         if progress is not None:
-            progress(f"VM {name} is running with {len(disks)} verified disk(s)", 1.0)
+            state = "running" if power_on else "ready (powered off)"
+            progress(f"VM {name} is {state} with {len(disks)} verified disk(s)", 1.0)
         return self.get_vm(vm_id)
 
     def _nic_backing(self, net: Any) -> Any:

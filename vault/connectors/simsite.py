@@ -8,6 +8,10 @@ Each powered-on VM with a workload gets writes at its ``rate_bytes_per_s`` (a to
 zeros, repetitive text and random bytes, like real disk blocks. Every write goes through the
 mobility write filter, so it is journaled. site.json is read again every second: power
 changes, new workloads, resized, new and deleted VMs apply while it runs.
+
+A disk file replaced while the runner had it open (a failback restores a VM's disks by
+renaming a verified image over them while the VM is off) is noticed at that reload too: the
+runner closes the old file and writes to the new one from then on.
 """
 from __future__ import annotations
 
@@ -94,6 +98,7 @@ class WorkloadRunner:
         self._plan: list[_VmPlan] = []
         self._next_reload = float("-inf")
         self._filters: dict[tuple[str, int], WriteFilter] = {}
+        self._opened: dict[tuple[str, int], tuple[int, int] | None] = {}  # (device, inode) each filter opened
         self._io_locks: dict[str, int] = {}
         self._budget: dict[str, float] = {}
         self._last: dict[str, float] = {}
@@ -119,7 +124,10 @@ class WorkloadRunner:
                 self._last.pop(vm_uuid, None)
                 self._budget.pop(vm_uuid, None)
         disks = {(p.vm_uuid, key) for p in plan for key, _cap in p.disks}
-        for key in [k for k in self._filters if k not in disks]:
+        data_dir = self.site.data_dir
+        for key in [k for k in self._filters
+                    if k not in disks or _identity(disk_file(data_dir, *k)) != self._opened.get(k)]:
+            self._opened.pop(key, None)
             self._filters.pop(key).close()
         for vm_uuid in [u for u in self._io_locks if u not in active]:
             os.close(self._io_locks.pop(vm_uuid))
@@ -189,12 +197,16 @@ class WorkloadRunner:
             flt = self._filters.get((vm.vm_uuid, key))
             if flt is None:
                 data_dir = self.site.data_dir
-                flt = self._filters[(vm.vm_uuid, key)] = WriteFilter(
-                    disk_file(data_dir, vm.vm_uuid, key), journal_path(data_dir, vm.vm_uuid, key))
+                path = disk_file(data_dir, vm.vm_uuid, key)
+                # Taken before the file is opened: a file replaced in between is reopened at
+                # the next reload, never missed.
+                self._opened[(vm.vm_uuid, key)] = _identity(path)
+                flt = self._filters[(vm.vm_uuid, key)] = WriteFilter(path, journal_path(data_dir, vm.vm_uuid, key))
             flt.write(offset, data)
         except OSError as exc:  # the VM was deleted under us; the next reload drops it
             log.warning("Write to disk %s of VM %s failed: %s", key, vm.vm_uuid, exc)
             stale = self._filters.pop((vm.vm_uuid, key), None)
+            self._opened.pop((vm.vm_uuid, key), None)
             if stale is not None:
                 try:
                     stale.close()
@@ -212,12 +224,22 @@ class WorkloadRunner:
         for flt in self._filters.values():
             flt.close()
         self._filters.clear()
+        self._opened.clear()
         for fd in self._io_locks.values():
             os.close(fd)
         self._io_locks.clear()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file now at ``path``; None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def run_workload(

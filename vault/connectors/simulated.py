@@ -84,6 +84,12 @@ def _hash_password(password: str, salt: bytes) -> str:
     return hashlib.pbkdf2_hmac("sha256", password.encode(), salt, _PBKDF2_ROUNDS).hex()
 
 
+def auth_record(user: str, password: str) -> dict[str, str]:
+    """The ``auth`` entry of site.json for a login: the user and a salted PBKDF2 of the password."""
+    salt = secrets.token_bytes(16)
+    return {"user": user, "salt": salt.hex(), "hash": _hash_password(password, salt)}
+
+
 def _check_capacity(size: int) -> None:
     if not isinstance(size, int) or size <= 0 or size % SECTOR:
         raise ValueError(f"Disk capacity {size!r} is not a positive multiple of {SECTOR} bytes")
@@ -191,12 +197,11 @@ class SimulatedSite(SiteConnector):
 
     def _seed(self, *, user: str, password: str, vms: Sequence[str | Mapping[str, Any]], datacenter: str,
               cluster: str, hosts: Sequence[str], datastores: Sequence[str]) -> dict[str, Any]:
-        salt = secrets.token_bytes(16)
         state: dict[str, Any] = {
             "format": FORMAT,
             "name": "Lifeboat simulated VMware site",
             "instance_uuid": str(uuid.uuid4()),
-            "auth": {"user": user, "salt": salt.hex(), "hash": _hash_password(password, salt)},
+            "auth": auth_record(user, password),
             "datacenter": datacenter,
             "hosts": {h: {"cluster": cluster} for h in hosts},
             "datastores": list(datastores),

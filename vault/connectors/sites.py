@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from vault.connectors.base import ConnectorError, SiteConnector
+from vault.connectors.failback import FailbackTarget, SimulatedFailbackTarget, VSphereFailbackTarget
 from vault.connectors.recovery import RecoverySiteConnector
 from vault.connectors.recovery_sim import SimulatedRecoverySite
 from vault.connectors.recovery_vsphere import VSphereRecoverySite
@@ -48,3 +49,19 @@ def open_recovery_site(kind: str, **params: Any) -> RecoverySiteConnector:
     if kind == "vsphere":
         return VSphereRecoverySite(**params)
     raise ConnectorError(f"Unknown recovery site kind {kind!r}; expected 'simulated' or 'vsphere'")
+
+
+def open_failback_target(kind: str, **params: Any) -> FailbackTarget:
+    """The on-premises side of a failback, not yet connected; the same kinds and parameters
+    as :func:`open_connector`.
+
+    ``"vcenter"``: host, port=443, user, password, allow_untrusted=False, thumbprint=None,
+    ca_file=None, timeout=30. ``"simulated"``: data_dir, user, password.
+
+    ``progress(text, fraction)`` callbacks are always called from the caller's thread.
+    """
+    if kind == "vcenter":
+        return VSphereFailbackTarget(**params)
+    if kind == "simulated":
+        return SimulatedFailbackTarget(**params)
+    raise ConnectorError(f"Unknown failback target kind {kind!r}; expected 'vcenter' or 'simulated'")

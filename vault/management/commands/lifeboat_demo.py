@@ -22,7 +22,7 @@ from vault import services
 from vault.choices import VCenterKind
 from vault.connectors.simulated import SimulatedSite
 from vault.discovery import connector_for, machines_upsert
-from vault.models import NetworkPurpose, ProcessServer, RecoverySite, RecoverySiteKind, ReplicationPolicy, Vault, VCenter
+from vault.models import MasterTargetServer, NetworkPurpose, ProcessServer, RecoverySite, RecoverySiteKind, ReplicationPolicy, Vault, VCenter
 
 MiB = 1024 * 1024
 DEMO_VMS = [
@@ -81,9 +81,24 @@ class Command(BaseCommand):
         ps_config.write_text(json.dumps(config, indent=2))
         os.chmod(ps_config, 0o600)
 
+        # Failback: a process server in the recovery site (the recovered VMs' agents send to it)
+        # and a master target server on-premises (it writes the on-premises disks).
+        recovery_ps = ProcessServer.objects.filter(vault=vault, name="ps-recovery").first() or services.process_server_create(
+            vault=vault, name="ps-recovery", host="127.0.0.1", site="RECOVERY",
+            data_port=int(os.environ.get("LIFEBOAT_RECOVERY_PS_PORT", "9444")),
+        )
+        recovery_config = process_server_config(server=recovery_ps)
+        recovery_config.update(report_interval=10)
+        recovery_ps_config = data / "process-server-ps-recovery.json"
+        recovery_ps_config.write_text(json.dumps(recovery_config, indent=2))
+        os.chmod(recovery_ps_config, 0o600)
+        if not MasterTargetServer.objects.filter(vault=vault, name="mt-01").exists():
+            services.master_target_server_create(vault=vault, name="mt-01", host="127.0.0.1", site="PRIMARY")
+
         site_dir = data / "simsite"
         if not (site_dir / "site.json").exists():
-            SimulatedSite.create(site_dir, user="administrator@sim.local", password=creds["site_password"], vms=DEMO_VMS)
+            SimulatedSite.create(site_dir, user="administrator@sim.local", password=creds["site_password"], vms=DEMO_VMS,
+                                 datastores=("datastore1", "datastore2"))
         vcenter = VCenter.objects.filter(vault=vault, name="simulated-site").first() or services.vcenter_create(
             vault=vault, name="simulated-site", kind=VCenterKind.SIMULATED, host=str(site_dir), port=443,
             username="administrator@sim.local", password=creds["site_password"],
