@@ -37,3 +37,7 @@ class JobType(models.TextChoices):
     FAILBACK = "FAILBACK", "Fail over to on-premises"
     FAILBACK_COMMIT = "FAILBACK_COMMIT", "Commit failback"
     REENABLE_REPLICATION = "REENABLE_REPLICATION", "Re-enable replication"
+    PLAN_REPROTECT = "PLAN_REPROTECT", "Reprotect a recovery plan"
+    PLAN_FAILBACK = "PLAN_FAILBACK", "Fail a recovery plan over to on-premises"
+    PLAN_FAILBACK_COMMIT = "PLAN_FAILBACK_COMMIT", "Commit failback of a recovery plan"
+    PLAN_REENABLE = "PLAN_REENABLE", "Re-enable replication of a recovery plan"

@@ -22,7 +22,10 @@ from failback import services
 from failback.models import Failback, FailbackLocation
 from failback.transitions import FailbackState
 from recovery_plans.api import serializers as rs
-from recovery_plans.api.views import RecoveryProtectedItemViewSet
+from recovery_plans import runs as plan_runs
+from recovery_plans.api.views import RecoveryPlanViewSet, RecoveryProtectedItemViewSet
+from recovery_plans.models import PlanRecoveryPoint
+from recovery_plans.run_models import PlanOperation
 from recovery_plans.services import POINT_CHOICES, POINT_HELP
 from replication.choices import Direction
 
@@ -69,7 +72,7 @@ class ReprotectSerializer(serializers.Serializer):
 
 
 class FailBackSerializer(serializers.Serializer):
-    type = serializers.ChoiceField(choices=[("planned", "planned"), ("unplanned", "unplanned")], default="planned",
+    type = serializers.ChoiceField(choices=services.FAILBACK_TYPE_CHOICES, default="planned",
                                    help_text="planned: the recovered VM shuts down and its last writes come home (no loss); "
                                              "unplanned: the chosen point of the returning replica.")
     recoveryPoint = serializers.ChoiceField(choices=list(POINT_CHOICES), default="latest", help_text=POINT_HELP)
@@ -212,3 +215,63 @@ class FailbackViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     permission_classes = [ReadOrAdmin]
     filterset_fields = ["vault", "item", "state"]
 
+
+
+class PlanReprotectSerializer(serializers.Serializer):
+    location = serializers.ChoiceField(
+        choices=FailbackLocation.choices, default=FailbackLocation.ORIGINAL,
+        help_text="ORIGINAL: each item's original VM; ALTERNATE: a new VM <item>-failback per item.")
+    processServer = serializers.CharField(required=False, allow_blank=True, max_length=120)
+    masterTarget = serializers.CharField(required=False, allow_blank=True, max_length=120)
+    vcenter = serializers.CharField(required=False, allow_blank=True, max_length=120)
+    targetHost = serializers.CharField(required=False, allow_blank=True, max_length=255)
+    targetDatastore = serializers.CharField(required=False, allow_blank=True, max_length=255)
+    targetNetwork = serializers.CharField(required=False, allow_blank=True, max_length=255)
+
+
+class PlanFailBackSerializer(serializers.Serializer):
+    type = serializers.ChoiceField(choices=services.FAILBACK_TYPE_CHOICES, default="planned")
+    # Checked by the run's options check (one rule, with a sentence), as the plan's other operations do.
+    recoveryPoint = serializers.CharField(required=False, allow_blank=True, default="latest",
+                                          help_text=f"Unplanned: {', '.join(PlanRecoveryPoint.values)}.")
+    shutDownRecoveredVm = serializers.BooleanField(default=True)
+
+
+class FailbackRecoveryPlanViewSet(RecoveryPlanViewSet):
+    """replicationRecoveryPlans, with failback of the whole plan: reProtect, failBack
+    (planned or unplanned), failbackCommit and reEnableReplication run group after group
+    (failBack with the groups' actions), each item through its own failback."""
+
+    def _failback_run(self, request, operation: str, serializer_class=None):
+        options = {}
+        if serializer_class is not None:
+            body = serializer_class(data=request.data)
+            body.is_valid(raise_exception=True)
+            options = dict(body.validated_data)
+        _, job = plan_runs.recovery_plan_run_start(plan=self.get_object(), operation=operation, options=options,
+                                                   user=request.user)
+        return accepted_job(request, job, JobSerializer)
+
+    @extend_schema(request=PlanReprotectSerializer, responses={202: JobSerializer})
+    @action(detail=True, methods=["post"], url_path="reProtect")
+    def re_protect(self, request, pk=None):
+        """Reprotect every item of the plan (each a committed failover) back on-premises."""
+        return self._failback_run(request, PlanOperation.REPROTECT, PlanReprotectSerializer)
+
+    @extend_schema(request=PlanFailBackSerializer, responses={202: JobSerializer})
+    @action(detail=True, methods=["post"], url_path="failBack")
+    def fail_back(self, request, pk=None):
+        """Fail the plan's items over to on-premises, group after group, with the groups' actions."""
+        return self._failback_run(request, PlanOperation.FAILBACK, PlanFailBackSerializer)
+
+    @extend_schema(request=None, responses={202: JobSerializer})
+    @action(detail=True, methods=["post"], url_path="failbackCommit")
+    def failback_commit(self, request, pk=None):
+        """Commit the failback of every item of the plan."""
+        return self._failback_run(request, PlanOperation.FAILBACK_COMMIT)
+
+    @extend_schema(request=None, responses={202: JobSerializer})
+    @action(detail=True, methods=["post"], url_path="reEnableReplication")
+    def re_enable(self, request, pk=None):
+        """Re-enable replication of every item of the plan to the recovery site."""
+        return self._failback_run(request, PlanOperation.REENABLE)

@@ -7,3 +7,6 @@ class FailbackConfig(AppConfig):
 
     def ready(self) -> None:
         from failback import jobs  # noqa: F401  registers the job handlers
+        from failback.plans import register
+
+        register()  # failback of whole recovery plans, run by the plan runner

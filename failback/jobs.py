@@ -286,14 +286,19 @@ def run_reprotect(ctx: JobContext) -> dict:
         target = ctx.run_step("Send what differs", send)
         ctx.run_step("Apply on-premises", _resync_apply, ctx, returning, target)
     else:
-        with ctx.step("Send what differs"):
-            ctx.summary("Full copy: the alternate location has no disks yet.")
+        # Through run_step: the initial copy below waits, and the job runs again from the
+        # top, skipping what is done.
+        ctx.run_step("Send what differs", _said, ctx, "Full copy: the alternate location has no disks yet.")
         ctx.run_step("Apply on-premises", _initial_replication, ctx, returning)
     returning = _returning(failback)
     if returning.protection_state != P.PROTECTED:
         raise LifeboatError(f"The returning replication of {returning.name} is "
                             f"{returning.get_protection_state_display().lower()}, not protected.")
     sent = _sent_figures(returning)
+    if failback.location != FailbackLocation.ORIGINAL and "total_bytes" in sent:
+        # The agent counts the bytes a resync sends, not those of an initial copy; the copy
+        # to an alternate location is full: every block of the disks was sent.
+        sent["sent_bytes"] = sent["total_bytes"]
     seconds = round(time.time() - ctx.job.created_at.timestamp(), 3)
     _figures(failback, "reprotect", seconds=seconds, **sent)
     failback_transition(failback_id=failback.pk, to_state=F.REPLICATING_BACK, operation="finish the reprotect of",
@@ -387,6 +392,11 @@ def _power_on_onprem(ctx: JobContext, failback: Failback) -> str:
     return vm.name
 
 
+def _said(ctx: JobContext, sentence: str) -> str:
+    ctx.summary(sentence)
+    return sentence
+
+
 @job_handler(JobType.FAILBACK, queue=queues.CONTROL, on_failure=_hook(_undo_failback))
 @undoes(_undo_failback)
 def run_failback(ctx: JobContext) -> dict:
@@ -399,19 +409,19 @@ def run_failback(ctx: JobContext) -> dict:
                               required=bool(ctx.params.get("planned")))
         RecoveredVm.objects.filter(pk=failback.recovered_vm_id).update(power_state=POWERED_OFF)
     else:
-        with ctx.step("Shut down the recovered VM"):
-            source = f"{failback.recovered_vm.name} was left as it is, as asked."
-            ctx.summary(source)
+        source = ctx.run_step("Shut down the recovered VM", _said, ctx,
+                              f"{failback.recovered_vm.name} was left as it is, as asked.")
+    # Every step through run_step: a job that waits or is re-run after a crash starts again
+    # from the top, skipping what is done.
     if ctx.params.get("planned"):
         point_id = ctx.run_step("Replicate the last writes", _drain, ctx, returning)
     else:
         point_id = ctx.params["point_id"]
-        with ctx.step("Replicate the last writes"):
-            ctx.summary("Unplanned: the chosen point of the returning replica is used.")
-    with ctx.step("Prepare the recovery point"):
-        point, disks = _recovery_disks(returning, point_id)
-        ctx.summary(f"{len(disks)} disk{'s' if len(disks) != 1 else ''} at the point of "
-                    f"{ns_to_dt(point.source_time_ns):%Y-%m-%d %H:%M:%S} UTC")
+        ctx.run_step("Replicate the last writes", _said, ctx, "Unplanned: the chosen point of the returning replica is used.")
+    point, disks = _recovery_disks(returning, point_id)
+    ctx.run_step("Prepare the recovery point", _said, ctx,
+                 f"{len(disks)} disk{'s' if len(disks) != 1 else ''} at the point of "
+                 f"{ns_to_dt(point.source_time_ns):%Y-%m-%d %H:%M:%S} UTC")
     written = ctx.run_step("Write the on-premises disks and verify them", _write_onprem, ctx, failback, disks)
     failback.target_vm_uuid = written["vm_uuid"]
     name = ctx.run_step("Power on the on-premises VM", _power_on_onprem, ctx, failback)

@@ -46,6 +46,7 @@ REENABLE_STEPS = [
     "Remove the returning replication", "Compare with the replica and send what differs", "Apply the resynchronization",
 ]
 FAILBACK_TYPES = ("planned", "unplanned")
+FAILBACK_TYPE_CHOICES = [("planned", "Planned: no data loss"), ("unplanned", "Unplanned: a chosen point")]
 
 
 def failback_transition(*, failback_id, to_state: str, operation: str, from_states=None, quiet: bool = False, **fields):

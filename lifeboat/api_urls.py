@@ -2,8 +2,7 @@ from django.urls import path
 from rest_framework.routers import DefaultRouter
 
 from core.api_views import ApiTokenViewSet, JobViewSet
-from failback.api import FailbackProtectedItemViewSet, FailbackViewSet
-from recovery_plans.api.views import RecoveryPlanViewSet
+from failback.api import FailbackProtectedItemViewSet, FailbackRecoveryPlanViewSet, FailbackViewSet
 from replication.api import agents
 from replication.api.groups import ReplicationGroupViewSet
 from replication.api.views import RecoveryPointViewSet
@@ -26,7 +25,7 @@ router.register("failbacks", FailbackViewSet)
 router.register("recoveryPoints", RecoveryPointViewSet)
 router.register("replicationGroups", ReplicationGroupViewSet)
 router.register("recoverySites", v.RecoverySiteViewSet)
-router.register("replicationRecoveryPlans", RecoveryPlanViewSet)
+router.register("replicationRecoveryPlans", FailbackRecoveryPlanViewSet)
 router.register("replicationJobs", JobViewSet, basename="job")
 router.register("replicationEvents", v.EventViewSet)
 router.register("replicationAlerts", v.AlertViewSet)

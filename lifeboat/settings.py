@@ -191,6 +191,8 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "PlanRecoveryPointEnum": "recovery_plans.models.PlanRecoveryPoint",
         "RecoveryPointKindEnum": "replication.choices.RecoveryPointType",
+        "FailbackStateEnum": "failback.transitions.FailbackState",
+        "FailbackTypeEnum": "failback.services.FAILBACK_TYPE_CHOICES",
     },
 }
 

@@ -17,6 +17,11 @@ class PlanOperation(models.TextChoices):
     PLANNED_FAILOVER = "plannedFailover", "Planned failover"
     UNPLANNED_FAILOVER = "unplannedFailover", "Unplanned failover"
     FAILOVER_COMMIT = "failoverCommit", "Commit failover"
+    # Failback, run by the failback app through runs.plan_operation_register.
+    REPROTECT = "reProtect", "Reprotect"
+    FAILBACK = "failBack", "Fail over to on-premises"
+    FAILBACK_COMMIT = "failbackCommit", "Commit failback"
+    REENABLE = "reEnableReplication", "Re-enable replication"
 
 
 # A run in one of these states holds the plan: no second run starts meanwhile.

@@ -37,13 +37,32 @@ def plan_run_context(*, plan: RecoveryPlan, status=None) -> dict:
     active = run is not None and run.is_active
     operations = []
     if not active and status.items:
-        operations = [(slug, op.label) for slug, op in OPERATION_SLUGS.items()
+        operations = [(slug, PlanOperation(op).label, _confirm_sentence(slug)) for slug, op in _slugs().items()
                       if not any(runs._blocker(op, r.item) for r in status.items)]
     return {
         "plan": plan, "run": run, "run_active": active, "run_operations": operations,
         "run_tree": runs.recovery_plan_run_tree(run=run) if run else [], "plan_points": runs.PLAN_POINTS,
-        "plan_point_choices": PlanRecoveryPoint.choices, "run_confirmed_operations": CONFIRMED,
+        "plan_point_choices": PlanRecoveryPoint.choices, "run_confirmed_operations": _confirmed(),
     }
+
+
+def _slugs() -> dict[str, str]:
+    """Every operation's URL slug: this app's, then those later apps registered (failback)."""
+    return {**OPERATION_SLUGS, **{e.slug: e.operation for e in runs.EXTRA.values()}}
+
+
+def _confirm_sentence(slug: str) -> str:
+    """What the confirmation box of the operation says ("" : none is asked)."""
+    extra = next((e for e in runs.EXTRA.values() if e.slug == slug), None)
+    if extra is not None:
+        return extra.confirm
+    if slug not in CONFIRMED:
+        return ""
+    return "commit: the failover is final" if slug == "failover-commit" else "fail the plan's VMs over for real"
+
+
+def _confirmed() -> tuple[str, ...]:
+    return (*CONFIRMED, *(e.slug for e in runs.EXTRA.values() if e.confirm))
 
 
 @login_required
@@ -63,7 +82,8 @@ def plan_run_operation(request, pk, operation):
     """Start an operation of the plan, or resume / cancel / retry / continue its run."""
     if not request.user.is_staff:
         raise PermissionDenied("Only administrators can run recovery plans.")
-    if operation not in OPERATION_SLUGS and operation not in CONTROLS:
+    slugs = _slugs()
+    if operation not in slugs and operation not in CONTROLS:
         raise Http404("No such operation of a recovery plan.")
     plan = get_object_or_404(RecoveryPlan, pk=pk)
     post = request.POST
@@ -77,13 +97,15 @@ def plan_run_operation(request, pk, operation):
         elif operation in ("retry", "continue"):
             runs.recovery_plan_run_retry(plan=plan, skip_failed=operation == "continue", user=request.user)
             messages.success(request, "The plan goes on." if operation == "continue" else "Retrying the failed part.")
-        elif operation in CONFIRMED and post.get("confirm") != "on":
-            messages.error(request, f"Tick the confirmation to start a {OPERATION_SLUGS[operation].label.lower()} "
+        elif operation in _confirmed() and post.get("confirm") != "on":
+            messages.error(request, f"Tick the confirmation to start a {PlanOperation(slugs[operation]).label.lower()} "
                                     f"of {plan.name}; nothing was started.")
         else:
             options = {"recoveryPoint": post.get("recoveryPoint") or None, "network": post.get("network", ""),
                        "comments": post.get("comments", ""), "shutDownSource": post.get("shutDownSource") == "on"}
-            op = OPERATION_SLUGS[operation]
+            if operation not in OPERATION_SLUGS:  # a later app's operation: its own fields
+                options = {k: v for k, v in post.items() if k not in ("csrfmiddlewaretoken", "confirm")}
+            op = PlanOperation(slugs[operation])
             runs.recovery_plan_run_start(plan=plan, operation=op, options=options, user=request.user)
             messages.success(request, f"{op.label} of {plan.name} started.")
     except LifeboatError as exc:

@@ -15,6 +15,8 @@ Cancel stops the run at the next stage boundary: items already started finish.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -60,6 +62,40 @@ VERBS = {
 PLAN_POINTS = tuple(PlanRecoveryPoint.values)
 
 
+@dataclass(frozen=True)
+class ExtraOperation:
+    """An operation a later app runs over a plan's items (failback), registered when that app
+    starts (``plan_operation_register``): the runner runs the plan's groups in order (and
+    their actions, with ``with_actions``), and the app's own service starts each item's job,
+    so each item's own checks hold. This app imports none of it."""
+
+    operation: str  # a PlanOperation value
+    job_type: str
+    slug: str  # in the portal's URL
+    verb: str  # "reprotect": what a group's item stage says it does
+    blocker: Callable[[ProtectedItem], str | None]  # why an item cannot take it now (None: it can)
+    start: Callable[..., Job]  # start(item=, options=, user=) -> the item's job
+    check_options: Callable[[RecoveryPlan, dict], dict] | None = None  # a bad option: ValidationFailed
+    with_actions: bool = False
+    confirm: str = ""  # the portal's confirmation sentence ("" : none asked)
+
+
+EXTRA: dict[str, ExtraOperation] = {}
+
+
+def plan_operation_register(extra: ExtraOperation) -> None:
+    EXTRA[extra.operation] = extra
+    job_handler(extra.job_type, queue=queues.CONTROL, on_failure=_run_ended)(run_plan)
+
+
+def _verb(operation: str) -> str:
+    return EXTRA[operation].verb if operation in EXTRA else VERBS[operation]
+
+
+def _with_actions(operation: str) -> bool:
+    return EXTRA[operation].with_actions if operation in EXTRA else operation in WITH_ACTIONS
+
+
 # --- the stages of a run ----------------------------------------------------------------------
 
 
@@ -86,12 +122,12 @@ def run_stages(run: RecoveryPlanRun) -> list[dict]:
     stages = []
     for index, group in enumerate(run.groups):
         label = _label(group)
-        actions = group["actions"] if run.operation in WITH_ACTIONS else []
+        actions = group["actions"] if _with_actions(run.operation) else []
         for phase in (ActionPhase.PRE, ActionPhase.POST):
             if phase == ActionPhase.POST:
                 count = len(group["items"])
                 stages.append({"group": index, "kind": "items", "label": label,
-                               "name": f"{label}: {VERBS[run.operation]} {count} item{'s' if count != 1 else ''}"})
+                               "name": f"{label}: {_verb(run.operation)} {count} item{'s' if count != 1 else ''}"})
             for action in (a for a in actions if a["phase"] == phase):
                 when = "before" if phase == ActionPhase.PRE else "after"
                 kind = "script" if action["kind"] == ActionKind.SCRIPT else "manual action"
@@ -105,6 +141,8 @@ def run_stages(run: RecoveryPlanRun) -> list[dict]:
 
 def _blocker(operation: str, item: ProtectedItem) -> str | None:
     """Why the item's state forbids the operation (None if it allows it)."""
+    if operation in EXTRA:
+        return EXTRA[operation].blocker(item)
     state = item.get_protection_state_display().lower()
     if operation == O.TEST_FAILOVER:
         if item.protection_state not in P.TEST_FAILOVER_ALLOWED:
@@ -126,6 +164,9 @@ def _blocker(operation: str, item: ProtectedItem) -> str | None:
 def _checked_options(plan: RecoveryPlan, operation: str, options: dict) -> dict:
     """The run's options, with the plan's defaults filled in; a bad one is a 400."""
     options = dict(options or {})
+    if operation in EXTRA:
+        check = EXTRA[operation].check_options
+        return check(plan, options) if check is not None else {}
     if operation in (O.TEST_FAILOVER, O.UNPLANNED_FAILOVER):
         point = options.get("recoveryPoint") or plan.recovery_point_type
         if point not in PLAN_POINTS:
@@ -168,6 +209,8 @@ def _check_inputs(plan: RecoveryPlan, operation: str, options: dict, status) -> 
     """Every item's network and recovery point exist (nothing starts otherwise). The members
     of a replication group go to its newest complete shared point (chosen here, once, for
     the whole run: ``options["groupPoints"]``)."""
+    if operation in EXTRA:
+        return  # the operation's own options check (check_options) said what it needs
     if operation in (O.TEST_FAILOVER, O.UNPLANNED_FAILOVER):
         options["groupPoints"] = _group_points([r.item for r in status.items])
     for readiness in status.items:
@@ -204,7 +247,8 @@ def _group_point_of(item: ProtectedItem, options: dict) -> str | None:
 def _plan_job(run: RecoveryPlanRun, *, start: int, only_items: list[str] | None, user) -> Job:
     stages = run_stages(run)[start:]
     return job_create(
-        job_type=JOB_TYPES[run.operation], vault=run.plan.vault, target_type="recovery_plan", target_id=str(run.plan.pk),
+        job_type=EXTRA[run.operation].job_type if run.operation in EXTRA else JOB_TYPES[run.operation],
+        vault=run.plan.vault, target_type="recovery_plan", target_id=str(run.plan.pk),
         target_name=run.plan.name, params={"run": run.pk, "start": start, "only_items": only_items},
         steps=[s["name"] for s in stages], created_by=user,
     )
@@ -346,6 +390,8 @@ def recovery_plan_run_retry(*, plan: RecoveryPlan, skip_failed: bool = False, us
 def _start_item(run: RecoveryPlanRun, item: ProtectedItem, readiness, user) -> Job:
     """The item's own service starts its job (its own checks hold)."""
     options, operation = run.options, run.operation
+    if operation in EXTRA:
+        return EXTRA[operation].start(item=item, options=options, user=user)
     if operation in (O.TEST_FAILOVER, O.PLANNED_FAILOVER, O.UNPLANNED_FAILOVER):
         if readiness is None:  # taken out of the plan since the run started: its own mapping
             purpose = NetworkPurpose.TEST if operation == O.TEST_FAILOVER else NetworkPurpose.RECOVERY
