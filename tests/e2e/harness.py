@@ -71,7 +71,8 @@ def process_server(config: dict, workdir: Path):
 class Site:
     """Everything a protection test needs, set up through the services an admin's clicks call."""
 
-    def __init__(self, *, tmp: Path, live_url: str, vms: list[dict], crash_interval: int = 5, rpo_minutes: int = 1):
+    def __init__(self, *, tmp: Path, live_url: str, vms: list[dict], crash_interval: int = 5, rpo_minutes: int = 1,
+                 datastores: tuple[str, ...] | None = None):
         from replication.engine import reset_storage
         from vault import services
         from vault.connectors.simulated import SimulatedSite
@@ -85,7 +86,9 @@ class Site:
         self.settings.enable()
         reset_storage()
         self.site_dir = tmp / "site"
-        SimulatedSite.create(self.site_dir, user="sim-admin", password="sim-password-1", vms=vms)
+        # Two hosts always; more datastores for a test that places a new VM on another one.
+        SimulatedSite.create(self.site_dir, user="sim-admin", password="sim-password-1", vms=vms,
+                             **({"datastores": datastores} if datastores else {}))
         self.vault = services.vault_create(name="e2e", passphrase="e2e-passphrase-long-enough", alert_emails=["ops@example.com"])
         self.policy = services.policy_create(
             vault=self.vault, name="fast", rpo_threshold_minutes=rpo_minutes, crash_consistent_frequency_seconds=crash_interval,
