@@ -56,6 +56,7 @@ bench: install
 	$(PY) bench/bench_rto.py
 	$(PY) bench/bench_resync.py
 	$(PY) bench/bench_plan_rto.py
+	$(PY) bench/bench_failback.py
 
 clean:
 	rm -rf var build staticfiles

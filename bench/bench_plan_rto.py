@@ -86,7 +86,7 @@ def _fresh_database(url: str) -> None:
     try:
         conn = psycopg2.connect(u._replace(path="/postgres").geturl())
     except psycopg2.OperationalError as exc:
-        raise SystemExit(f"The plan RTO benchmark needs PostgreSQL and Redis (make peers); {url} is not reachable: {exc}")
+        raise SystemExit(f"The benchmark needs PostgreSQL and Redis (make peers); {url} is not reachable: {exc}")
     conn.autocommit = True
     try:
         with conn.cursor() as cur:

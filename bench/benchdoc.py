@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-SECTIONS = ("## Recovery time (RTO)", "## Resynchronization against rsync", "## Recovery plan RTO")
+SECTIONS = ("## Recovery time (RTO)", "## Resynchronization against rsync", "## Recovery plan RTO", "## Failback")
 
 
 def replace_section(path: str, title: str, lines: list[str]) -> None:
