@@ -57,6 +57,8 @@ bench: install
 	$(PY) bench/bench_resync.py
 	$(PY) bench/bench_plan_rto.py
 	$(PY) bench/bench_failback.py
+	$(PY) bench/bench_rpo_load.py
+	$(PY) bench/bench_control_plane.py
 
 clean:
 	rm -rf var build staticfiles

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-SECTIONS = ("## Recovery time (RTO)", "## Resynchronization against rsync", "## Recovery plan RTO", "## Failback")
+SECTIONS = ("## Recovery time (RTO)", "## Resynchronization against rsync", "## Recovery plan RTO", "## Failback",
+            "## RPO under load", "## Control plane at scale")
 
 
 def replace_section(path: str, title: str, lines: list[str]) -> None:

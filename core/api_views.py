@@ -10,7 +10,8 @@ from core.choices import JobState
 from core.filters import IdFilter
 from core.jobs import job_cancel, job_resume
 from core.models import ApiToken, Job
-from core.permissions import ReadOrAdmin
+from core import access
+from core.permissions import VaultRole, VaultScoped
 from core.tokens import token_create, token_revoke
 
 
@@ -42,6 +43,7 @@ class JobSerializer(serializers.ModelSerializer):
 
 class JobFilter(django_filters.FilterSet):
     vault = IdFilter(field_name="vault_id")
+    target_name = django_filters.CharFilter(lookup_expr="icontains")
     active = django_filters.BooleanFilter(method="filter_active")
 
     class Meta:
@@ -52,13 +54,14 @@ class JobFilter(django_filters.FilterSet):
         return queryset.filter(state__in=JobState.ACTIVE) if value else queryset.exclude(state__in=JobState.ACTIVE)
 
 
-class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class JobViewSet(VaultScoped, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """replicationJobs: every long-running operation, with its steps and progress."""
 
+    role_actions = {"cancel": access.OPERATE, "resume": access.OPERATE}
     queryset = Job.objects.select_related("created_by").prefetch_related("children").order_by("-created_at")
     serializer_class = JobSerializer
     filterset_class = JobFilter
-    permission_classes = [ReadOrAdmin]
+    permission_classes = [VaultRole]
     ordering_fields = ["created_at", "state", "type"]
 
     @extend_schema(request=None, responses=JobSerializer)

@@ -11,6 +11,8 @@ from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 
+from core.throttling import limit_parse
+
 MIN_KEY_LENGTH = 32
 # Values that were shipped as examples or defaults: never a production key.
 KNOWN_DEFAULTS = {
@@ -62,6 +64,23 @@ def check_production_keys(app_configs=None, **kwargs) -> list[checks.CheckMessag
             hint="Give LIFEBOAT_SECRETS_KEY its own long random value.",
             id="lifeboat.E003",
         ))
+    return errors
+
+
+@checks.register()
+def check_failed_attempt_limits(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """The limits on wrong passphrases and passwords (core/throttling.py) must be readable:
+    a typo would otherwise surface as a server error at the first wrong one."""
+    errors = []
+    for scope, text in getattr(settings, "LIFEBOAT_FAILED_ATTEMPT_LIMITS", {}).items():
+        try:
+            limit_parse(text)
+        except ValueError as e:
+            errors.append(checks.Error(
+                f"LIFEBOAT_FAILED_ATTEMPT_LIMITS[{scope!r}]: {e}.",
+                hint="Set LIFEBOAT_REGISTER_FAILURE_LIMIT / LIFEBOAT_LOGIN_FAILURE_LIMIT to a value like 10/min.",
+                id="lifeboat.E004",
+            ))
     return errors
 
 

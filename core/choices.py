@@ -41,3 +41,4 @@ class JobType(models.TextChoices):
     PLAN_FAILBACK = "PLAN_FAILBACK", "Fail a recovery plan over to on-premises"
     PLAN_FAILBACK_COMMIT = "PLAN_FAILBACK_COMMIT", "Commit failback of a recovery plan"
     PLAN_REENABLE = "PLAN_REENABLE", "Re-enable replication of a recovery plan"
+    CHANGE_PROCESS_SERVER = "CHANGE_PROCESS_SERVER", "Switch process server"

@@ -36,6 +36,7 @@ from core.choices import JobState
 from core.exceptions import InvalidTransition, LifeboatError
 from core.models import Job
 from core.transitions import JOB, transition
+from mobility.logs import log_context
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,10 @@ class JobHandler:
     # Called when the job ends FAILED or CANCELLED (or is reaped), to put its target back
     # into a state an admin can act on.
     on_failure: Callable[[Job, str], None] | None = None
+    # The handler is written to run again from the top at any point (every step either
+    # finished and kept in the memo, or safe to run again): a job whose worker died is run
+    # again on another worker instead of failed (``jobs_reap``).
+    resumable: bool = False
 
 
 HANDLERS: dict[str, JobHandler] = {}
@@ -76,9 +81,9 @@ HANDLERS: dict[str, JobHandler] = {}
 FAILURE_LISTENERS: list[Callable[[Job], None]] = []
 
 
-def job_handler(job_type: str, *, queue: str = queues.CONTROL, on_failure=None):
+def job_handler(job_type: str, *, queue: str = queues.CONTROL, on_failure=None, resumable: bool = False):
     def register(fn):
-        HANDLERS[job_type] = JobHandler(run=fn, queue=queue, on_failure=on_failure)
+        HANDLERS[job_type] = JobHandler(run=fn, queue=queue, on_failure=on_failure, resumable=resumable)
         return fn
 
     return register
@@ -288,7 +293,10 @@ class JobContext:
         if not force and now - self._last_write < PROGRESS_WRITE_INTERVAL:
             return
         self._last_write = now
-        alive = Job.objects.filter(pk=self.job.pk, state__in=[JobState.RUNNING, JobState.CANCELLING]).update(
+        # Only this run's writes count: a run the reaper gave up on (its worker silent) and
+        # sent to another worker has a new task id, so a frozen worker that comes back stops.
+        alive = Job.objects.filter(pk=self.job.pk, state__in=[JobState.RUNNING, JobState.CANCELLING],
+                                   celery_task_id=self.job.celery_task_id).update(
             steps=self.job.steps, progress=self.job.progress, memo=self.job.memo, heartbeat_at=timezone.now()
         )
         if not alive:
@@ -312,18 +320,31 @@ def job_execute(*, job_id: str) -> None:
     if job is None:
         logger.info("Job %s is not queued any more; nothing to do", job_id)
         return
-    if job.started_at is None:
+    first_run = job.started_at is None
+    if first_run:
         Job.objects.filter(pk=job.pk).update(started_at=now)
         job.started_at = now
+    # Every record logged while the job runs, by any module, names the job (and the item it
+    # acts on): a JSON log line can be traced back to its job (mobility/logs.py).
+    item_id = job.target_id if job.target_type == "protected_item" else None
+    with log_context(job_id=job.id, job_type=job.type, item_id=item_id):
+        _execute(job, first_run=first_run)
+
+
+def _execute(job: Job, *, first_run: bool) -> None:
     handler = HANDLERS.get(job.type)
     if handler is None:
         _finish(job, JobState.FAILED, error=f"No handler is registered for jobs of type {job.type} in this worker.", handler=None)
         return
+    # A waiting job runs again at every look: only its first start is worth a line at INFO.
+    logger.log(logging.INFO if first_run else logging.DEBUG, "Job %s (%s) %s: %s", job.id, job.type,
+               "starts" if first_run else "runs again", job.target_name or job.target_id or "no target")
     ctx = JobContext(job)
     try:
         result = handler.run(ctx) or {}
     except JobWaiting as wait:
         _wait(job, wait, handler)
+        logger.debug("Job %s (%s) waits: %s", job.id, job.type, wait.message)
     except JobLost:
         logger.warning("Job %s was ended elsewhere while it ran; its handler stopped", job.id)
     except JobCancelled:
@@ -343,7 +364,7 @@ def job_execute(*, job_id: str) -> None:
 def _wait(job: Job, wait: JobWaiting, handler: JobHandler) -> None:
     waited = transition(
         JOB, model=Job, pk=job.pk, to_state=JobState.WAITING, operation="wait", quiet=True,
-        from_states={JobState.RUNNING}, steps=job.steps, progress=job.progress, memo=job.memo,
+        from_states={JobState.RUNNING}, match={"celery_task_id": job.celery_task_id}, steps=job.steps, progress=job.progress, memo=job.memo,
         waiting_for=wait.message[:2000], wait_key=wait.key, wake_at=timezone.now() + timedelta(seconds=wait.check_after),
         heartbeat_at=timezone.now(),
     )
@@ -366,13 +387,17 @@ def _finish(job: Job, state: str, *, error: str = "", result: dict | None = None
             entry.pop("waiting", None)
     ended = transition(
         JOB, model=Job, pk=job.pk, to_state=state, operation="end", quiet=True,
-        from_states={JobState.RUNNING, JobState.CANCELLING},
+        from_states={JobState.RUNNING, JobState.CANCELLING}, match={"celery_task_id": job.celery_task_id},
         error=error, result=result or {}, ended_at=now, heartbeat_at=now, steps=job.steps, progress=job.progress,
         memo=job.memo, waiting_for="", wait_key="", wake_at=None,
     )
     if ended is None:
         logger.warning("Job %s was already ended elsewhere; its result (%s) is not written", job.id, state)
         return
+    took = f" after {(now - job.started_at).total_seconds():.1f} s" if job.started_at else ""
+    logger.log(logging.INFO if state == JobState.SUCCEEDED else logging.WARNING, "Job %s (%s) %s%s%s",
+               job.id, job.type, state.lower(), took, f": {error}" if error else "",
+               extra={"job_id": str(job.id), "job_type": job.type, "job_state": state})
     _ended(ended, handler)
 
 
@@ -463,10 +488,33 @@ def job_cancel(*, job_id, user=None) -> Job:
 # --- the reaper ---------------------------------------------------------------------------
 
 
+def _run_elsewhere(job: Job, *, cutoff: datetime, timeout: int) -> bool:
+    """A running job of a resumable handler whose worker went silent: run it again on another
+    worker (RUNNING -> WAITING -> QUEUED with a new task id, so the silent run, if its worker
+    comes back, writes nothing more). At most ``MAX_SENDS`` times; False once that is spent."""
+    lost = int(job.memo.get("workers_lost", 0)) + 1
+    if lost > MAX_SENDS:
+        return False
+    message = (f"Its worker stopped reporting (nothing for over {timeout} seconds; it was probably restarted "
+               "or killed): the job runs again on another worker from its last finished step.")
+    moved = transition(JOB, model=Job, pk=job.pk, to_state=JobState.WAITING, operation="run again", quiet=True,
+                       from_states={JobState.RUNNING}, match={"heartbeat_at__lt": cutoff},
+                       memo={**job.memo, "workers_lost": lost}, waiting_for=message, wait_key="",
+                       wake_at=timezone.now())
+    if moved is None:
+        return True  # it reported meanwhile, or ended: nothing to do
+    logger.warning("Job %s (%s): its worker stopped reporting; running it again elsewhere (%d of %d)",
+                   job.pk, job.type, lost, MAX_SENDS)
+    _requeue(job.pk, sends=1)
+    return True
+
+
 def jobs_reap(*, timeout_seconds: int | None = None, queue_timeout_seconds: int | None = None) -> list[str]:
-    """Fail every running job whose worker has not reported for ``timeout_seconds``; send
-    again (at most ``MAX_SENDS`` times in all, then fail) every queued job no worker claimed
-    within ``queue_timeout_seconds`` (its message was lost: broker down or restarted)."""
+    """Fail every running job whose worker has not reported for ``timeout_seconds`` (a
+    resumable one is run again on another worker, up to ``MAX_SENDS`` times); send again (at
+    most ``MAX_SENDS`` times in all, then fail) every queued job no worker claimed within
+    ``queue_timeout_seconds`` (its message was lost: broker down or restarted). Returns the
+    jobs it failed."""
     timeout = timeout_seconds if timeout_seconds is not None else settings.LIFEBOAT_JOB_HEARTBEAT_TIMEOUT
     queue_timeout = queue_timeout_seconds if queue_timeout_seconds is not None else settings.LIFEBOAT_JOB_QUEUE_TIMEOUT
     now = timezone.now()
@@ -474,6 +522,10 @@ def jobs_reap(*, timeout_seconds: int | None = None, queue_timeout_seconds: int 
     reaped = []
     stale = Job.objects.filter(state__in=[JobState.RUNNING, JobState.CANCELLING], heartbeat_at__lt=cutoff)
     for job in stale:
+        handler = HANDLERS.get(job.type)
+        if job.state == JobState.RUNNING and handler is not None and handler.resumable and _run_elsewhere(
+                job, cutoff=cutoff, timeout=timeout):
+            continue
         error = (
             f"The worker running this job stopped reporting (nothing for over {timeout} seconds; "
             "it was probably restarted or killed). The job was marked failed; start the operation again."

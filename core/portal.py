@@ -4,8 +4,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from django.contrib import messages
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
+from django.shortcuts import get_object_or_404, render
+
+from core import access
+from core.exceptions import PermissionDenied
 
 # htmx stops polling when a response has this status (the job or item reached a final state).
 HTMX_STOP_POLLING = 286
@@ -42,3 +46,18 @@ def filtered(request: HttpRequest, filterset):
             messages.error(request, f"The filter {field}={value[:40]!r} was not understood: {' '.join(errors)}")
         return filterset.queryset.none()
     return filterset.qs
+
+
+def require(request: HttpRequest, vault_id, action: str) -> None:
+    """The portal's 403 (with the sentence saying which role it takes) unless the user's role
+    on the vault allows ``action`` (``core.access``)."""
+    try:
+        access.require(request.user, vault_id, action)
+    except PermissionDenied as exc:
+        raise DjangoPermissionDenied(exc.message) from None
+
+
+def visible_or_404(queryset, request: HttpRequest, path: str = "vault", **lookup):
+    """The object, if it is in a vault the user holds a role on; 404 otherwise (as if it
+    did not exist)."""
+    return get_object_or_404(access.scoped(queryset, request.user, path), **lookup)

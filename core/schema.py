@@ -49,7 +49,8 @@ AGENT_TOKEN_SCHEME = {
     "scheme": "bearer",
     "description": (
         "`Authorization: Bearer <token>`: the agent's token from /agents/register on the agent "
-        "endpoints, the process server's token on its heartbeat."
+        "endpoints, the registration's poll_token on agents/registrations/{id}, the process server's "
+        "token on its heartbeat."
     ),
 }
 

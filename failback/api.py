@@ -17,7 +17,8 @@ from rest_framework.decorators import action
 
 from core.api import accepted_job
 from core.api_views import JobSerializer
-from core.permissions import ReadOrAdmin
+from core import access
+from core.permissions import VaultRole, VaultScoped
 from failback import services
 from failback.models import Failback, FailbackLocation
 from failback.transitions import FailbackState
@@ -122,8 +123,9 @@ class FailbackProtectedItemViewSet(RecoveryProtectedItemViewSet):
     """
 
     serializer_class = FailbackItemSerializer
-    queryset = RecoveryProtectedItemViewSet.queryset.select_related("returning_for").prefetch_related(
-        Prefetch("failbacks", queryset=Failback.objects.filter(state__in=FailbackState.ACTIVE), to_attr=None))
+    # returning_for in a query of its own, not joined: see ProtectedItemViewSet.queryset.
+    queryset = RecoveryProtectedItemViewSet.queryset.prefetch_related(
+        "returning_for", Prefetch("failbacks", queryset=Failback.objects.filter(state__in=FailbackState.ACTIVE), to_attr=None))
 
     def _failing_back(self, item) -> bool:
         if item.direction == Direction.RECOVERY_TO_PRIMARY:
@@ -205,14 +207,14 @@ class FailbackProtectedItemViewSet(RecoveryProtectedItemViewSet):
         return super().failover_commit(request, pk)
 
 
-class FailbackViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class FailbackViewSet(VaultScoped, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """failbacks: each item's way home (state, location, the returning replication, and the bytes
     and seconds of each step in ``figures``). Started with the items' ``reProtect``."""
 
     queryset = Failback.objects.select_related("item", "vcenter", "process_server", "master_target", "recovered_vm",
                                                "returning_item").order_by("-created_at")
     serializer_class = FailbackSerializer
-    permission_classes = [ReadOrAdmin]
+    permission_classes = [VaultRole]
     filterset_fields = ["vault", "item", "state"]
 
 
@@ -241,6 +243,9 @@ class FailbackRecoveryPlanViewSet(RecoveryPlanViewSet):
     """replicationRecoveryPlans, with failback of the whole plan: reProtect, failBack
     (planned or unplanned), failbackCommit and reEnableReplication run group after group
     (failBack with the groups' actions), each item through its own failback."""
+
+    role_actions = {**RecoveryPlanViewSet.role_actions,
+                    **{name: access.OPERATE for name in ("re_protect", "fail_back", "failback_commit", "re_enable")}}
 
     def _failback_run(self, request, operation: str, serializer_class=None):
         options = {}

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
 from django.http import Http404
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 
+from core import access
+from core.portal import require, visible_or_404
 from failback import forms as failback_forms
 from failback import services
 from replication.models import ProtectedItem
@@ -42,9 +43,8 @@ def item_failback(request, pk, operation):
     if operation not in OPERATIONS:
         raise Http404("No such failback operation.")
     form_class, title, submit_label, intro = OPERATIONS[operation]
-    item = get_object_or_404(ProtectedItem.objects.select_related("vault", "machine", "machine__vcenter"), pk=pk)
-    if not request.user.is_staff:
-        raise PermissionDenied("Only administrators can fail back VMs.")
+    item = visible_or_404(ProtectedItem.objects.select_related("vault", "machine", "machine__vcenter"), request, pk=pk)
+    require(request, item.vault_id, access.OPERATE)
     status = 200
     if request.method == "POST":
         form = form_class(request.POST, item=item)

@@ -4,6 +4,7 @@ from rest_framework.routers import DefaultRouter
 from core.api_views import ApiTokenViewSet, JobViewSet
 from failback.api import FailbackProtectedItemViewSet, FailbackRecoveryPlanViewSet, FailbackViewSet
 from replication.api import agents
+from replication.api.agent_admin import AgentRegistrationViewSet, AgentViewSet
 from replication.api.groups import ReplicationGroupViewSet
 from replication.api.views import RecoveryPointViewSet
 from vault.api import views as v
@@ -30,10 +31,14 @@ router.register("replicationJobs", JobViewSet, basename="job")
 router.register("replicationEvents", v.EventViewSet)
 router.register("replicationAlerts", v.AlertViewSet)
 router.register("apiTokens", ApiTokenViewSet, basename="apitoken")
+router.register("agents", AgentViewSet)
+router.register("agentRegistrations", AgentRegistrationViewSet)
+router.register("roleAssignments", v.RoleAssignmentViewSet)
 
 app_name = "api"
 urlpatterns = [
     path("agents/register", agents.agent_register, name="agent-register"),
+    path("agents/registrations/<uuid:registration_id>", agents.agent_registration_status, name="agent-registration-status"),
     path("agents/<uuid:agent_id>/assignment", agents.agent_assignment, name="agent-assignment"),
     path("agents/<uuid:agent_id>/heartbeat", agents.agent_heartbeat, name="agent-heartbeat"),
     path("agents/<uuid:agent_id>/events", agents.agent_event, name="agent-events"),

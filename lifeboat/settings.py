@@ -11,6 +11,9 @@ from pathlib import Path
 
 import dj_database_url
 
+from mobility.logs import PLAIN_FORMAT as PLAIN_LOG_FORMAT
+from mobility.logs import json_logs_wanted
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("LIFEBOAT_DATA_DIR", BASE_DIR / "var")).resolve()
 
@@ -215,6 +218,7 @@ CELERY_TASK_DEFAULT_QUEUE = "control"
 # One queue per workload (core/queues.py). Jobs choose theirs when they are enqueued.
 CELERY_TASK_ROUTES = {
     "replication.apply_item": {"queue": "apply"},
+    "replication.apply_items": {"queue": "apply"},
     "replication.apply_sweep": {"queue": "maintenance"},
     "replication.monitor": {"queue": "maintenance"},
     "replication.offhours_resync": {"queue": "maintenance"},
@@ -227,6 +231,40 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+# --- Cache ----------------------------------------------------------------------------
+# Every web process (gunicorn's workers, several web hosts) must see the same counts of
+# wrong passphrases and passwords (core/throttling.py), so the cache is shared: Redis when
+# the broker is Redis (LIFEBOAT_CACHE_URL names another one; keys under "lifeboat:", apart
+# from the broker's), else a file cache under LIFEBOAT_DATA_DIR, which the processes of the
+# embedded demo share on their one machine. Neither needs a table or a migration.
+CACHE_URL = os.environ.get("LIFEBOAT_CACHE_URL") or CELERY_BROKER_URL
+if CACHE_URL.startswith(("redis://", "rediss://", "unix://")):
+    CACHES = {"default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": CACHE_URL,
+        "KEY_PREFIX": "lifeboat",
+    }}
+else:
+    CACHES = {"default": {
+        "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+        "LOCATION": str(DATA_DIR / "cache"),
+        # Culling drops entries at random: far above what the demo ever holds.
+        "OPTIONS": {"MAX_ENTRIES": 10000},
+    }}
+
+# Wrong secrets a client may send before it is locked out for a period (core/throttling.py),
+# as "N/period" (s, min, hour, day; "5/30s"): past N wrong registration passphrases from one
+# address (429 with Retry-After), or N wrong sign-in passwords from one address or for one
+# user name (the sign-in page says so), every attempt is refused for a period, right or not.
+LIFEBOAT_FAILED_ATTEMPT_LIMITS = {
+    "agent_register": os.environ.get("LIFEBOAT_REGISTER_FAILURE_LIMIT", "10/min"),
+    "login": os.environ.get("LIFEBOAT_LOGIN_FAILURE_LIMIT", "10/min"),
+}
+# Proxies in front of the web service that append the client's address to X-Forwarded-For.
+# 0 (the default): the header is ignored, since any client can write it, and the limits
+# count REMOTE_ADDR; with N, they count the address N entries from the header's right.
+REST_FRAMEWORK["NUM_PROXIES"] = int(os.environ.get("LIFEBOAT_NUM_PROXIES", "0"))
 
 # --- E-mail ---------------------------------------------------------------------------
 EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
@@ -253,11 +291,19 @@ if os.environ.get("LIFEBOAT_AZURE_CONNECTION_STRING"):
         "container": os.environ.get("LIFEBOAT_AZURE_CONTAINER", "lifeboat"),
     }
 
+# LIFEBOAT_LOG_FORMAT=json: every record is one JSON line (time, level, logger, message, and
+# the job and item ids when known: mobility/logs.py); plain (the default) is for people.
+LIFEBOAT_LOG_FORMAT = "json" if json_logs_wanted() else "plain"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "plain": {"format": PLAIN_LOG_FORMAT},
+        "json": {"()": "mobility.logs.JsonFormatter"},
+    },
+    "filters": {"log_context": {"()": "mobility.logs.ContextFilter"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": LIFEBOAT_LOG_FORMAT,
+                             "filters": ["log_context"]}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "INFO"}},
 }
@@ -277,5 +323,14 @@ LIFEBOAT_CONFIG_URL = os.environ.get("LIFEBOAT_CONFIG_URL", "http://127.0.0.1:80
 LIFEBOAT_AGENT_INSTALL_TIMEOUT = int(os.environ.get("LIFEBOAT_AGENT_INSTALL_TIMEOUT", "900"))
 # A planned failover waits this long (s) for the source's last writes to be replicated.
 LIFEBOAT_FAILOVER_DRAIN_TIMEOUT = int(os.environ.get("LIFEBOAT_FAILOVER_DRAIN_TIMEOUT", "600"))
+
+# --- Metrics --------------------------------------------------------------------------
+# GET /metrics (Prometheus text format, lifeboat/metrics.py). With a token set, a scraper
+# must send "Authorization: Bearer <token>" (from any address); without one, only clients on
+# this host (127.0.0.1, ::1) are answered.
+LIFEBOAT_METRICS_TOKEN = os.environ.get("LIFEBOAT_METRICS_TOKEN", "")
+# The data path's rates (bytes/s sent, uploaded, applied) are averaged over this many seconds
+# of process-server heartbeats (replication/data_path.py).
+LIFEBOAT_DATA_PATH_RATE_WINDOW = int(os.environ.get("LIFEBOAT_DATA_PATH_RATE_WINDOW", "300"))
 
 from lifeboat.schedules import BEAT_SCHEDULE as CELERY_BEAT_SCHEDULE  # noqa: E402,F401

@@ -1,6 +1,6 @@
 """Command line of the mobility agent.
 
-    python -m mobility register --config-url URL --passphrase P [--instance-uuid U] --disk KEY=PATH ...
+    python -m mobility register --config-url URL --passphrase-file FILE|- [--instance-uuid U] --disk KEY=PATH ...
     python -m mobility run      [--once]
     python -m mobility bookmark --item ITEM_ID [--label LABEL]
     python -m mobility resync   --item ITEM_ID
@@ -11,6 +11,13 @@ Every command takes ``--state-dir`` (default ``$LIFEBOAT_AGENT_STATE_DIR`` or
 machine description and the credentials there (0600); the other commands read them from
 there. ``bookmark`` and ``resync`` leave a request in the state directory that the running
 agent takes on its next pass.
+
+The vault passphrase is read from a file (``--passphrase-file FILE``, readable only by its
+owner) or from standard input (``--passphrase-file -``), never from the command line, where
+other users see it in the process list and the shell keeps it in its history.
+``register`` for a machine that has an agent already (without that agent's credentials in
+the state directory) ends with exit code 3: the registration waits for an administrator's
+approval in the portal, and ``run`` takes the credentials once it is approved.
 """
 from __future__ import annotations
 
@@ -24,12 +31,33 @@ import socket
 import sys
 import threading
 
-from mobility.agent import Agent, AgentError, guest_freeze, write_request
+from mobility.agent import Agent, AgentError, RegistrationPending, guest_freeze, write_request
 from mobility.jsonfile import read_json, write_json
 from mobility.transport import TransportError
 from mobility.tuning import tune_allocator
 
 DEFAULT_STATE_DIR = os.environ.get("LIFEBOAT_AGENT_STATE_DIR", "/var/lib/lifeboat-agent")
+EXIT_PENDING = 3  # registered, waiting for an administrator's approval
+PASSPHRASE_REFUSED = (
+    "--passphrase on the command line is refused: other users can read it in the process list and it stays in "
+    "the shell history. Put the vault passphrase in a file only you can read and give --passphrase-file FILE, "
+    "or pipe it in with --passphrase-file -"
+)
+
+
+def _passphrase(path: str) -> str:
+    """The vault passphrase from a file, or from standard input for ``-`` (its first line)."""
+    if path == "-":
+        text = sys.stdin.readline()
+        where = "standard input"
+    else:
+        with open(path) as f:
+            text = f.read()
+        where = path
+    passphrase = text.strip()
+    if not passphrase:
+        raise AgentError(f"{where} holds no passphrase")
+    return passphrase
 
 
 def _disk_size(path: str) -> int:
@@ -79,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
 
     reg = command("register", "register this machine with the configuration server")
     reg.add_argument("--config-url", required=True)
-    secret = reg.add_mutually_exclusive_group(required=True)
-    secret.add_argument("--passphrase", help="the vault's registration key")
-    secret.add_argument("--passphrase-file", help="a file holding the vault's registration key")
+    reg.add_argument("--passphrase-file", metavar="FILE",
+                     help="a file holding the vault's registration passphrase, or - to read it from standard input")
+    reg.add_argument("--passphrase", help=argparse.SUPPRESS)  # refused with a sentence (PASSPHRASE_REFUSED)
     reg.add_argument("--disk", action="append", metavar="KEY=PATH", help="a disk to protect (repeat for each)")
     reg.add_argument("--machine-file", help='JSON instead of --disk: {"name", "os", "disks": [{"key", "path", '
                                             '"capacity_bytes"}]}')
@@ -110,10 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "register":
-            passphrase = args.passphrase
-            if args.passphrase_file:
-                with open(args.passphrase_file) as f:
-                    passphrase = f.read().strip()
+            if args.passphrase is not None:
+                print(f"error: {PASSPHRASE_REFUSED}", file=sys.stderr)
+                return 2
+            if not args.passphrase_file:
+                raise AgentError("give the vault passphrase with --passphrase-file FILE (or --passphrase-file - to "
+                                 "read it from standard input)")
+            passphrase = _passphrase(args.passphrase_file)
             machine = _machine(args)
             os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
             write_json(os.path.join(args.state_dir, "agent.json"), {
@@ -143,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
         elif args.command == "status":
             print(json.dumps(_agent(args.state_dir).status(), indent=2))
+    except RegistrationPending as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_PENDING
     except (AgentError, TransportError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -51,6 +51,20 @@ acknowledged" the agent cannot know which content got there, so it marks those b
 unknown in the block map and a later scan or resync sends them again. Journal segments are
 deleted only once acknowledged.
 
+Registration and trust. ``register`` sends the vault passphrase and the machine's disks
+(key, path and, for a write-filtered disk, its journal directory); the configuration server
+answers with the agent's id and token (kept in ``credentials.json``, 0600, with the disks).
+Registering again sends the token, which a machine that has an agent already requires:
+without it the registration waits for an administrator's approval, and the agent (``run``,
+or ``register`` again) asks for its credentials until then (``registration.json``). The
+agent reads only the disks it registered: an assignment that names another path or journal
+for a disk, or a disk it never registered, is refused with an error (nothing of that item is
+read or sent), so a forged or malicious configuration server cannot make it read another
+file. A push-installed agent's disks are those its installer listed in ``credentials.json``.
+Tokens carry a generation: a process server refusing an item token (rotated) or an
+assignment carrying a new agent token (``agent_token``: the agent's token was rotated) makes
+the agent take the new one from the configuration server.
+
 Code map: the ``Agent`` (this module) registers, fetches the assignment, heartbeats and
 takes requests; ``mobility.runner.ItemRunner`` runs one item, with its passes in
 ``copy_pass``, ``checksum_pass``, ``journal_batches``, ``bookmarks``, ``disk_shape`` and
@@ -77,7 +91,7 @@ from typing import Any
 
 from mobility import wire
 from mobility.assignment import DiskAssignment, ItemAssignment
-from mobility.errors import AgentError
+from mobility.errors import AgentError, RegistrationPending
 from mobility.jsonfile import read_json, write_json
 from mobility.requests import guest_freeze, write_bookmark_request, write_request
 from mobility.runner import ItemRunner
@@ -94,7 +108,7 @@ from mobility.transport import JsonClient, PinMismatch, RetryPolicy, TransportEr
 __all__ = [
     "AGENT_VERSION", "BATCH_BYTES", "BLOCK_BYTES", "MAX_DELAY", "PHASE_DELTA", "PHASE_INITIAL", "PHASE_RESYNC",
     "PHASE_RESYNC_REQUIRED", "TICK_INTERVAL", "Agent", "AgentError", "DiskAssignment", "ItemAssignment", "ItemState",
-    "guest_freeze", "load_item_state", "write_request",
+    "RegistrationPending", "guest_freeze", "load_item_state", "write_request",
 ]
 
 log = logging.getLogger("lifeboat.mobility")
@@ -166,11 +180,14 @@ class Agent:
         self._config = (JsonClient(config_url, ca_file=config_ca_file, thumbprint=config_thumbprint)
                         if config_url else None)
         self._fixed_assignment = assignment is not None
+        self._refusals_reported: dict[uuid.UUID, str] = {}
         self._assignment: list[ItemAssignment] = list(assignment or [])
         if not self._fixed_assignment:
             cached = read_json(os.path.join(self.state_dir, "assignment.json"), {"items": []})
-            self._assignment = [ItemAssignment.from_dict(i) for i in cached.get("items", [])]
+            self._assignment = self._registered_only([ItemAssignment.from_dict(i) for i in cached.get("items", [])],
+                                                     report=False)
         self._assignment_at = 0.0
+        self._registration_polled_at = 0.0
         self._heartbeat_at = 0.0
         self._runners: dict[uuid.UUID, ItemRunner] = {}
         self._lock = threading.Lock()
@@ -182,10 +199,27 @@ class Agent:
     def credentials(self) -> dict | None:
         return read_json(os.path.join(self.state_dir, "credentials.json"))
 
+    @property
+    def pending_registration(self) -> dict | None:
+        """A registration the configuration server keeps for an administrator's approval."""
+        return read_json(os.path.join(self.state_dir, "registration.json"))
+
+    def _save_credentials(self, agent_id: str, token: str, disks: list[dict]) -> None:
+        write_json(os.path.join(self.state_dir, "credentials.json"),
+                   {"agent_id": agent_id, "token": token, "config_url": self.config_url, "disks": disks}, mode=0o600)
+
     def register(self) -> str:
-        """Register with the configuration server (once); returns the agent id."""
+        """Register with the configuration server; returns the agent id. Kept credentials are
+        returned as they are unless a machine and passphrase are given: then the agent
+        registers again with its token (its disks may have changed). Raises
+        ``RegistrationPending`` while an administrator has to approve the registration."""
+        if self.pending_registration:
+            agent_id = self.poll_registration()
+            if agent_id is None:
+                raise self._pending_error()
+            return agent_id
         creds = self.credentials
-        if creds:
+        if creds and not (self.machine and self.passphrase):
             return creds["agent_id"]
         if self._config is None or not self.passphrase or not self.machine:
             raise AgentError("registering needs config_url, passphrase and machine")
@@ -195,14 +229,110 @@ class Agent:
             print(f"WARNING: {insecure}", file=sys.stderr, flush=True)
         body = {"passphrase": self.passphrase, "hostname": self.hostname, "machine": self.machine,
                 "version": AGENT_VERSION}
-        answer = self.retry.run(lambda: self._config.call("POST", "/api/v1/agents/register", body=body))
+        # The machine's own agent shows its token: without it, re-registering waits for approval.
+        token = creds["token"] if creds and creds.get("config_url") == self.config_url else None
+        answer = self.retry.run(lambda: self._config.call("POST", "/api/v1/agents/register", body=body, token=token))
+        disks = [{"key": int(d["key"]), "path": str(d["path"]), "journal_dir": d.get("journal_dir") or None}
+                 for d in self.machine.get("disks", [])]
+        if answer.get("status") == "pending":
+            if not answer.get("registration_id") or not answer.get("poll_token"):
+                raise AgentError(f"the configuration server's pending registration lacks registration_id/poll_token: "
+                                 f"{answer}")
+            write_json(os.path.join(self.state_dir, "registration.json"),
+                       {"registration_id": str(answer["registration_id"]), "poll_token": answer["poll_token"],
+                        "config_url": self.config_url, "disks": disks, "message": str(answer.get("message", ""))},
+                       mode=0o600)
+            raise self._pending_error()
         if not answer.get("agent_id") or not answer.get("token"):
             raise AgentError(f"the configuration server's registration answer lacks agent_id/token: {answer}")
-        write_json(os.path.join(self.state_dir, "credentials.json"),
-                    {"agent_id": str(answer["agent_id"]), "token": answer["token"], "config_url": self.config_url},
-                    mode=0o600)
+        self._save_credentials(str(answer["agent_id"]), answer["token"], disks)
         log.info("registered as agent %s", answer["agent_id"])
         return str(answer["agent_id"])
+
+    def _pending_error(self) -> RegistrationPending:
+        pending = self.pending_registration or {}
+        said = pending.get("message") or "The registration is waiting for an administrator's approval in the portal."
+        return RegistrationPending(
+            f"{said} (registration {pending.get('registration_id')}). 'python -m mobility run' takes the credentials "
+            "once it is approved; 'python -m mobility register' asks again.",
+            registration_id=str(pending.get("registration_id")))
+
+    def poll_registration(self) -> str | None:
+        """Ask whether the pending registration was decided: the agent id once it is approved
+        (the credentials are saved), None while it waits. A rejected (or unknown, or
+        superseded) registration is forgotten and raises ``AgentError``."""
+        pending = self.pending_registration
+        if not pending:
+            creds = self.credentials
+            return creds["agent_id"] if creds else None
+        if self._config is None:
+            raise AgentError("asking about a pending registration needs config_url")
+        registration_id = pending["registration_id"]
+        try:
+            answer = self.retry.run(lambda: self._config.call(
+                "GET", f"/api/v1/agents/registrations/{registration_id}", token=pending["poll_token"]))
+        except TransportError as e:
+            if e.status in (403, 404, 409):  # rejected, unknown to the server, or superseded: final
+                os.unlink(os.path.join(self.state_dir, "registration.json"))
+                raise AgentError(f"registration {registration_id} will not be approved: {e}; register again") from None
+            raise
+        if answer.get("status") == "pending":
+            return None
+        if not answer.get("agent_id") or not answer.get("token"):
+            raise AgentError(f"the configuration server's approved registration lacks agent_id/token: {answer}")
+        self._save_credentials(str(answer["agent_id"]), answer["token"], pending.get("disks") or [])
+        os.unlink(os.path.join(self.state_dir, "registration.json"))
+        log.info("registration %s approved: registered as agent %s", registration_id, answer["agent_id"])
+        return str(answer["agent_id"])
+
+    def registered_disks(self) -> dict[str, tuple[str, str | None]] | None:
+        """{disk key: (path, journal dir)} of the disks this agent registered (or its
+        installer listed), the only ones it reads; None if it has no record of them."""
+        creds = self.credentials or {}
+        disks = creds.get("disks")
+        if disks is None:  # credentials from before the disks were kept with them
+            disks = ((read_json(os.path.join(self.state_dir, "agent.json")) or {}).get("machine") or {}).get("disks")
+        if disks is None:
+            return None
+        return {str(int(d["key"])): (os.path.normpath(str(d["path"])),
+                                     os.path.normpath(d["journal_dir"]) if d.get("journal_dir") else None)
+                for d in disks}
+
+    def _assignment_refusal(self, item: ItemAssignment, registered: dict[str, tuple[str, str | None]] | None) -> str:
+        """Why the agent will not read an assigned item's disks ("" if it will)."""
+        if registered is None:
+            return ("this agent has no record of the disks it registered: register it again with every disk "
+                    "(python -m mobility register ... --disk KEY=PATH)")
+        for disk in item.disks:
+            mine = registered.get(str(disk.key))
+            if mine is None:
+                return f"the assignment names disk {disk.key} ({disk.path}), which this agent never registered"
+            path, journal = mine
+            if os.path.normpath(disk.path) != path:
+                return (f"the assignment names {disk.path} for disk {disk.key}, but this agent registered {path} "
+                        "for it")
+            if disk.journal_dir and os.path.normpath(disk.journal_dir) != journal:
+                return (f"the assignment names the journal {disk.journal_dir} for disk {disk.key}, which this agent "
+                        "never registered")
+        return ""
+
+    def _registered_only(self, items: list[ItemAssignment], *, report: bool) -> list[ItemAssignment]:
+        """The items whose disks are all disks this agent registered; the others are refused
+        with an error (logged, and with ``report`` also reported to the configuration
+        server) and nothing of them is read or sent."""
+        registered = self.registered_disks()
+        accepted = []
+        for item in items:
+            refusal = self._assignment_refusal(item, registered)
+            if not refusal:
+                accepted.append(item)
+                continue
+            message = f"refused the assignment of item {item.item_id}: {refusal}; nothing of it is read or sent"
+            log.error("%s", message)
+            if report and self._refusals_reported.get(item.item_id) != message:
+                self._refusals_reported[item.item_id] = message  # once, not at every fetch
+                self.report_event(item.item_id, "error", f"Agent: {message}.")
+        return accepted
 
     def _agent_call(self, method: str, suffix: str, body: dict | None = None) -> dict:
         creds = self.credentials
@@ -216,7 +346,13 @@ class Agent:
         if self._fixed_assignment:
             return self._assignment
         answer = self.retry.run(lambda: self._agent_call("GET", "/assignment"))
-        items = [ItemAssignment.from_dict(i) for i in answer.get("items", [])]
+        creds = self.credentials or {}
+        if answer.get("agent_token") and answer["agent_token"] != creds.get("token"):
+            # The agent's token was rotated: the new one, saved before it is used.
+            write_json(os.path.join(self.state_dir, "credentials.json"), {**creds, "token": answer["agent_token"]},
+                       mode=0o600)
+            log.info("took the agent's rotated token")
+        items = self._registered_only([ItemAssignment.from_dict(i) for i in answer.get("items", [])], report=True)
         write_json(os.path.join(self.state_dir, "assignment.json"), {"items": [i.to_dict() for i in items]},
                     mode=0o600)
         with self._lock:
@@ -269,6 +405,18 @@ class Agent:
         also partial batches; with ``scan`` a checksum scan of unjournaled disks even if
         not due). Errors of one item are logged and kept in its status; the next pass
         retries. Returns the items' status by item id."""
+        # A registration waiting for approval (the credentials kept, if any, were refused).
+        if self._config is not None and not self._fixed_assignment and self.pending_registration and (
+            time.monotonic() - self._registration_polled_at >= min(self.assignment_interval, 30.0)
+        ):
+            self._registration_polled_at = time.monotonic()
+            try:
+                if self.poll_registration() is None:
+                    log.info("%s", self._pending_error())
+                else:
+                    self._assignment_at = 0.0  # approved: fetch the assignment with the new credentials now
+            except (TransportError, AgentError) as e:
+                log.error("asking about the pending registration failed: %s", e)
         if self._config is not None and not self._fixed_assignment and self.credentials and (
             not self._assignment_at or time.monotonic() - self._assignment_at >= self.assignment_interval
         ):
@@ -308,6 +456,8 @@ class Agent:
                 self.send_heartbeat()
             except (TransportError, AgentError) as e:
                 log.warning("heartbeat failed: %s", e)
+                if isinstance(e, TransportError) and e.status in (401, 403):
+                    self._assignment_at = 0.0  # a rotated token: the assignment hands out the new one
         return {s["item_id"]: s for s in self.status()}
 
     def caught_up(self) -> bool:

@@ -6,6 +6,15 @@ class AgentError(Exception):
     """The agent cannot go on with an operation; the message says what to fix."""
 
 
+class RegistrationPending(AgentError):
+    """The configuration server keeps the registration for an administrator's approval (the
+    machine has an agent already); the agent gets its credentials once it is approved."""
+
+    def __init__(self, message: str, *, registration_id: str) -> None:
+        super().__init__(message)
+        self.registration_id = registration_id
+
+
 class Waiting(Exception):
     """The pass cannot go on before something outside the agent happens (the replica's
     checksums being computed): the cycle ends and the next one tries again."""

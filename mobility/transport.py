@@ -194,6 +194,12 @@ class ProcessServerClient:
 
     def item_state(self, *, item_id: uuid.UUID, token: str) -> int:
         """The seq the process server last acknowledged for the item."""
+        return int(self.item_position(item_id=item_id, token=token)["acked_seq"])
+
+    def item_position(self, *, item_id: uuid.UUID, token: str) -> dict:
+        """Where the item's stream stands at the process server: ``acked_seq`` (the last batch
+        it acknowledged), ``uploaded_seq`` (the last it put in storage), ``receiving_batches``
+        (batches arriving now). Asking lines the server up with storage first."""
         status, raw = self._exchange(
             lambda conn: conn.request("GET", f"{self.base}/v1/items/{item_id}",
                                       headers={"Authorization": f"Bearer {token}"}),
@@ -203,7 +209,10 @@ class ProcessServerClient:
         if status != 200:
             raise TransportError(f"process server answered {status}: {body or raw[:200]!r}",
                                  transient=status >= 500, status=status, body=body)
-        return int(body["acked_seq"])
+        if not isinstance(body.get("acked_seq"), int):
+            raise TransportError(f"process server answered without acked_seq: {raw[:200]!r}", transient=True,
+                                 status=status, body=body)
+        return body
 
     def replica_digests(self, *, item_id: uuid.UUID, token: str, disk: int, min_seq: int,
                         groups: str | None = None) -> "DigestAnswer":

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
 from django.http import Http404
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from core.exceptions import LifeboatError
-from core.portal import HTMX_STOP_POLLING
+from core import access
+from core.portal import HTMX_STOP_POLLING, require, visible_or_404
 from recovery_plans import runs, services
 from recovery_plans.models import PlanRecoveryPoint, RecoveryPlan
 from recovery_plans.run_models import PlanOperation
@@ -68,8 +68,8 @@ def _confirmed() -> tuple[str, ...]:
 @login_required
 def plan_run_panel(request, pk):
     """The run panel alone (the plan page polls it while a run is active)."""
-    plan = get_object_or_404(services.recovery_plans_for_vault(), pk=pk)
-    context = plan_run_context(plan=plan)
+    plan = visible_or_404(services.recovery_plans_for_vault(), request, pk=pk)
+    context = {**plan_run_context(plan=plan), "can": access.capabilities(request.user, plan.vault_id)}
     response = render(request, "recovery_plans/plan_run.html", context)
     if request.htmx and not context["run_active"]:
         response.status_code = HTMX_STOP_POLLING
@@ -80,12 +80,11 @@ def plan_run_panel(request, pk):
 @require_POST
 def plan_run_operation(request, pk, operation):
     """Start an operation of the plan, or resume / cancel / retry / continue its run."""
-    if not request.user.is_staff:
-        raise PermissionDenied("Only administrators can run recovery plans.")
     slugs = _slugs()
     if operation not in slugs and operation not in CONTROLS:
         raise Http404("No such operation of a recovery plan.")
-    plan = get_object_or_404(RecoveryPlan, pk=pk)
+    plan = visible_or_404(RecoveryPlan.objects.all(), request, pk=pk)
+    require(request, plan.vault_id, access.OPERATE)
     post = request.POST
     try:
         if operation == "resume":

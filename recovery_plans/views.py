@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
 from django.http import Http404
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
-from core.portal import current_vault, render_page
+from core import access
+from core.portal import current_vault, render_page, require, visible_or_404
 from recovery_plans import forms as recovery_forms
 from recovery_plans import services
 from recovery_plans.models import ActionKind, ActionPhase, RecoveryPlan
@@ -16,9 +16,8 @@ from replication.models import ProtectedItem
 from replication.views import recovery_operations
 
 
-def _require_admin(request) -> None:
-    if not request.user.is_staff:
-        raise PermissionDenied("Only administrators can change recovery plans.")
+def _require_manage(request, vault_id) -> None:
+    require(request, vault_id, access.MANAGE)
 
 
 def _plan_context(request, plan, *, error: str = "") -> dict:
@@ -29,7 +28,8 @@ def _plan_context(request, plan, *, error: str = "") -> dict:
     sites = sorted(sites.values(), key=lambda s: s.name)
     groups = [(g, [r for r in status.items if r.group.pk == g.pk]) for g in plan.groups.all()]
     return {
-        "vault": plan.vault, "plan": plan, "status": status, "groups": groups, "group_count": len(groups),
+        "vault": plan.vault, "can": access.capabilities(request.user, plan.vault_id),
+        "plan": plan, "status": status, "groups": groups, "group_count": len(groups),
         "available_items": [i for i in plan.vault.protected_items.order_by("name") if i.pk not in placed],
         "settings_form": recovery_forms.PlanSettingsForm(plan=plan),
         "mapping_form": recovery_forms.PlanNetworkMappingForm(plan=plan, sites=sites),
@@ -39,8 +39,8 @@ def _plan_context(request, plan, *, error: str = "") -> dict:
     }
 
 
-def _plan(pk) -> RecoveryPlan:
-    return get_object_or_404(services.recovery_plans_for_vault(), pk=pk)
+def _plan(request, pk) -> RecoveryPlan:
+    return visible_or_404(services.recovery_plans_for_vault(), request, pk=pk)
 
 
 @login_required
@@ -55,10 +55,10 @@ def plan_list(request):
 
 @login_required
 def plan_create(request):
-    _require_admin(request)
     vault = current_vault(request)
     if vault is None:
         return redirect("portal:vault-create")
+    _require_manage(request, vault.pk)
     form = recovery_forms.PlanCreateForm(request.POST or None, vault=vault)
     status = 200
     if request.method == "POST":
@@ -73,7 +73,7 @@ def plan_create(request):
 @login_required
 def plan_detail(request, pk):
     """The plan's page and editor; an HTMX poll gets only its state."""
-    plan = _plan(pk)
+    plan = _plan(request, pk)
     return render_page(request, "recovery_plans/plan_detail.html", _plan_context(request, plan),
                        partial="status" if request.htmx and request.htmx.target == "plan-status" else None)
 
@@ -83,10 +83,10 @@ def plan_detail(request, pk):
 def plan_edit(request, pk, operation):
     """One edit of the plan. HTMX gets the editor back (with the error, 400 / 409, if the edit
     was refused); a plain form post is redirected to the plan's page."""
-    _require_admin(request)
     if operation not in recovery_forms.PLAN_EDITS:
         raise Http404("No such edit of a recovery plan.")
-    plan = _plan(pk)
+    plan = _plan(request, pk)
+    _require_manage(request, plan.vault_id)
     extra = {"sites": plan.vault.recovery_sites.all()} if operation == "network-mapping" else {}
     form = recovery_forms.PLAN_EDITS[operation](request.POST, plan=plan, **extra)
     done = form.submit(user=request.user) if form.is_valid() else None
@@ -96,7 +96,7 @@ def plan_edit(request, pk, operation):
         if error:
             messages.error(request, error)
         return redirect("portal:plan-detail", pk=plan.pk)
-    plan = _plan(pk)
+    plan = _plan(request, pk)
     return render_page(request, "recovery_plans/plan_detail.html", _plan_context(request, plan, error=error),
                        partial="editor", status=status)
 
@@ -104,8 +104,8 @@ def plan_edit(request, pk, operation):
 @login_required
 @require_POST
 def plan_delete(request, pk):
-    _require_admin(request)
-    plan = _plan(pk)
+    plan = _plan(request, pk)
+    _require_manage(request, plan.vault_id)
     if request.POST.get("confirm_name", "").strip() != plan.name:
         messages.error(request, f"The plan was not deleted: type its name, {plan.name}, to delete it.")
         return redirect("portal:plan-detail", pk=plan.pk)
@@ -152,13 +152,12 @@ def item_recovery(request, pk, operation):
     if operation not in OPERATIONS:
         raise Http404("No such recovery operation.")
     form_class, title, submit_label, intro = OPERATIONS[operation]
-    item = get_object_or_404(
+    item = visible_or_404(
         ProtectedItem.objects.select_related(
             "vault", "machine", "recovery_site", "recovery_network", "test_network"
-        ), pk=pk,
+        ), request, pk=pk,
     )
-    if not request.user.is_staff:
-        raise PermissionDenied("Only administrators can recover VMs.")
+    require(request, item.vault_id, access.OPERATE)
     status = 200
     if request.method == "POST":
         form = form_class(request.POST, item=item)

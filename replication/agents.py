@@ -1,20 +1,44 @@
-"""Services for mobility agents and process servers talking to the configuration server."""
+"""Services for mobility agents and process servers talking to the configuration server.
+
+Registering: an agent joins with the vault's passphrase. A machine that has no agent yet gets
+one at once (201, with its token). A machine that has one is re-registered only by that
+agent, showing its current token; anyone else who knows the passphrase gets a *pending
+registration* (``AgentRegistration``): no token, no change to the machine, until an
+administrator approves it (the machine's agent then takes the registration's hostname and
+disks, its token generation and its items' token generations are bumped, so the old agent's
+tokens stop working) or rejects it. The registering agent polls with a secret of its own.
+
+Tokens are those of ``replication.tokens``, at the generation the agent or item holds:
+revoking an agent bumps its generation (it must register again, which an administrator
+approves); rotating hands the agent a new token with its next assignment; rotating an
+item's token makes the process servers refuse the older ones from their next heartbeat.
+"""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import secrets
+from typing import NamedTuple
 
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
-from core.exceptions import NotFound
+from core.exceptions import Conflict, InvalidTransition, NotFound
 from replication.choices import ProtectionState as P
-from replication.dataplane.auth import issue_token, item_subject, verify_token
+from replication.choices import RegistrationState as R
+from replication.data_path import process_server_data_path_record
 from replication.disk_shape import protected_item_disks_sync
-from replication.models import MobilityAgent, ProtectedItem
+from replication.models import AgentRegistration, MobilityAgent, ProtectedItem
+from replication.selectors import items_switching_process_server
 from replication.services import protected_item_mark_resync_required
-from vault.choices import MachineSource
+from replication.tokens import VALID, agent_token, agent_token_check, item_token, item_token_generations
+from replication.tokens import process_server_token as process_server_token  # re-exported: callers import it here
+from replication.tokens import process_server_token_valid as process_server_token_valid  # re-exported
+from vault.choices import MachineSource, Severity
 from vault.models import DiscoveredDisk, DiscoveredMachine, ProcessServer, Vault
-from vault.services import event_record, vault_keys
+from vault.services import event_record
 
 logger = logging.getLogger(__name__)
 
@@ -23,39 +47,40 @@ logger = logging.getLogger(__name__)
 ASSIGNED_STATES = frozenset({P.INITIAL_REPLICATION, P.PROTECTED, P.RESYNC_REQUIRED, P.RESYNCING,
                              P.FAILOVER_IN_PROGRESS})
 
-
-def _auth_key(vault: Vault) -> bytes:
-    return vault_keys(vault=vault)[1]
-
-
-def agent_token(*, agent: MobilityAgent) -> str:
-    return issue_token(_auth_key(agent.vault), f"agent:{agent.pk}")
-
-
-def agent_token_valid(*, agent: MobilityAgent, token: str) -> bool:
-    return verify_token(_auth_key(agent.vault), token, f"agent:{agent.pk}")
+APPROVAL_SENTENCE = ("This machine already has a mobility agent, and this registration did not show that agent's "
+                     "token: it is waiting for an administrator's approval in the portal (Infrastructure, "
+                     "Agent registrations). The agent gets its credentials once it is approved.")
+# Pending registrations kept per machine: more is someone knocking, not an agent reinstalled.
+MAX_PENDING_PER_MACHINE = 10
+POLL_PREFIX = "lbr_"
 
 
-def item_token(*, item: ProtectedItem) -> str:
-    return issue_token(_auth_key(item.vault), item_subject(item.pk))
+class Registered(NamedTuple):
+    """The agent registered: its row and its token."""
+
+    agent: MobilityAgent
+    token: str
 
 
-def process_server_token(*, server: ProcessServer) -> str:
-    return issue_token(_auth_key(server.vault), f"process-server:{server.pk}")
+class AwaitingApproval(NamedTuple):
+    """The registration waits for an administrator; ``poll_token`` is the registering agent's
+    secret to ask for the outcome (answered once, kept only as a SHA-256)."""
+
+    registration: AgentRegistration
+    poll_token: str
 
 
-def process_server_token_valid(*, server: ProcessServer, token: str) -> bool:
-    return verify_token(_auth_key(server.vault), token, f"process-server:{server.pk}")
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-@transaction.atomic
-def agent_register(*, vault: Vault, hostname: str, machine: dict, version: str = "") -> tuple[MobilityAgent, str]:
-    """Register (or re-register) the agent of a physical or agent-managed machine."""
-    uuid_ = machine.get("instance_uuid") or f"agent:{hostname}"
-    record, _ = DiscoveredMachine.objects.select_for_update().get_or_create(
-        vault=vault, instance_uuid=uuid_,
-        defaults={"name": machine["name"], "source": MachineSource.AGENT, "power_state": "poweredOn"},
-    )
+def _machine_uuid(hostname: str, machine: dict) -> str:
+    return machine.get("instance_uuid") or f"agent:{hostname}"
+
+
+def _apply_registration(*, vault: Vault, record: DiscoveredMachine, hostname: str, machine: dict,
+                        version: str) -> MobilityAgent:
+    """The machine as the (accepted) registration describes it, and its agent row."""
     if record.source == MachineSource.VCENTER and record.vcenter_id:
         pass  # an agent installed by hand on a discovered VM: the VM keeps its vCenter
     record.name = machine["name"] if record.source == MachineSource.AGENT else record.name
@@ -71,14 +96,178 @@ def agent_register(*, vault: Vault, hostname: str, machine: dict, version: str =
                 defaults={"capacity_bytes": disk["capacity_bytes"], "backing_file": disk["path"], "label": disk.get("label") or f"Disk {disk['key']}"},
             )
         record.disks.exclude(key__in=keys).delete()
-    agent, created = MobilityAgent.objects.update_or_create(
+    agent, _ = MobilityAgent.objects.update_or_create(
         machine=record, defaults={"vault": vault, "hostname": hostname, "version": version, "disks": machine["disks"]}
     )
     # Disks added or removed since the item was protected (found by the agent itself).
     for item in ProtectedItem.objects.filter(machine=record):
         protected_item_disks_sync(item=item)
+    return agent
+
+
+@transaction.atomic
+def agent_register(*, vault: Vault, hostname: str, machine: dict, version: str = "", token: str | None = None,
+                   remote_addr: str | None = None) -> Registered | AwaitingApproval:
+    """Register the agent of a machine (module docstring): a new machine's agent, or the
+    machine's own agent showing its current ``token``, is registered at once; anyone else
+    gets a pending registration for an administrator to approve."""
+    uuid_ = _machine_uuid(hostname, machine)
+    record, created = DiscoveredMachine.objects.select_for_update().get_or_create(
+        vault=vault, instance_uuid=uuid_,
+        defaults={"name": machine["name"], "source": MachineSource.AGENT, "power_state": "poweredOn"},
+    )
+    existing = None if created else MobilityAgent.objects.filter(machine=record).select_related("vault").first()
+    if existing is not None and not (token and agent_token_check(agent=existing, token=token) == VALID):
+        return _registration_pending(vault=vault, record=record, hostname=hostname, machine=machine, version=version,
+                                     remote_addr=remote_addr)
+    agent = _apply_registration(vault=vault, record=record, hostname=hostname, machine=machine, version=version)
+    if agent.rotating:  # it showed its new token: the rotation is over
+        agent_rotation_done(agent=agent)
     event_record(vault=vault, kind="agent_registered", message=f"Mobility agent on {hostname} registered for {record.name}.")
-    return agent, agent_token(agent=agent)
+    return Registered(agent, agent_token(agent=agent))
+
+
+def _registration_pending(*, vault: Vault, record: DiscoveredMachine, hostname: str, machine: dict, version: str,
+                          remote_addr: str | None) -> AwaitingApproval:
+    pending = AgentRegistration.objects.filter(machine=record, state=R.PENDING).count()
+    if pending >= MAX_PENDING_PER_MACHINE:
+        raise Conflict(f"{record.name} has {pending} registrations waiting for approval already: an administrator "
+                       "approves or rejects them in the portal (Infrastructure, Agent registrations) first.",
+                       code="too_many_pending")
+    secret = POLL_PREFIX + secrets.token_urlsafe(32)
+    registration = AgentRegistration.objects.create(
+        vault=vault, machine=record, hostname=hostname, version=version, report=machine,
+        remote_addr=remote_addr or None, poll_digest=_digest(secret),
+    )
+    where = f" from {remote_addr}" if remote_addr else ""
+    event_record(vault=vault, kind="agent_registration_pending", severity=Severity.WARNING,
+                 message=f"A mobility agent on {hostname}{where} asked to register as {record.name}, which has an "
+                         "agent already, without that agent's token: approve or reject it in the portal "
+                         "(Infrastructure, Agent registrations).")
+    return AwaitingApproval(registration, secret)
+
+
+def agent_registration_poll(*, registration_id, poll_token: str) -> Registered | AgentRegistration:
+    """What the registering agent learns: its credentials once approved (``Registered``), the
+    registration itself while it waits or after it was rejected. An unknown id and a wrong
+    secret are the same ``NotFound``, so the answer gives nothing away."""
+    registration = AgentRegistration.objects.filter(pk=registration_id).select_related("machine", "vault").first()
+    if registration is None or not hmac.compare_digest(registration.poll_digest, _digest(poll_token or "")):
+        raise NotFound("No such registration, or the wrong secret for it.", code="unknown_registration")
+    if registration.state != R.APPROVED:
+        return registration
+    agent = MobilityAgent.objects.filter(machine=registration.machine_id).select_related("vault").first()
+    if agent is None or agent.token_generation != registration.agent_generation:
+        raise InvalidTransition("The credentials this registration was approved for were revoked or replaced "
+                                "since: register the agent again.", current_state="superseded",
+                                operation="fetch the credentials of")
+    return Registered(agent, agent_token(agent=agent))
+
+
+def _revoke_items_of(machine_id) -> int:
+    """Bump the token generation of every item of the machine: the process servers refuse
+    the old item tokens from their next heartbeat."""
+    return ProtectedItem.objects.filter(machine=machine_id).update(token_generation=F("token_generation") + 1)
+
+
+def _decide(*, registration_id, to_state: str, user) -> AgentRegistration:
+    """Compare-and-set a pending registration to ``to_state`` (exactly one row, or 409 with
+    the state it is in)."""
+    changed = AgentRegistration.objects.filter(pk=registration_id, state=R.PENDING).update(
+        state=to_state, decided_at=timezone.now(), decided_by=user if user and user.is_authenticated else None,
+    )
+    registration = AgentRegistration.objects.select_related("vault", "machine").filter(pk=registration_id).first()
+    if registration is None:
+        raise NotFound("No such agent registration.")
+    if not changed:
+        verb = "approve" if to_state == R.APPROVED else "reject"
+        raise InvalidTransition(f"This registration is {registration.get_state_display().lower()} already: it cannot "
+                                f"be {verb}d.", current_state=registration.state, operation=f"{verb} the registration of")
+    return registration
+
+
+@transaction.atomic
+def agent_registration_approve(*, registration_id, user=None) -> AgentRegistration:
+    """The registration becomes the machine's agent: its hostname and disks are the agent's,
+    the agent's token generation and its items' are bumped (the old agent's tokens stop
+    working: the configuration server refuses them at once, the process servers from their
+    next heartbeat), and the registering agent's poll gets the new credentials."""
+    registration = _decide(registration_id=registration_id, to_state=R.APPROVED, user=user)
+    record = DiscoveredMachine.objects.select_for_update().get(pk=registration.machine_id)
+    agent = _apply_registration(vault=registration.vault, record=record, hostname=registration.hostname,
+                                machine=registration.report, version=registration.version)
+    MobilityAgent.objects.filter(pk=agent.pk).update(token_generation=F("token_generation") + 1, rotating=False,
+                                                     last_heartbeat_at=None, last_status={})
+    agent.refresh_from_db()
+    AgentRegistration.objects.filter(pk=registration.pk).update(agent_generation=agent.token_generation)
+    items = _revoke_items_of(record.pk)
+    who = f" by {user.get_username()}" if user is not None and user.is_authenticated else ""
+    event_record(vault=registration.vault, kind="agent_registration_approved", severity=Severity.WARNING,
+                 message=f"The registration of {registration.hostname} as the agent of {record.name} was "
+                         f"approved{who}: the previous agent's token and {items} item token"
+                         f"{'s' if items != 1 else ''} were revoked.")
+    registration.refresh_from_db()
+    return registration
+
+
+def agent_registration_reject(*, registration_id, user=None) -> AgentRegistration:
+    """The registration gets nothing; the machine's agent is untouched."""
+    registration = _decide(registration_id=registration_id, to_state=R.REJECTED, user=user)
+    who = f" by {user.get_username()}" if user is not None and user.is_authenticated else ""
+    event_record(vault=registration.vault, kind="agent_registration_rejected",
+                 message=f"The registration of {registration.hostname} as the agent of {registration.machine.name} "
+                         f"was rejected{who}.")
+    return registration
+
+
+@transaction.atomic
+def agent_revoke(*, agent: MobilityAgent, user=None) -> MobilityAgent:
+    """Revoke the agent's token and its items' tokens at once. The agent is shut out until it
+    registers again, which an administrator approves."""
+    MobilityAgent.objects.filter(pk=agent.pk).update(token_generation=F("token_generation") + 1, rotating=False)
+    items = _revoke_items_of(agent.machine_id)
+    agent.refresh_from_db()
+    who = f" by {user.get_username()}" if user is not None and user.is_authenticated else ""
+    event_record(vault=agent.vault, kind="agent_revoked", severity=Severity.WARNING,
+                 message=f"The credentials of the mobility agent on {agent.hostname} were revoked{who} (and {items} "
+                         f"item token{'s' if items != 1 else ''}): it replicates again once it registers anew and "
+                         "an administrator approves it.")
+    return agent
+
+
+@transaction.atomic
+def agent_rotate(*, agent: MobilityAgent, user=None) -> MobilityAgent:
+    """Give the agent a new token and its items new tokens. Its next assignment fetch (the
+    only call the previous token still makes) hands it the new token; its first call with
+    the new one ends the rotation and the previous token with it. The item tokens rotate as
+    with ``protected_item_rotate_token``."""
+    MobilityAgent.objects.filter(pk=agent.pk).update(token_generation=F("token_generation") + 1, rotating=True)
+    items = _revoke_items_of(agent.machine_id)
+    agent.refresh_from_db()
+    who = f" by {user.get_username()}" if user is not None and user.is_authenticated else ""
+    event_record(vault=agent.vault, kind="agent_token_rotated",
+                 message=f"The token of the mobility agent on {agent.hostname} was rotated{who} (and {items} item "
+                         f"token{'s' if items != 1 else ''}): the agent takes the new ones with its next assignment.")
+    return agent
+
+
+def agent_rotation_done(*, agent: MobilityAgent) -> None:
+    """The agent called with its new token: the previous one stops fetching the assignment."""
+    MobilityAgent.objects.filter(pk=agent.pk, token_generation=agent.token_generation, rotating=True).update(rotating=False)
+    agent.rotating = False
+
+
+def protected_item_rotate_token(*, item: ProtectedItem, user=None) -> ProtectedItem:
+    """A new item token: process servers refuse the older ones (401) from their next
+    heartbeat; the agent takes the new one with its next assignment (it asks again at once
+    when a process server refuses its token)."""
+    ProtectedItem.objects.filter(pk=item.pk).update(token_generation=F("token_generation") + 1)
+    item.refresh_from_db(fields=["token_generation"])
+    who = f" by {user.get_username()}" if user is not None and user.is_authenticated else ""
+    event_record(vault=item.vault, kind="item_token_rotated", protected_item=item,
+                 message=f"The item token of {item.name} was rotated{who}: process servers refuse the previous one "
+                         "from their next heartbeat.")
+    return item
 
 
 def agent_push(*, machine: DiscoveredMachine) -> MobilityAgent:
@@ -96,10 +285,13 @@ def agent_assignment(*, agent: MobilityAgent) -> dict:
         .prefetch_related("replica_disks")
     )
     out = []
+    switching = items_switching_process_server(item_ids=[item.pk for item in items])
     for item in items:
         ps = item.process_server
         if not ps.thumbprint:
             continue  # the process server has not reported its certificate yet: nothing to pin
+        if switching.get(str(item.pk), ps.pk) != ps.pk:
+            continue  # shipping paused while the old process server drains (Switch process server)
         out.append({
             "item_id": str(item.pk),
             "item_token": item_token(item=item),
@@ -117,7 +309,10 @@ def agent_assignment(*, agent: MobilityAgent) -> dict:
                 for d in item.replica_disks.all() if d.removed_at is None  # a removed disk's stream ends
             ],
         })
-    return {"items": out}
+    answer = {"items": out}
+    if agent.rotating:  # the rotation's new token, for an agent still calling with the previous one
+        answer["agent_token"] = agent_token(agent=agent)
+    return answer
 
 
 def agent_heartbeat(*, agent: MobilityAgent, report: dict) -> None:
@@ -159,7 +354,9 @@ def agent_event(*, agent: MobilityAgent, item_id, kind: str, message: str = "", 
         event_record(vault=item.vault, kind="resync_sent", message=f"{item.name}: the agent finished sending the resynchronization pass.", protected_item=item)
 
 
-def process_server_heartbeat(*, server: ProcessServer, report: dict) -> None:
+def process_server_heartbeat(*, server: ProcessServer, report: dict) -> dict:
+    """Record a process server's report; the answer tells it the lowest token generation
+    still valid for every item of the vault whose token was rotated (it refuses older ones)."""
     fields = {k: report[k] for k in ("cpu_percent", "memory_percent", "cache_free_bytes", "cache_total_bytes", "pending_upload_bytes") if k in report}
     if report.get("thumbprint"):
         fields["thumbprint"] = report["thumbprint"]
@@ -168,3 +365,5 @@ def process_server_heartbeat(*, server: ProcessServer, report: dict) -> None:
         acked = figures.get("acked_seq")
         if isinstance(acked, int):
             ProtectedItem.objects.filter(pk=item_id, process_server=server, acked_seq__lt=acked).update(acked_seq=acked)
+    process_server_data_path_record(server=server, report=report)  # bytes and rates per item
+    return {"token_generations": item_token_generations(vault=server.vault)}

@@ -52,3 +52,15 @@ class GroupPointState(models.TextChoices):
     HOLDING = "holding", "Holding the members' writes"
     RELEASED = "released", "Released: members' points follow"  # bookmarks placed at the held positions
     ABANDONED = "abandoned", "Abandoned: a member was not held in time"
+
+
+class RegistrationState(models.TextChoices):
+    """An agent registration that needs an administrator (issue 16 part 3): a machine that
+    already has an agent, registered without that agent's token."""
+
+    PENDING = "PENDING", "Waiting for approval"
+    APPROVED = "APPROVED", "Approved"
+    REJECTED = "REJECTED", "Rejected"
+
+
+RegistrationState.DECIDED = frozenset({RegistrationState.APPROVED, RegistrationState.REJECTED})

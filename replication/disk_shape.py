@@ -28,6 +28,7 @@ from django.utils import timezone
 from core.text import size_text
 from replication.choices import ProtectionState as P
 from replication.models import MobilityAgent, ProtectedItem, ReplicaDisk
+from replication.push_install import push_disks_update
 from replication.services import protected_item_mark_resync_required
 from vault.choices import MachineSource, Severity, VCenterKind
 from vault.connectors.simulated import disk_file, journal_path
@@ -79,6 +80,7 @@ def protected_item_disks_sync(*, item: ProtectedItem, changes: list[dict] = ()) 
         replicas = list(item.replica_disks.all())
         active = {r.source_disk_key: r for r in replicas if r.removed_at is None}
         next_index = max((r.index for r in replicas), default=-1) + 1
+        pushed_disks_listed = False
         for key, disk in sorted(disks.items()):
             if key in active:
                 continue
@@ -93,6 +95,10 @@ def protected_item_disks_sync(*, item: ProtectedItem, changes: list[dict] = ()) 
                                   capacity_bytes=disk.capacity_bytes, storage_name=f"{item.pk}-disk{next_index}",
                                   source_path=paths[0], journal_dir=paths[1] or "")
             replica.full_clean(exclude=["item"])
+            if not pushed_disks_listed:
+                # The pushed agent reads only the disks its credentials list: list this
+                # one before the assignment can name it (replication/push_install.py).
+                pushed_disks_listed = push_disks_update(machine=machine)
             replica.save()
             next_index += 1
             done["added"].append(replica.index)

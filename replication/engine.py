@@ -14,9 +14,12 @@ from datetime import datetime, timezone as dt_timezone
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F
+from django.utils import timezone as dj_timezone
 
 from core.exceptions import NotFound
 from core.jobs import job_wake
+from mobility.logs import log_context
 from replication.choices import ProtectionState as P
 from replication.choices import RecoveryPointType
 from replication.dataplane.apply import DiskSpec, PointNotFound, ReplicaApplier
@@ -63,8 +66,18 @@ def ns_to_dt(ns: int) -> datetime:
 def item_apply(*, item_id, max_batches: int | None = 64) -> dict | None:
     """One apply pass: logs to replica, points mirrored, retention applied, state moved on.
 
-    Returns a summary, or None when another worker holds the item's lease.
+    Returns a summary, or None when another worker holds the item's lease. Every record
+    logged during the pass names the item (``item_id``, mobility/logs.py).
     """
+    with log_context(item_id=item_id):
+        summary = _item_apply(item_id=item_id, max_batches=max_batches)
+    if summary and summary.get("batches"):
+        logger.debug("item %s: applied %d batch(es), %d bytes of logs, through seq %d", item_id, summary["batches"],
+                     summary["log_bytes"], summary["applied_seq"], extra={"item_id": str(item_id)})
+    return summary
+
+
+def _item_apply(*, item_id, max_batches: int | None) -> dict | None:
     lease = apply_lease_take(item_id)
     if lease is None:
         return None
@@ -85,7 +98,13 @@ def item_apply(*, item_id, max_batches: int | None = 64) -> dict | None:
         for d in item.replica_disks.all():
             if d.index in sizes and sizes[d.index] != d.capacity_bytes:
                 ReplicaDisk.objects.filter(pk=d.pk).update(capacity_bytes=sizes[d.index])
-        fields = {"applied_seq": result.applied_seq}
+        # The data path in bytes (replication/data_path.py): sealed log bytes applied, ever,
+        # and what is left in cache storage after this pass.
+        fields = {"applied_seq": result.applied_seq, "applied_log_bytes": F("applied_log_bytes") + result.log_bytes_applied}
+        try:
+            fields.update(storage_waiting_bytes=applier.waiting_log_bytes(), storage_measured_at=dj_timezone.now())
+        except Exception as e:  # a figure for the page only: the pass itself succeeded
+            logger.warning("item %s: cannot measure the logs waiting in cache storage: %s", item.pk, e)
         if result.errors:
             err = result.errors[0]
             fields["last_error"] = f"Replication data rejected: {err}"
@@ -124,7 +143,8 @@ def item_apply(*, item_id, max_batches: int | None = 64) -> dict | None:
             job_wake(initial_slot_wait_key(item.process_server_id))  # a slot is free for a waiting enable
             event_record(vault=item.vault, kind="initial_replication_done", message=f"Initial replication of {item.name} is complete; delta replication goes on.", protected_item=item)
         return {
-            "batches": result.batches_applied, "bytes": result.bytes_applied, "points": result.points_cut,
+            "batches": result.batches_applied, "bytes": result.bytes_applied, "log_bytes": result.log_bytes_applied,
+            "points": result.points_cut,
             "pruned": len(pruned), "applied_seq": result.applied_seq, "more": result.more_pending,
             "errors": [str(e) for e in result.errors],
         }
@@ -175,11 +195,15 @@ def _lost_logs(item: ProtectedItem, lost) -> None:
 
 
 def points_mirror(*, item: ProtectedItem, points) -> None:
-    """Make the item's RecoveryPoint rows equal the data plane's list (the source of truth)."""
+    """Make the item's RecoveryPoint rows equal the data plane's list (the source of truth).
+
+    Every apply pass of every item runs this, most with nothing new: such a pass reads the
+    item's point ids and writes no row (no DELETE, and the item's UPDATE matches nothing)."""
     wanted = {p.point_id: p for p in points}
     with transaction.atomic():
         have = set(RecoveryPoint.objects.filter(item=item).values_list("point_id", flat=True))
-        RecoveryPoint.objects.filter(item=item).exclude(point_id__in=wanted.keys()).delete()
+        if have - wanted.keys():  # pruned by retention, released by a commit, or deleted
+            RecoveryPoint.objects.filter(item=item).exclude(point_id__in=wanted.keys()).delete()
         # A point cut at a replication group's barrier is the item's share of the group point.
         groups = {str(g) for g in GroupRecoveryPoint.objects.filter(
             pk__in=[_group_of(p.label) for pid, p in wanted.items() if pid not in have and _group_of(p.label)],
@@ -200,7 +224,10 @@ def points_mirror(*, item: ProtectedItem, points) -> None:
         seen = {p.label.get("id") for p in points if isinstance(p.label, dict)}
         if item.pending_bookmarks and seen:
             fields["pending_bookmarks"] = [b for b in item.pending_bookmarks if b.get("id") not in seen]
-        ProtectedItem.objects.filter(pk=item.pk).update(**fields)
+        row = ProtectedItem.objects.filter(pk=item.pk)
+        if "pending_bookmarks" not in fields:
+            row = row.exclude(last_recovery_point_at=fields["last_recovery_point_at"])
+        row.update(**fields)
 
 
 def _group_of(label) -> str | None:

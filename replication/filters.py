@@ -1,7 +1,7 @@
 import django_filters
 
 from core.filters import IdFilter, InstantFilter
-from replication.models import ProtectedItem, RecoveryPoint
+from replication.models import AgentRegistration, MobilityAgent, ProtectedItem, RecoveryPoint
 
 
 class ProtectedItemFilter(django_filters.FilterSet):
@@ -23,3 +23,21 @@ class RecoveryPointFilter(django_filters.FilterSet):
     class Meta:
         model = RecoveryPoint
         fields = ["item", "type", "after", "before"]
+
+
+class MobilityAgentFilter(django_filters.FilterSet):
+    vault = IdFilter(field_name="vault_id")
+    machine = IdFilter(field_name="machine_id")
+
+    class Meta:
+        model = MobilityAgent
+        fields = ["vault", "machine", "pushed"]
+
+
+class AgentRegistrationFilter(django_filters.FilterSet):
+    vault = IdFilter(field_name="vault_id")
+    machine = IdFilter(field_name="machine_id")
+
+    class Meta:
+        model = AgentRegistration
+        fields = ["vault", "machine", "state"]

@@ -16,7 +16,10 @@ class EnableReplicationForm(forms.Form):
         queryset=DiscoveredMachine.objects.none(), widget=forms.CheckboxSelectMultiple,
         label="Machines", help_text="One enable-replication job starts per machine.",
     )
-    process_server = forms.ModelChoiceField(queryset=ProcessServer.objects.none())
+    process_server = forms.ModelChoiceField(
+        queryset=ProcessServer.objects.none(), required=False, empty_label="Automatic: the least loaded",
+        help_text="Where the agents send the machines' changes. Automatic spreads the machines over the process servers.",
+    )
     policy = forms.ModelChoiceField(queryset=ReplicationPolicy.objects.none(), label="Replication policy")
 
     def __init__(self, *args, vault: Vault, **kwargs):

@@ -1,25 +1,28 @@
-"""Job handlers of replication: enable, disable, resynchronize."""
+"""Job handlers of replication: enable, disable, resynchronize, switch process server."""
 from __future__ import annotations
 
-import json
 import logging
-import os
+from datetime import datetime
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from core import queues
 from core.choices import JobType
 from core.exceptions import LifeboatError
 from core.jobs import JobContext, job_handler
 from core.text import size_text
-from mobility.durable import replace_durably
-from replication.agents import agent_push, agent_token
+from mobility.transport import ProcessServerClient, RetryPolicy, TransportError
+from replication.agents import agent_push
+from replication.dataplane.apply import stream_floor
 from replication.choices import ProtectionState as P
 from replication.engine import applier_for, storage
 from replication.models import MobilityAgent, ProtectedItem, ReplicaDisk
+from replication.push_install import push_credentials_write
 from replication.scheduling import resync_failure_recorded
 from replication.services import protected_item_transition
+from replication.tokens import item_token
 from replication.waits import initial_slot_wait_key, item_wait_key, machine_wait_key
 from vault.choices import MachineSource, VCenterKind
 from vault.discovery import connector_for
@@ -55,22 +58,20 @@ def agent_install(ctx: JobContext, item: ProtectedItem) -> dict[str, list[str]]:
     if vcenter is not None and vcenter.kind == VCenterKind.SIMULATED:
         site = simulated_site_for(item)
         agent = agent_push(machine=machine)
-        state_dir = os.path.join(vcenter.host, "agents", machine.instance_uuid)
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        _write_private_json(
-            os.path.join(state_dir, "credentials.json"),
-            {"agent_id": str(agent.pk), "token": agent_token(agent=agent), "config_url": settings.LIFEBOAT_CONFIG_URL},
-        )
+        paths = {str(d.key): [site.disk_path(machine.instance_uuid, d.key), site.journal_dir(machine.instance_uuid, d.key)]
+                 for d in machine.disks.all()}
+        # The credentials list the disks: the agent reads no other (replication/push_install.py).
+        push_credentials_write(machine=machine, agent=agent, paths=paths)
         ctx.summary("Installed by Lifeboat on the simulated site.")
-        return {str(d.key): [site.disk_path(machine.instance_uuid, d.key), site.journal_dir(machine.instance_uuid, d.key)]
-                for d in machine.disks.all()}
+        return paths
     if machine.source == MachineSource.AGENT:
         ctx.summary("The agent registered this machine itself.")
         return {str(d.key): [d.backing_file, ""] for d in machine.disks.all()}
     # A vCenter VM: the agent is installed by hand on it and registers with the vault.
     command = (
-        f"python -m mobility register --config-url {settings.LIFEBOAT_CONFIG_URL} --passphrase <vault passphrase> "
-        f"--instance-uuid {machine.instance_uuid} --disk <key>=<device path> ... && python -m mobility run"
+        f"python -m mobility register --config-url {settings.LIFEBOAT_CONFIG_URL} --passphrase-file <file holding the "
+        f"vault passphrase, or - to read it from standard input> --instance-uuid {machine.instance_uuid} "
+        "--disk <key>=<device path> ... && python -m mobility run"
     )
     agent = MobilityAgent.objects.filter(machine=machine).first()
     if agent is not None:
@@ -88,10 +89,6 @@ def agent_install(ctx: JobContext, item: ProtectedItem) -> dict[str, list[str]]:
     # The agent's registration wakes the job (machine_wait_key); the periodic look is a backstop.
     ctx.wait(f"Waiting for the mobility agent to register. Install it on the VM: {command}",
              key=machine_wait_key(machine.pk), check_after=30)
-
-
-def _write_private_json(path: str, value: dict) -> None:
-    replace_durably(path, json.dumps(value).encode(), mode=0o600)
 
 
 def _take_initial_slot(ctx: JobContext, item: ProtectedItem) -> None:
@@ -152,7 +149,9 @@ def _initial_replication(ctx: JobContext, item: ProtectedItem) -> None:
              progress=item.initial_replication_progress)
 
 
-@job_handler(JobType.ENABLE_REPLICATION, queue=queues.DATA, on_failure=_enable_failed)
+# Every step runs again safely (a step that finished is kept, the others look again at what
+# they find), so a job whose worker died is run again on another one (core.jobs.jobs_reap).
+@job_handler(JobType.ENABLE_REPLICATION, queue=queues.DATA, on_failure=_enable_failed, resumable=True)
 def run_enable(ctx: JobContext) -> dict:
     item = _item(ctx)
     if not ctx.done("Check prerequisites") and item.protection_state != P.ENABLING:
@@ -280,7 +279,7 @@ def _resync_apply(ctx: JobContext, item: ProtectedItem, target: int) -> None:
     ctx.summary(f"The replica applied the pass through seq {target}; {item.name} is protected.")
 
 
-@job_handler(JobType.RESYNC, queue=queues.DATA, on_failure=_resync_failed)
+@job_handler(JobType.RESYNC, queue=queues.DATA, on_failure=_resync_failed, resumable=True)
 def run_resync(ctx: JobContext) -> dict:
     item = _item(ctx)
     # The request this job serves, as the agent's assignment names it: the agent's status
@@ -296,3 +295,116 @@ def run_resync(ctx: JobContext) -> dict:
     target = ctx.run_step("Compare and send changed blocks", _resync_compare, ctx, item, serving, applied_before)
     ctx.run_step("Apply the resynchronization", _resync_apply, ctx, item, target)
     return {"applied_seq": target}
+
+
+# --- switch process server ------------------------------------------------------------------
+
+# How long each wait of a switch may last before the job gives up (the item stays where it is).
+SWITCH_STEP_TIMEOUT = 600
+
+
+def _item_position(server: ProcessServer, item: ProtectedItem) -> dict | None:
+    """What ``server`` says of the item's stream (``GET /v1/items/<id>``, with the item's token,
+    pinning the server's certificate), or None if it does not answer now."""
+    client = ProcessServerClient(server.url, thumbprint=server.thumbprint, timeout=15)
+    try:
+        return RetryPolicy(max_attempts=2, max_delay=1.0).run(
+            lambda: client.item_position(item_id=item.pk, token=item_token(item=item)))
+    except (TransportError, ValueError) as e:
+        logger.warning("item %s: process server %s (%s) does not answer: %s", item.pk, server.name, server.url, e)
+        return None
+    finally:
+        client.close()
+
+
+def _switch_deadline(ctx: JobContext, what: str, message: str) -> None:
+    if ctx.deadline_passed(what, SWITCH_STEP_TIMEOUT):
+        raise LifeboatError(f"{message} within {SWITCH_STEP_TIMEOUT // 60} minutes; the item stays on its process "
+                            "server. Switch again once that is fixed.")
+
+
+def _new_server_answers(ctx: JobContext, item: ProtectedItem, new: ProcessServer) -> None:
+    if _item_position(new, item) is None:
+        _switch_deadline(ctx, "new server answers", f"{new.name} ({new.url}) did not answer for {item.name}")
+        ctx.wait(f"Waiting for {new.name} ({new.url}) to answer.", check_after=CHECK_AFTER)
+    ctx.summary(f"{new.name} answers at {new.url}.")
+
+
+def _agent_stopped(ctx: JobContext, item: ProtectedItem, old: ProcessServer) -> None:
+    """While the job runs the agent's assignment leaves the item out (replication.agents):
+    the agent closes the item's runner once every batch in flight is answered. A heartbeat
+    received after the job started that no longer lists the item says it has done so."""
+    paused_at = ctx.memo.setdefault("paused_at", timezone.now().isoformat())
+    agent = MobilityAgent.objects.filter(machine=item.machine_id).first()
+    if agent is None:
+        raise LifeboatError(f"{item.name} has no mobility agent any more; nothing ships it to a process server.")
+    listed = {str(s.get("item_id")) for s in (agent.last_status or {}).get("items", [])}
+    if agent.last_heartbeat_at and agent.last_heartbeat_at > datetime.fromisoformat(paused_at) and (
+            str(item.pk) not in listed):
+        ctx.summary(f"The mobility agent stopped sending {item.name} to {old.name}.")
+        return
+    _switch_deadline(ctx, "agent stops", f"The mobility agent of {item.name} did not confirm that it stopped sending")
+    ctx.wait(f"Waiting for the mobility agent to stop sending {item.name} to {old.name}.",
+             key=machine_wait_key(item.machine_id), check_after=CHECK_AFTER)
+
+
+def _old_server_drained(ctx: JobContext, item: ProtectedItem, old: ProcessServer) -> int:
+    """Every batch the old server acknowledged is in storage: the new one, which continues
+    after what storage holds, goes on right after them. Returns that seq."""
+    position = _item_position(old, item)
+    if position is not None:
+        acked, uploaded = position["acked_seq"], int(position.get("uploaded_seq", -1))
+        floor = stream_floor(storage(), item.pk)
+        if not position.get("receiving_batches") and uploaded >= acked and floor >= acked:
+            ctx.summary(f"{old.name} uploaded everything it acknowledged: storage holds the stream through seq "
+                        f"{floor}.")
+            return floor
+        waiting = f"{old.name} is uploading what it acknowledged (seq {uploaded} of {acked} in storage)."
+    else:
+        waiting = f"Waiting for {old.name} ({old.url}) to answer: it holds the item's acknowledged batches."
+    _switch_deadline(ctx, "old server drains", f"{old.name} did not show every batch it acknowledged for {item.name} "
+                                               "in storage")
+    ctx.wait(waiting, check_after=2)
+
+
+def _switch(ctx: JobContext, item: ProtectedItem, old: ProcessServer, new: ProcessServer, through: int) -> None:
+    # Asked now, the new server lines the item up with what storage holds (seq ``through``).
+    if _item_position(new, item) is None:
+        _switch_deadline(ctx, "new server answers again", f"{new.name} ({new.url}) did not answer for {item.name}")
+        ctx.wait(f"Waiting for {new.name} ({new.url}) to answer.", check_after=CHECK_AFTER)
+    moved = ProtectedItem.objects.filter(pk=item.pk, process_server=old).update(process_server=new)
+    if not moved and not ProtectedItem.objects.filter(pk=item.pk, process_server=new).exists():
+        raise LifeboatError(f"{item.name} was moved to another process server meanwhile; nothing was changed.")
+    event_record(vault=item.vault, kind="process_server_switched", protected_item=item,
+                 message=f"{item.name} now replicates through {new.name} (was {old.name}), going on after seq "
+                         f"{through}: no data is copied again.")
+    ctx.summary(f"{item.name} replicates through {new.name} from seq {through + 1}.")
+
+
+def _agent_resumed(ctx: JobContext, item: ProtectedItem, new: ProcessServer, through: int) -> int:
+    """The agent ships to the new server: it acknowledged a batch after ``through``."""
+    status = _agent_phase(item)
+    acked = status.get("acked_seq")
+    if isinstance(acked, int) and acked > through:
+        ctx.summary(f"{new.name} acknowledged the item's batches through seq {acked}.")
+        return acked
+    _switch_deadline(ctx, "agent resumes", f"The mobility agent of {item.name} did not send to {new.name}")
+    ctx.wait(f"Waiting for the mobility agent to send to {new.name}.", key=machine_wait_key(item.machine_id),
+             check_after=CHECK_AFTER)
+
+
+@job_handler(JobType.CHANGE_PROCESS_SERVER, queue=queues.DATA, resumable=True)
+def run_change_process_server(ctx: JobContext) -> dict:
+    """Switch process server without copying anything again: the agent is told nothing of the
+    item while the old server uploads what it acknowledged, then the new server takes the
+    stream up right after what storage holds (docs/DESIGN-NOTES.md, "Switching process
+    server")."""
+    item = _item(ctx)
+    old = ProcessServer.objects.get(pk=ctx.params["from"])
+    new = ProcessServer.objects.get(pk=ctx.params["process_server"])
+    ctx.run_step("Check the new process server", _new_server_answers, ctx, item, new)
+    ctx.run_step("Pause shipping", _agent_stopped, ctx, item, old)
+    through = ctx.run_step("Drain the old process server", _old_server_drained, ctx, item, old)
+    ctx.run_step("Switch", _switch, ctx, item, old, new, through)
+    acked = ctx.run_step("Resume shipping", _agent_resumed, ctx, item, new, through)
+    return {"process_server": new.pk, "from_seq": through + 1, "acked_seq": acked}

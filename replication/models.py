@@ -2,11 +2,19 @@ from __future__ import annotations
 
 import uuid
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 
 from core.models import TimeStampedModel
-from replication.choices import Direction, GroupPointState, ProtectionState, RecoveryPointType, TestFailoverState
+from replication.choices import (
+    Direction,
+    GroupPointState,
+    ProtectionState,
+    RecoveryPointType,
+    RegistrationState,
+    TestFailoverState,
+)
 from vault.choices import Health
 from vault.models import NetworkPurpose
 
@@ -84,6 +92,20 @@ class ProtectedItem(TimeStampedModel):
     agent_backlog_bytes = models.BigIntegerField(default=0, editable=False)
     acked_seq = models.BigIntegerField(default=0, editable=False)
     applied_seq = models.BigIntegerField(default=0, editable=False)
+    # The data path in bytes (replication/data_path.py). From the process server's heartbeat:
+    # the sealed bytes it holds for the item not yet uploaded, how far it uploaded, and the
+    # rates over the last minutes (bytes/s received from the agent, uploaded, applied).
+    uploaded_seq = models.BigIntegerField(default=0, editable=False)
+    ps_pending_bytes = models.BigIntegerField(default=0, editable=False)
+    sent_bytes_per_s = models.FloatField(null=True, blank=True, editable=False)
+    uploaded_bytes_per_s = models.FloatField(null=True, blank=True, editable=False)
+    applied_bytes_per_s = models.FloatField(null=True, blank=True, editable=False)
+    data_path_measured_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # From the apply passes: sealed log bytes applied, ever (a counter), and the bytes of logs
+    # left in cache storage after the last pass.
+    applied_log_bytes = models.BigIntegerField(default=0, editable=False)
+    storage_waiting_bytes = models.BigIntegerField(default=0, editable=False)
+    storage_measured_at = models.DateTimeField(null=True, blank=True, editable=False)
     state_changed_at = models.DateTimeField(auto_now_add=True, editable=False)
     # One apply pass at a time per item: a worker holds this lease while it applies.
     apply_lease_until = models.DateTimeField(null=True, blank=True, editable=False)
@@ -112,6 +134,9 @@ class ProtectedItem(TimeStampedModel):
         ReplicationGroup, on_delete=models.SET_NULL, null=True, blank=True, related_name="members", editable=False,
         help_text="The replication group whose shared recovery points the item gets.",
     )
+    # The generation of the item's token (``replication.dataplane.auth``): bumping it revokes
+    # every older item token at the process servers (rotateToken, an approved registration).
+    token_generation = models.PositiveBigIntegerField(default=0, editable=False)
 
     class Meta:
         ordering = ["name"]
@@ -201,6 +226,67 @@ class MobilityAgent(TimeStampedModel):
     last_status = models.JSONField(default=dict, blank=True, editable=False)
     # The disks the agent reported at registration: key, path, capacity.
     disks = models.JSONField(default=list, blank=True, editable=False)
+    # The generation of the agent's token: only a token of this generation is accepted
+    # (bumped by revoke, rotate and an approved registration).
+    token_generation = models.PositiveBigIntegerField(default=0, editable=False)
+    # A rotation under way: the previous generation still fetches the assignment (which
+    # hands the agent its new token) until the agent first calls with the new one.
+    rotating = models.BooleanField(default=False, editable=False)
 
     def __str__(self) -> str:
         return f"agent on {self.hostname}"
+
+
+class AgentRegistration(TimeStampedModel):
+    """A registration for a machine that already has an agent, made without that agent's
+    token: it gets no credentials until an administrator approves it (issue 16 part 3).
+    The registering agent polls for the outcome with a secret of its own (only its SHA-256
+    is kept)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    vault = models.ForeignKey("vault.Vault", on_delete=models.CASCADE, related_name="agent_registrations")
+    machine = models.ForeignKey("vault.DiscoveredMachine", on_delete=models.CASCADE, related_name="agent_registrations")
+    hostname = models.CharField(max_length=255)
+    version = models.CharField(max_length=40, blank=True)
+    # The machine as the registration described it (name, os, instance_uuid, disks).
+    report = models.JSONField(default=dict, blank=True, editable=False)
+    remote_addr = models.GenericIPAddressField(null=True, blank=True, editable=False)
+    state = models.CharField(max_length=16, choices=RegistrationState.choices, default=RegistrationState.PENDING,
+                             editable=False, db_index=True)
+    poll_digest = models.CharField(max_length=64, unique=True, editable=False)
+    decided_at = models.DateTimeField(null=True, blank=True, editable=False)
+    decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True,
+                                   related_name="+", editable=False)
+    # The agent token generation its approval issued: the poll hands out that token only
+    # while it is still the agent's current one.
+    agent_generation = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"registration of {self.hostname} for {self.machine}"
+
+
+class DataPathSample(models.Model):
+    """A process server's counters as one heartbeat reported them, kept for a few minutes so
+    that rates come from successive samples (replication/data_path.py). A row with an item
+    holds that item's figures; a row without, the server's totals."""
+
+    server = models.ForeignKey("vault.ProcessServer", on_delete=models.CASCADE, related_name="data_path_samples")
+    item = models.ForeignKey(ProtectedItem, on_delete=models.CASCADE, null=True, blank=True,
+                             related_name="data_path_samples")
+    at = models.DateTimeField()
+    # When the process server started: its counters count from there, so a new value here
+    # means they began again from 0.
+    started_at = models.FloatField()
+    received_bytes = models.BigIntegerField()  # batch bytes received and acknowledged since the start
+    uploaded_bytes = models.BigIntegerField()  # sealed bytes put into cache storage since the start
+    applied_log_bytes = models.BigIntegerField(null=True, blank=True)  # the item's counter then
+
+    class Meta:
+        ordering = ["at"]
+        indexes = [models.Index(fields=["server", "at"])]
+
+    def __str__(self) -> str:
+        return f"{self.item or self.server} @ {self.at:%H:%M:%S}"

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 
 from django.conf import settings
+from django.db.models import DateTimeField, F, Func, IntegerField, Value
 from django.utils import timezone
 
 from replication.choices import ProtectionState as P
 from replication.models import ProtectedItem
 from vault.choices import Health, Severity
-from vault.models import Alert, ProcessServer
+from vault.models import Alert, ProcessServer, ReplicationPolicy, Vault
 from vault.services import alert_raise, alert_resolve
 
 # ASR's process-server thresholds: (warning, critical).
@@ -66,23 +67,82 @@ def item_health(item: ProtectedItem, *, now) -> tuple[int | None, str, list[str]
     return rpo, health, [text for _, text in reasons]
 
 
+class SecondsSince(Func):
+    """Whole seconds from a timestamp column to ``now``, never negative: the RPO as
+    ``item_health`` computes it (``max(0, int(seconds))``), in SQL."""
+
+    output_field = IntegerField()
+
+    def __init__(self, now, column: str) -> None:
+        super().__init__(Value(now, output_field=DateTimeField()), F(column))
+
+    def as_postgresql(self, compiler, connection, **extra):
+        return self.as_sql(compiler, connection, arg_joiner=" - ",
+                           template="GREATEST(0, FLOOR(EXTRACT(EPOCH FROM (%(expressions)s))))::integer", **extra)
+
+    def as_sqlite(self, compiler, connection, **extra):
+        # Whole seconds and microseconds apart (SQLite keeps "YYYY-MM-DD HH:MM:SS.ffffff"),
+        # in integers: julianday's floating point is a second off now and then.
+        (now, now_params), (col, col_params) = (compiler.compile(e) for e in self.get_source_expressions())
+        micros = (f"((strftime('%%s', {now}) - strftime('%%s', {col})) * 1000000 "
+                  f"+ CAST(substr({now}, 21, 6) AS INTEGER) - CAST(substr({col}, 21, 6) AS INTEGER))")
+        return f"MAX(0, {micros} / 1000000)", (*now_params, *col_params, *now_params, *col_params)
+
+
 def items_monitor(*, now=None) -> dict:
-    """One pass over every item: RPO and health, then alerts for what changed."""
+    """One pass over every item: RPO and health, then alerts for what changed.
+
+    Every item's RPO moves at every sweep, so it is written for all of them in one UPDATE
+    computed by the database (``SecondsSince``), never row by row: at 10,000 items a
+    ``bulk_update`` of every RPO took seconds of query building alone. Health and its
+    reasons change rarely; only the items whose health changed are written."""
     now = now or timezone.now()
-    items = list(ProtectedItem.objects.select_related("policy", "vault"))
+    items = _monitored_items()
     active = _active_alert_keys()
     changed = []
+    health_changed = []
     raised = resolved = 0
+    rpo_moved = rpo_cleared = False
     for item in items:
         rpo, health, reasons = item_health(item, now=now)
         if (rpo, health, reasons) != (item.rpo_seconds, item.health, item.health_reasons):
-            item.rpo_seconds, item.health, item.health_reasons = rpo, health, reasons
             changed.append(item)
+            if rpo != item.rpo_seconds:
+                rpo_moved |= rpo is not None
+                rpo_cleared |= rpo is None
+            if (health, reasons) != (item.health, item.health_reasons):
+                health_changed.append(item)
+            item.rpo_seconds, item.health, item.health_reasons = rpo, health, reasons
         r, s = _item_alerts(item, active=active, now=now)
         raised += r
         resolved += s
-    ProtectedItem.objects.bulk_update(changed, ["rpo_seconds", "health", "health_reasons"], batch_size=500)
+    if rpo_moved:
+        ProtectedItem.objects.filter(last_recovery_point_at__isnull=False).update(
+            rpo_seconds=SecondsSince(now, "last_recovery_point_at"))
+    if rpo_cleared:
+        ProtectedItem.objects.filter(last_recovery_point_at__isnull=True, rpo_seconds__isnull=False).update(rpo_seconds=None)
+    ProtectedItem.objects.bulk_update(health_changed, ["health", "health_reasons"], batch_size=500)
     return {"items": len(items), "changed": len(changed), "alerts_raised": raised, "alerts_resolved": resolved}
+
+
+# What the sweep reads of an item (``item_health``, ``_item_alerts``): the other columns
+# (keys, journals of bookmarks, data path figures) would only cost time to load.
+MONITORED_FIELDS = ("id", "vault", "policy", "name", "protection_state", "health", "health_reasons", "rpo_seconds",
+                    "last_recovery_point_at", "agent_last_heartbeat_at", "created_at", "last_error")
+
+
+def _monitored_items() -> list[ProtectedItem]:
+    """Every item with the fields the sweep reads, its vault and policy shared from one
+    query each (a vault and a policy per row, joined, would be 20,000 more objects to build
+    at 10,000 items)."""
+    items = list(ProtectedItem.objects.only(*MONITORED_FIELDS))
+    vaults = {v.pk: v for v in Vault.objects.all()}
+    policies = {p.pk: p for p in ReplicationPolicy.objects.all()}
+    for item in items:
+        if item.vault_id in vaults:  # else deleted meanwhile: the item loads its own (and is gone)
+            item.vault = vaults[item.vault_id]
+        item.policy = policies[item.policy_id]  # a policy in use cannot be deleted (PROTECT)
+    return items
 
 
 def _item_alerts(item: ProtectedItem, *, active: set[tuple[int, str]], now) -> tuple[int, int]:

@@ -5,7 +5,7 @@ import os
 
 from django.conf import settings
 
-from replication.agents import process_server_token
+from replication.tokens import item_token_generations, process_server_token
 from vault.models import ProcessServer
 from vault.services import encode_key, vault_keys
 
@@ -21,4 +21,6 @@ def process_server_config(*, server: ProcessServer, cache_dir: str | None = None
         "storage": settings.LIFEBOAT_STORAGE,
         "report_url": f"{settings.LIFEBOAT_CONFIG_URL.rstrip('/')}/api/v1/processServers/{server.pk}/heartbeat",
         "report_token": process_server_token(server=server),
+        # Revoked item tokens are refused from the first start (the heartbeat keeps this current).
+        "token_generations": item_token_generations(vault=server.vault),
     }

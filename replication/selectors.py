@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from django.db.models import Case, Count, IntegerField, Value, When
 from django.utils import timezone
 
 from core.choices import JobState, JobType
@@ -10,6 +11,8 @@ from core.models import Job
 from replication.choices import Direction
 from replication.choices import ProtectionState as P
 from replication.models import ProtectedItem, RecoveryPoint
+from vault.choices import Site
+from vault.models import ProcessServer
 
 
 def item_actions(*, item: ProtectedItem) -> list[tuple[str, str, str]]:
@@ -55,3 +58,23 @@ def item_rpo_history(*, item: ProtectedItem, hours: int = 6, now=None) -> list[d
     if prev is not None:
         series.append({"t": now.isoformat(), "rpo": round((now - prev).total_seconds(), 1)})
     return series
+
+
+def process_server_least_loaded(*, vault, site: str = Site.PRIMARY) -> ProcessServer | None:
+    """The process server an item goes to when the admin names none: of the vault's servers
+    at ``site``, one that has reported (an agent can pin its certificate) before one that
+    never has, then the one serving the fewest protected items (ties by name). Enabling
+    machines one after another so spreads them evenly over the process servers."""
+    never_reported = Case(When(thumbprint="", then=Value(1)), default=Value(0), output_field=IntegerField())
+    return (ProcessServer.objects.filter(vault=vault, site=site)
+            .annotate(never_reported=never_reported, items=Count("protected_items"))
+            .order_by("never_reported", "items", "name").first())
+
+
+def items_switching_process_server(*, item_ids) -> dict[str, int]:
+    """Items of ``item_ids`` with a "Switch process server" job under way: item id -> the
+    process server they move to. Until the item is on it, its agent is told nothing of the
+    item (the job drains the old server first: replication/jobs.py). One query."""
+    jobs = Job.objects.filter(type=JobType.CHANGE_PROCESS_SERVER, target_type="protected_item",
+                              target_id__in=[str(i) for i in item_ids], state__in=JobState.ACTIVE)
+    return {target: int(params["process_server"]) for target, params in jobs.values_list("target_id", "params")}

@@ -13,6 +13,7 @@ from core.models import Job
 from core.transitions import transition
 from replication.choices import Direction, ProtectionState, TestFailoverState
 from replication.models import ProtectedItem
+from replication.selectors import process_server_least_loaded
 from replication.transitions import PROTECTION, TEST_FAILOVER
 from vault.choices import Severity
 from vault.models import DiscoveredMachine, NetworkPurpose
@@ -53,8 +54,15 @@ def protected_item_test_failover_transition(
 ENABLE_STEPS = ["Check prerequisites", "Install the mobility agent", "Create replica disks", "Initial replication", "Start delta replication"]
 
 
-def protected_item_enable(*, vault, machine, policy, process_server, recovery_site=None, user=None):
-    """Protect a machine: the item row (ENABLING) and its enable-replication job, together."""
+def protected_item_enable(*, vault, machine, policy, process_server=None, recovery_site=None, user=None):
+    """Protect a machine: the item row (ENABLING) and its enable-replication job, together.
+    Without a ``process_server`` the vault's least loaded one takes the item
+    (``selectors.process_server_least_loaded``)."""
+    if process_server is None:
+        process_server = process_server_least_loaded(vault=vault)
+        if process_server is None:
+            raise ValidationFailed(f"The vault {vault.name} has no process server to send {machine.name}'s "
+                                   "replication to: add one (Infrastructure) first.")
     problems = []
     if machine.vault_id != vault.pk or policy.vault_id != vault.pk or process_server.vault_id != vault.pk:
         problems.append("The machine, policy and process server must all belong to this vault.")
@@ -128,6 +136,51 @@ def protected_item_resync(*, item, user=None):
             job_type=JobType.RESYNC, vault=item.vault, target_type="protected_item", target_id=str(item.pk),
             target_name=item.name, steps=RESYNC_STEPS, created_by=user,
         )
+    return item, job
+
+
+CHANGE_PROCESS_SERVER_STEPS = ["Check the new process server", "Pause shipping", "Drain the old process server",
+                               "Switch", "Resume shipping"]
+
+
+def protected_item_change_process_server(*, item, process_server, user=None):
+    """Switch process server (ASR's "Switch process server"): the item's agent sends to
+    ``process_server`` from now on, going on from where the stream stands: nothing is copied
+    again. A job (replication.jobs.run_change_process_server): the old server uploads what it
+    acknowledged before the agent is told of the new one."""
+    with transaction.atomic():
+        # The item's row lock serializes two switches of one item.
+        item = ProtectedItem.objects.select_for_update().select_related("process_server", "vault").get(pk=item.pk)
+        old = item.process_server
+        if process_server.vault_id != item.vault_id:
+            raise ValidationFailed(f"The process server {process_server.name} belongs to another vault.")
+        if process_server.pk == old.pk:
+            raise ValidationFailed(f"{item.name} already replicates through {old.name}.")
+        if process_server.site != old.site:
+            raise ValidationFailed(f"{process_server.name} is a process server of the "
+                                   f"{process_server.get_site_display().lower()} site; {item.name} needs one of the "
+                                   f"{old.get_site_display().lower()} site, as {old.name} is.")
+        if not process_server.thumbprint:
+            raise ValidationFailed(f"{process_server.name} has never reported to the vault: start it (its configuration "
+                                   f"is GET /api/v1/processServers/{process_server.pk}/configuration) before moving "
+                                   "items to it.")
+        if item.protection_state != ProtectionState.PROTECTED:
+            raise InvalidTransition(
+                f"Only a protected item switches process server; {item.name} is "
+                f"{item.get_protection_state_display().lower()}. Switch it once that is over.",
+                current_state=item.protection_state, operation="switch the process server of",
+            )
+        if Job.objects.filter(type=JobType.CHANGE_PROCESS_SERVER, target_type="protected_item",
+                              target_id=str(item.pk), state__in=JobState.ACTIVE).exists():
+            raise Conflict(f"{item.name} is switching process server already.", code="invalid_state",
+                           extra={"current_state": item.protection_state, "operation": "switch the process server of"})
+        job = job_create(
+            job_type=JobType.CHANGE_PROCESS_SERVER, vault=item.vault, target_type="protected_item",
+            target_id=str(item.pk), target_name=item.name, params={"process_server": process_server.pk, "from": old.pk},
+            steps=CHANGE_PROCESS_SERVER_STEPS, created_by=user,
+        )
+        event_record(vault=item.vault, kind="process_server_switch", protected_item=item,
+                     message=f"Switching {item.name} from process server {old.name} to {process_server.name}.")
     return item, job
 
 

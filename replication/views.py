@@ -4,20 +4,23 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.core.paginator import Paginator
 from django.db import transaction
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from core.exceptions import LifeboatError
-from core.portal import current_vault, filtered, render_page
-from replication import services
+from core import access
+from core.portal import current_vault, filtered, render_page, require, visible_or_404
+from core.tables import Sorting, ranked, table_page
+from replication import agents, services
 from replication.choices import ProtectionState, TestFailoverState
+from replication.data_path import item_data_path
 from replication.filters import ProtectedItemFilter
 from replication.forms import EnableReplicationForm, NetworkMappingForm
 from replication.choices import Direction
-from replication.models import ProtectedItem
+from replication.models import AgentRegistration, ProtectedItem
 from replication.selectors import item_actions, item_rpo_history
+from vault.choices import Health
 from vault.forms import WorkloadForm
 from vault.simulation import machine_set_workload, machine_workload
 
@@ -47,6 +50,13 @@ def recovered_vms(*, item: ProtectedItem) -> list:
     )
 
 
+ITEM_SORTING = Sorting(columns={
+    "name": ("name",), "direction": ("direction",), "protection_state": ("protection_state",), "health": (ranked("health", Health.values),),
+    "rpo_seconds": ("rpo_seconds",), "test_failover_state": ("test_failover_state",), "policy": ("policy__name",),
+    "process_server": ("process_server__name",),
+}, default="name")
+
+
 @login_required
 def item_list(request):
     vault = current_vault(request)
@@ -54,20 +64,22 @@ def item_list(request):
         return redirect("portal:vault-create")
     qs = ProtectedItem.objects.filter(vault=vault).select_related("policy", "process_server", "machine")
     filterset = ProtectedItemFilter(request.GET, queryset=qs)
-    page = Paginator(filtered(request, filterset), 100).get_page(request.GET.get("page"))
-    return render_page(request, "replication/item_list.html", {"vault": vault, "filter": filterset, "page": page}, partial="rows")
+    page, ordering = table_page(request, filtered(request, filterset), sorting=ITEM_SORTING, per_page=100)
+    return render_page(request, "replication/item_list.html",
+                       {"vault": vault, "filter": filterset, "page": page, "ordering": ordering}, partial="rows")
 
 
 @login_required
 def item_detail(request, pk):
-    item = get_object_or_404(
+    item = visible_or_404(
         ProtectedItem.objects.select_related(
             "vault", "policy", "process_server", "machine", "recovery_site", "recovery_network", "test_network"
-        ), pk=pk,
+        ), request, pk=pk,
     )
     points = list(item.recovery_points.order_by("-time")[:50])
     context = {
         "vault": item.vault,
+        "can": access.capabilities(request.user, item.vault_id),  # the item's vault, whichever the portal shows
         "item": item,
         "disks": item.replica_disks.all(),
         "points": points,
@@ -76,6 +88,7 @@ def item_detail(request, pk):
         "recovery_operations": recovery_operations(item=item),
         "recovered_vms": recovered_vms(item=item),
         "pending_apply": max(0, item.acked_seq - item.applied_seq),
+        "data_path": item_data_path(item=item),
     }
     if not (request.htmx and not request.htmx.boosted):
         if item.vault.recovery_sites.exists():
@@ -89,11 +102,6 @@ def item_detail(request, pk):
 # --- operations ----------------------------------------------------------------------------
 
 
-def _require_admin(request) -> None:
-    if not request.user.is_staff:
-        raise PermissionDenied("Only administrators can change replication.")
-
-
 @login_required
 def enable_replication(request):
     vault = current_vault(request)
@@ -102,7 +110,7 @@ def enable_replication(request):
     data = request.POST if request.method == "POST" else (request.GET if "source" in request.GET else None)
     form = EnableReplicationForm(data, vault=vault)
     if request.method == "POST":
-        _require_admin(request)
+        require(request, vault.pk, access.OPERATE)
         if form.is_valid():
             started, failed = [], []
             for machine in form.cleaned_data["machines"]:
@@ -128,8 +136,8 @@ def enable_replication(request):
 @login_required
 @require_POST
 def item_action(request, pk, action):
-    _require_admin(request)
-    item = get_object_or_404(ProtectedItem, pk=pk)
+    item = visible_or_404(ProtectedItem.objects.all(), request, pk=pk)
+    require(request, item.vault_id, access.OPERATE)
     operations = {
         "resync": services.protected_item_resync,
         "disable": services.protected_item_disable,
@@ -149,8 +157,8 @@ def item_action(request, pk, action):
 @require_POST
 def workload_update(request, pk):
     """Change a simulated VM's write rate (the demo's churn control)."""
-    _require_admin(request)
-    item = get_object_or_404(ProtectedItem.objects.select_related("machine", "machine__vcenter"), pk=pk)
+    item = visible_or_404(ProtectedItem.objects.select_related("machine", "machine__vcenter"), request, pk=pk)
+    require(request, item.vault_id, access.OPERATE)
     form = WorkloadForm(request.POST)
     if form.is_valid():
         try:
@@ -168,8 +176,8 @@ def workload_update(request, pk):
 @require_POST
 def network_mapping_update(request, pk):
     """Change where the item's recovered VMs go: recovery site, recovery and test network."""
-    _require_admin(request)
-    item = get_object_or_404(ProtectedItem.objects.select_related("vault"), pk=pk)
+    item = visible_or_404(ProtectedItem.objects.select_related("vault"), request, pk=pk)
+    require(request, item.vault_id, access.OPERATE)
     form = NetworkMappingForm(request.POST, item=item)
     if form.is_valid() and form.save() is not None:
         messages.success(request, "Network mapping saved.")
@@ -178,3 +186,27 @@ def network_mapping_update(request, pk):
             for error in errors:
                 messages.error(request, error if field == "__all__" else f"{form.fields[field].label}: {error}")
     return redirect("portal:item-detail", pk=pk)
+
+
+@login_required
+@require_POST
+def agent_registration_decide(request, pk, decision):
+    """Approve or reject an agent registration that waits for an administrator (the
+    infrastructure page's buttons)."""
+    registration = visible_or_404(AgentRegistration.objects.select_related("machine"), request, pk=pk)
+    require(request, registration.vault_id, access.MANAGE)
+    decide = {"approve": agents.agent_registration_approve, "reject": agents.agent_registration_reject}.get(decision)
+    if decide is None:
+        raise PermissionDenied("Unknown decision.")
+    try:
+        decide(registration_id=registration.pk, user=request.user)
+    except LifeboatError as exc:
+        messages.error(request, exc.message)
+    else:
+        if decision == "approve":
+            messages.success(request, f"{registration.hostname} is now the agent of {registration.machine.name}; the "
+                                      "previous agent's tokens no longer work.")
+        else:
+            messages.success(request, f"The registration of {registration.hostname} as {registration.machine.name} "
+                                      "was rejected.")
+    return redirect("portal:infrastructure")

@@ -27,7 +27,9 @@ env.setdefault("LIFEBOAT_HEARTBEAT_TIMEOUT", "120")
 env.setdefault("LIFEBOAT_ALERT_QUIET_SECONDS", "120")
 
 PROCESSES = {
-    "web": [PY, "-m", "gunicorn", "lifeboat.wsgi", "-b", "127.0.0.1:8000", "-w", "2", "--threads", "4", "--access-logfile", "-"],
+    # The access log leaves out the agents' and process servers' routine calls (lifeboat/weblog.py).
+    "web": [PY, "-m", "gunicorn", "lifeboat.wsgi", "-b", "127.0.0.1:8000", "-w", "2", "--threads", "4", "--access-logfile", "-",
+            "--logger-class", "lifeboat.weblog.Logger"],
     # Two workers, so that apply passes and sweeps never wait behind the admin's jobs.
     "worker": [PY, "-m", "celery", "-A", "lifeboat", "worker", "-Q", "control,data", "--pool", "threads", "-c", "4", "-n", "jobs@%h", "--loglevel", "INFO"],
     "worker-apply": [PY, "-m", "celery", "-A", "lifeboat", "worker", "-Q", "apply,maintenance", "--pool", "threads", "-c", "6", "-n", "apply@%h", "--loglevel", "INFO"],

@@ -71,6 +71,30 @@ def celery_worker(celery_worker_session, transactional_db):
     return celery_worker_session
 
 
+@pytest.fixture(autouse=True)
+def no_failed_attempts_carried_over():
+    """Counts of wrong passphrases and passwords (core/throttling.py) live in the shared cache,
+    Redis, which outlives a test: each test starts as if no client had ever got one wrong.
+    Only those keys go: the broker's share the database."""
+    from django.core.cache import cache
+    from django.core.cache.backends.redis import RedisCache
+
+    if not isinstance(cache, RedisCache):
+        cache.clear()
+        return
+    import redis
+
+    client = redis.Redis.from_url(settings.CACHES["default"]["LOCATION"])
+    try:
+        keys = list(client.scan_iter(match=f"{settings.CACHES['default']['KEY_PREFIX']}:*:failures:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    except redis.ConnectionError:
+        pass  # no Redis here: the tests that need it say so themselves
+    finally:
+        client.close()
+
+
 def wait_for(predicate, *, timeout: float = 30.0, interval: float = 0.1, message: str = "condition"):
     """Poll until ``predicate()`` is truthy; fail with ``message`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -107,3 +131,10 @@ def vault(db):
     from tests.factories import VaultFactory
 
     return VaultFactory()
+
+
+def grant_role(user, vault, role: str = "READER"):
+    """Give ``user`` a role on ``vault`` (vault.roles), as an owner would."""
+    from vault.roles import role_assign
+
+    return role_assign(vault=vault, role=role, user=user)

@@ -44,6 +44,7 @@ class MachineFilter(VaultScopedFilter):
 
 class EventFilter(VaultScopedFilter):
     item = django_filters.UUIDFilter(field_name="protected_item_id")
+    message = django_filters.CharFilter(lookup_expr="icontains")
 
     class Meta:
         model = Event

@@ -8,7 +8,7 @@ from core.exceptions import LifeboatError
 from core.validators import single_line
 from vault import services
 from vault.choices import MAX_RETENTION_HOURS
-from vault.models import NetworkPurpose, RecoverySite, RecoverySiteKind, ReplicationPolicy, Vault, VCenter
+from vault.models import NetworkPurpose, RecoverySite, RecoverySiteKind, ReplicationPolicy, Vault, VaultRole, VCenter
 from vault.simulation import PATTERNS
 
 
@@ -180,3 +180,9 @@ class WorkloadForm(forms.Form):
         if value % 512:
             raise forms.ValidationError("Writes are whole 512-byte sectors.")
         return value
+
+
+class RoleAssignmentForm(ServiceForm):
+    kind = forms.ChoiceField(choices=[("user", "User"), ("group", "Group")], initial="user", label="Give")
+    who = forms.CharField(max_length=150, label="User or group")
+    role = forms.ChoiceField(choices=VaultRole.choices, initial=VaultRole.READER)

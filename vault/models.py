@@ -370,3 +370,36 @@ class RecoveryNetwork(models.Model):
 
     def __str__(self) -> str:
         return f"{self.site} / {self.name}"
+
+
+class VaultRole(models.TextChoices):
+    """ASR's built-in roles, per vault (what each may do: ``vault.roles``)."""
+
+    OWNER = "OWNER", "Owner"
+    CONTRIBUTOR = "CONTRIBUTOR", "Contributor"
+    OPERATOR = "OPERATOR", "Operator"
+    READER = "READER", "Reader"
+
+
+class RoleAssignment(TimeStampedModel):
+    """A user's or a group's role on one vault."""
+
+    vault = models.ForeignKey(Vault, on_delete=models.CASCADE, related_name="role_assignments")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, null=True, blank=True,
+                             related_name="vault_roles")
+    group = models.ForeignKey("auth.Group", on_delete=models.CASCADE, null=True, blank=True, related_name="vault_roles")
+    role = models.CharField(max_length=16, choices=VaultRole.choices)
+
+    class Meta:
+        ordering = ["vault", "role", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(models.Q(user__isnull=False, group__isnull=True) | models.Q(user__isnull=True, group__isnull=False)),
+                name="role_for_user_or_group"),
+            models.UniqueConstraint(fields=["vault", "user"], name="uniq_vault_user_role"),
+            models.UniqueConstraint(fields=["vault", "group"], name="uniq_vault_group_role"),
+        ]
+
+    def __str__(self) -> str:
+        who = self.user.get_username() if self.user_id else f"group {self.group.name}"
+        return f"{who}: {self.get_role_display()} of {self.vault}"

@@ -1,5 +1,7 @@
 from django import template
 from django.template.defaultfilters import filesizeformat
+from django.utils.html import format_html
+from django.utils.safestring import mark_safe
 
 register = template.Library()
 
@@ -30,3 +32,32 @@ def size(value) -> str:
 @register.filter
 def lower_label(value) -> str:
     return str(value).lower()
+
+
+# --- portal tables (core/tables.py) ---------------------------------------------------------
+
+
+@register.simple_tag(takes_context=True)
+def query_with(context, **changes) -> str:
+    """The current query string with ``changes`` applied (a value of None drops the key):
+    page links and sort links keep the table's filters."""
+    params = context["request"].GET.copy()
+    for key, value in changes.items():
+        params.pop(key, None)
+        if value is not None and value != "":
+            params[key] = value
+    return "?" + params.urlencode() if params else "?"
+
+
+@register.simple_tag(takes_context=True)
+def sort_th(context, label: str, column: str) -> str:
+    """A column header that sorts the table by ``column`` (``ordering`` in the context is
+    the current one): ascending first, a second click descending; back to the first page."""
+    current = context.get("ordering", "")
+    ascending = current == column
+    descending = current == f"-{column}"
+    target = f"-{column}" if ascending else column
+    arrow = " ▲" if ascending else " ▼" if descending else ""
+    sort = ' aria-sort="ascending"' if ascending else ' aria-sort="descending"' if descending else ""
+    href = query_with(context, ordering=target, page=None)
+    return format_html('<th{}><a class="sort" href="{}">{}{}</a></th>', mark_safe(sort), href, label, arrow)

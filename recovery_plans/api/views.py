@@ -5,7 +5,8 @@ from rest_framework.decorators import action
 
 from core.api import accepted_job
 from core.api_views import JobSerializer
-from core.permissions import ReadOrAdmin
+from core import access
+from core.permissions import VaultRole, VaultScoped
 from recovery_plans import services
 from recovery_plans.api import serializers as rs
 from recovery_plans.api.runs import RecoveryPlanRunActions
@@ -15,7 +16,7 @@ from recovery_plans.services import recovery_plans_for_vault
 from replication.api.views import ProtectedItemViewSet
 
 
-class RecoveryPlanViewSet(RecoveryPlanRunActions, viewsets.ModelViewSet):
+class RecoveryPlanViewSet(VaultScoped, RecoveryPlanRunActions, viewsets.ModelViewSet):
     """replicationRecoveryPlans: ordered groups of items that fail over together, with pre-
     and post-actions per group (a script with a timeout, or a manual action with
     instructions) and the plan's defaults (recovery point type, network mapping per site).
@@ -26,9 +27,13 @@ class RecoveryPlanViewSet(RecoveryPlanRunActions, viewsets.ModelViewSet):
     changes nothing; a name already used in the vault is a 409.
     """
 
+    # Running the plan is operating it; editing it is managing the vault.
+    role_actions = {name: access.OPERATE for name in (
+        "test_failover", "test_failover_cleanup", "planned_failover", "unplanned_failover", "failover_commit",
+        "resume", "cancel", "retry", "continue_run")}
     queryset = recovery_plans_for_vault()
     serializer_class = RecoveryPlanSerializer
-    permission_classes = [ReadOrAdmin]
+    permission_classes = [VaultRole]
     filterset_fields = ["vault", "name"]
 
     def perform_destroy(self, instance):

@@ -3,7 +3,12 @@
 Agents register with the vault's passphrase and get a token (HMAC of ``agent:<id>`` under
 the vault's auth key); with it they fetch their assignment (the items to replicate, each
 with its item token for the process server), send heartbeats and report events. Process
-servers send heartbeats with the token of ``process-server:<id>``.
+servers send heartbeats with the token of ``process-server:<id>``; the answer tells them the
+item token generations still valid.
+
+Registering as a machine that has an agent takes that agent's token (``Authorization:
+Bearer``); without it the registration waits for an administrator (202, with a secret the
+agent polls ``agents/registrations/<id>`` with until it is approved or rejected).
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import uuid
 
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers
-from rest_framework.decorators import api_view, authentication_classes, permission_classes
+from rest_framework.decorators import api_view, authentication_classes, permission_classes, throttle_classes
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
@@ -23,6 +28,9 @@ from core.filters import BIGINT_MAX
 from core.validators import single_line
 from core.jobs import job_wake
 from replication import agents as agent_services
+from replication import tokens as agent_tokens
+from replication.api.throttles import AgentRegistrationThrottle
+from replication.choices import RegistrationState
 from replication.models import MobilityAgent
 from replication.waits import machine_wait_key
 from vault.models import ProcessServer, Vault
@@ -108,7 +116,12 @@ class PsHeartbeatSerializer(serializers.Serializer):
     cache_total_bytes = serializers.IntegerField(min_value=0, max_value=BIGINT_MAX, required=False)
     pending_upload_bytes = serializers.IntegerField(min_value=0, max_value=BIGINT_MAX, required=False)
     thumbprint = serializers.CharField(max_length=128, required=False, allow_blank=True)
-    items = serializers.DictField(child=serializers.DictField(), required=False, help_text="Per item id: acked_seq, uploaded_seq, pending_batches.")
+    # Counters since the server started (its data path's rates: replication/data_path.py).
+    started_at = serializers.FloatField(min_value=0, max_value=1e11, required=False, help_text="When the server started (Unix time).")
+    received_bytes = serializers.IntegerField(min_value=0, max_value=BIGINT_MAX, required=False)
+    uploaded_bytes = serializers.IntegerField(min_value=0, max_value=BIGINT_MAX, required=False)
+    items = serializers.DictField(child=serializers.DictField(), required=False, help_text=(
+        "Per item id: acked_seq, uploaded_seq, pending_batches, pending_bytes, received_bytes, uploaded_bytes."))
 
     def validate_items(self, items):
         _refuse_nul(items)
@@ -117,7 +130,7 @@ class PsHeartbeatSerializer(serializers.Serializer):
                 uuid.UUID(item_id)
             except ValueError:
                 raise serializers.ValidationError(f"{item_id[:40]!r} is not an item id.") from None
-            for key in ("acked_seq", "uploaded_seq", "pending_batches"):
+            for key in ("acked_seq", "uploaded_seq", "pending_batches", "pending_bytes", "received_bytes", "uploaded_bytes"):
                 _check_counter("", key, figures.get(key))
         return items
 
@@ -129,11 +142,25 @@ def _bearer(request) -> str:
     return header[len("Bearer "):].strip()
 
 
-def _agent(request, agent_id) -> MobilityAgent:
+def _agent(request, agent_id, *, previous: bool = False) -> MobilityAgent:
+    """The calling agent, by its token at its current generation (with ``previous``, also the
+    token a rotation under way replaces: the assignment hands out the new one)."""
+    token = _bearer(request)
     agent = MobilityAgent.objects.select_related("vault", "machine").filter(pk=agent_id).first()
-    if agent is None or not agent_services.agent_token_valid(agent=agent, token=_bearer(request)):
+    result = agent_tokens.agent_token_check(agent=agent, token=token, previous=previous) if agent else agent_tokens.INVALID
+    if result == agent_tokens.REVOKED and agent.rotating and \
+            agent_tokens.token_generation(token) == agent.token_generation - 1:
+        raise PermissionDenied("This agent's token was rotated: its assignment hands out the new one.",
+                               code="token_rotated")
+    if result == agent_tokens.REVOKED:
+        raise PermissionDenied("This agent's credentials were revoked (or replaced by an approved registration): "
+                               "register the agent again; an administrator approves it in the portal.",
+                               code="token_revoked")
+    if result != agent_tokens.VALID:
         # One answer for both, so tokens cannot be used to probe for agent ids.
         raise PermissionDenied("Unknown agent or wrong token.", code="bad_token")
+    if agent.rotating and agent_tokens.token_generation(token) == agent.token_generation:
+        agent_services.agent_rotation_done(agent=agent)  # the first call with the new token
     return agent
 
 
@@ -143,20 +170,64 @@ def _validated(serializer_class, request):
     return s.validated_data
 
 
-@extend_schema(request=RegisterSerializer, responses={201: inline_serializer("AgentRegistration", {"agent_id": serializers.UUIDField(), "token": serializers.CharField()})}, auth=[], tags=["agents"])
+REGISTERED = inline_serializer("AgentRegistered", {"agent_id": serializers.UUIDField(), "token": serializers.CharField()})
+PENDING = inline_serializer("AgentRegistrationPending", {
+    "status": serializers.CharField(help_text='"pending"'), "registration_id": serializers.UUIDField(),
+    "poll_token": serializers.CharField(help_text="The secret to poll agents/registrations/<id> with (answered once)."),
+    "message": serializers.CharField()})
+POLL_PENDING = inline_serializer("AgentRegistrationWaiting", {
+    "status": serializers.CharField(help_text='"pending"'), "registration_id": serializers.UUIDField(),
+    "message": serializers.CharField()})
+
+
+def _pending_answer(registration, **extra) -> Response:
+    return Response({"status": "pending", "registration_id": str(registration.pk), **extra,
+                     "message": agent_services.APPROVAL_SENTENCE}, status=202)
+
+
+@extend_schema(request=RegisterSerializer, responses={201: REGISTERED, 202: PENDING}, auth=[], tags=["agents"])
 @api_view(["POST"])
 @authentication_classes([])
 @permission_classes([AllowAny])
+@throttle_classes([AgentRegistrationThrottle])
 def agent_register(request):
-    """A mobility agent joins the vault with its registration passphrase."""
+    """A mobility agent joins the vault with its registration passphrase. A machine that has
+    an agent already is registered again only with that agent's token (``Authorization:
+    Bearer``); otherwise the registration waits for an administrator's approval (202)."""
     data = _validated(RegisterSerializer, request)
     vaults = Vault.objects.filter(name=data["vault"]) if data.get("vault") else Vault.objects.all()
     vault = next((v for v in vaults if v.check_passphrase(data["passphrase"])), None)
     if vault is None:
+        AgentRegistrationThrottle.failed(request)
         raise PermissionDenied("The registration passphrase is not that of any vault.", code="bad_passphrase")
-    agent, token = agent_services.agent_register(vault=vault, hostname=data["hostname"], machine=data["machine"], version=data.get("version", ""))
-    job_wake(machine_wait_key(agent.machine_id))  # an enable waiting for this agent goes on
-    return Response({"agent_id": str(agent.pk), "token": token}, status=201)
+    header = request.headers.get("Authorization", "")
+    outcome = agent_services.agent_register(
+        vault=vault, hostname=data["hostname"], machine=data["machine"], version=data.get("version", ""),
+        token=header[len("Bearer "):].strip() if header.startswith("Bearer ") else None,
+        remote_addr=request.META.get("REMOTE_ADDR"),
+    )
+    if isinstance(outcome, agent_services.AwaitingApproval):
+        return _pending_answer(outcome.registration, poll_token=outcome.poll_token)
+    job_wake(machine_wait_key(outcome.agent.machine_id))  # an enable waiting for this agent goes on
+    return Response({"agent_id": str(outcome.agent.pk), "token": outcome.token}, status=201)
+
+
+@extend_schema(request=None, responses={200: REGISTERED, 202: POLL_PENDING}, auth=AGENT_AUTH, tags=["agents"])
+@api_view(["GET"])
+@authentication_classes([])
+@permission_classes([AllowAny])
+def agent_registration_status(request, registration_id):
+    """A registration waiting for approval, polled with its secret (``Authorization: Bearer
+    <poll_token>``): 202 while it waits, 200 with the agent's credentials once approved,
+    403 ``registration_rejected`` if an administrator rejected it."""
+    outcome = agent_services.agent_registration_poll(registration_id=registration_id, poll_token=_bearer(request))
+    if isinstance(outcome, agent_services.Registered):
+        job_wake(machine_wait_key(outcome.agent.machine_id))
+        return Response({"agent_id": str(outcome.agent.pk), "token": outcome.token})
+    if outcome.state == RegistrationState.REJECTED:
+        raise PermissionDenied(f"An administrator rejected this registration of {outcome.hostname} as "
+                               f"{outcome.machine.name}: ask them, then register again.", code="registration_rejected")
+    return _pending_answer(outcome)
 
 
 @extend_schema(request=None, responses=inline_serializer("AgentAssignment", {"items": serializers.ListField(child=serializers.DictField())}), auth=AGENT_AUTH, tags=["agents"])
@@ -164,8 +235,9 @@ def agent_register(request):
 @authentication_classes([])
 @permission_classes([AllowAny])
 def agent_assignment(request, agent_id):
-    """The items this agent replicates, with their process servers and item tokens."""
-    return Response(agent_services.agent_assignment(agent=_agent(request, agent_id)))
+    """The items this agent replicates, with their process servers and item tokens (and,
+    while its token is being rotated, ``agent_token``: the new one)."""
+    return Response(agent_services.agent_assignment(agent=_agent(request, agent_id, previous=True)))
 
 
 @extend_schema(request=HeartbeatSerializer, responses={204: None}, auth=AGENT_AUTH, tags=["agents"])
@@ -191,14 +263,17 @@ def agent_event(request, agent_id):
     return Response(status=204)
 
 
-@extend_schema(request=PsHeartbeatSerializer, responses={204: None}, auth=AGENT_AUTH, tags=["processServers"])
+@extend_schema(request=PsHeartbeatSerializer, responses=inline_serializer("ProcessServerHeartbeatAnswer", {
+    "token_generations": serializers.DictField(child=serializers.IntegerField(), help_text=(
+        "Per item id, the lowest item token generation still valid; items not listed accept every generation."))}),
+    auth=AGENT_AUTH, tags=["processServers"])
 @api_view(["POST"])
 @authentication_classes([])
 @permission_classes([AllowAny])
 def process_server_heartbeat(request, pk):
-    """A process server reports its health figures."""
+    """A process server reports its health figures; the answer says which item tokens it
+    must refuse from now on."""
     server = ProcessServer.objects.select_related("vault").filter(pk=pk).first()
     if server is None or not agent_services.process_server_token_valid(server=server, token=_bearer(request)):
         raise PermissionDenied("Unknown process server or wrong token.", code="bad_token")
-    agent_services.process_server_heartbeat(server=server, report=_validated(PsHeartbeatSerializer, request))
-    return Response(status=204)
+    return Response(agent_services.process_server_heartbeat(server=server, report=_validated(PsHeartbeatSerializer, request)))

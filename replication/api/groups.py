@@ -6,7 +6,8 @@ from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from core.permissions import ReadOrAdmin
+from core import access
+from core.permissions import VaultRole, VaultScoped
 from core.validators import single_line
 from replication import groups
 from replication.models import GroupRecoveryPoint, ProtectedItem, ReplicationGroup
@@ -43,13 +44,14 @@ class ReplicationGroupSerializer(serializers.ModelSerializer):
         extra_kwargs = {"name": {"validators": [single_line]}}
 
 
-class ReplicationGroupViewSet(viewsets.ModelViewSet):
+class ReplicationGroupViewSet(VaultScoped, viewsets.ModelViewSet):
     """replicationGroups: protected items whose recovery points are taken together (multi-VM
     consistency). POST/PATCH set the members (``items``); ``takePoint`` runs the barrier now."""
 
+    role_actions = {"take_point": access.OPERATE}
     queryset = ReplicationGroup.objects.prefetch_related("members")
     serializer_class = ReplicationGroupSerializer
-    permission_classes = [ReadOrAdmin]
+    permission_classes = [VaultRole]
     http_method_names = ["get", "post", "patch", "delete", "head", "options"]
 
     def perform_create(self, serializer):

@@ -262,7 +262,8 @@ class ApplyError:
 @dataclass(slots=True)
 class ApplyResult:
     batches_applied: int = 0
-    bytes_applied: int = 0
+    bytes_applied: int = 0  # bytes written to the replica disks
+    log_bytes_applied: int = 0  # bytes of the (sealed) logs applied, as cache storage held them
     new_points: list[RecoveryPoint] = field(default_factory=list)
     applied_seq: int = 0
     last_source_time_ns: int | None = None  # source time of the newest applied batch, ever
@@ -420,6 +421,7 @@ class _Opened:
     label: Any = None
     has_bookmark: bool = False
     tag: str = ""  # the sealed object's authentication tag: names this very object
+    sealed_bytes: int = 0  # the log's size in storage
 
 
 class ReplicaApplier:
@@ -785,6 +787,7 @@ class ReplicaApplier:
                         done_keys.append(opened.key)
                         result.batches_applied += 1
                         result.bytes_applied += written
+                        result.log_bytes_applied += opened.sealed_bytes
                         unflushed += written
                         kind = self._point_due(st, batch, opened.has_bookmark, interval_ns)
                         if opened.has_bookmark and kind != APP_CONSISTENT:
@@ -886,6 +889,11 @@ class ReplicaApplier:
                 "placed; kept as " + dest,
             ))
 
+    def waiting_log_bytes(self) -> int:
+        """Bytes of the item's logs in cache storage, all waiting to be applied (apply deletes
+        what it applied): the last stage of the data path, in the storage's own count."""
+        return self.storage.used_bytes(self.logs_prefix)
+
     def _scan_logs(self, applied_seq: int) -> tuple[list[str], list[tuple[int, str]]]:
         stale: list[str] = []
         pending: list[tuple[int, str]] = []
@@ -916,6 +924,7 @@ class ReplicaApplier:
         try:
             with sealed:
                 out.tag = _seal_tag(sealed.view)
+                out.sealed_bytes = len(sealed.view)
                 plain = unseal(sealed.view, key=self.key, context=f"{self.item_id}:{seq}".encode(),
                                buffers=_BUFFERS)
         except TamperedData as e:

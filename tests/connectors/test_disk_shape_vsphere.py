@@ -84,7 +84,7 @@ def test_disks_grown_added_and_removed_in_vcenter_reach_the_protected_item(vcsim
         ProcessServer.objects.filter(pk=item.process_server_id).update(thumbprint="ab" * 32)  # it reported its certificate
         replica = ReplicaDiskFactory(item=item, index=0, source_disk_key=first.key, capacity_bytes=first.capacity_bytes,
                                      source_path="/dev/sdb")
-        agent_register(vault=vault, hostname=vm.name, machine={
+        registered = agent_register(vault=vault, hostname=vm.name, machine={
             "name": vm.name, "instance_uuid": vm.instance_uuid,
             "disks": [{"key": d.key, "path": f"/dev/sd{chr(98 + i)}", "capacity_bytes": d.capacity_bytes}
                       for i, d in enumerate(sorted(vm.disks, key=lambda d: d.key))]})
@@ -115,7 +115,7 @@ def test_disks_grown_added_and_removed_in_vcenter_reach_the_protected_item(vcsim
     # it reads it (registering again, with every disk)
     assert not item.replica_disks.filter(source_disk_key=added_key).exists()
     assert "register the agent again" in Event.objects.get(protected_item=item, kind="disk_added").message
-    agent_register(vault=vault, hostname=vm.name, machine={
+    agent_register(vault=vault, hostname=vm.name, token=registered.token, machine={  # the agent itself, with its token
         "name": vm.name, "instance_uuid": vm.instance_uuid,
         "disks": [{"key": first.key, "path": "/dev/sdb", "capacity_bytes": first.capacity_bytes + 64 * MiB},
                   {"key": added_key, "path": "/dev/sdc", "capacity_bytes": 32 * MiB}]})

@@ -367,6 +367,13 @@ def assignment_for(ps: PsRunner, vault: Vault, item_id: uuid.UUID, disks: list[t
     }
 
 
+def machine_for(disks: list[tuple[int, str, str | None]], *, name: str = "vm") -> dict:
+    """The machine an agent registers for ``assignment_for``'s disks (key = index): the
+    agent reads only the disks it registered."""
+    return {"name": name, "disks": [{"key": i, "path": p, "capacity_bytes": os.path.getsize(p), "journal_dir": j}
+                                    for i, p, j in disks]}
+
+
 class AnswerDroppingProxy:
     """A TCP relay in front of a process server that can lose answers on the way back, as a
     network fault would: while armed, when the server answers on a connection that has just

@@ -30,13 +30,13 @@ from replication.dataplane.apply import DiskSpec, ReplicaApplier
 
 try:
     from tests.dataplane.fixtures_ps import (  # noqa: F401 - fixtures
-        MiB, AnswerDroppingProxy, assignment_for, config_server, https_request, make_disk, replay, sha256_file,
-        start_ps, stored_batches, stored_seqs, vault, wait_for, zero_image,
+        MiB, AnswerDroppingProxy, assignment_for, config_server, https_request, machine_for, make_disk, replay,
+        sha256_file, start_ps, stored_batches, stored_seqs, vault, wait_for, zero_image,
     )
 except ImportError:  # tests/dataplane imported as a rootdir-less directory
     from fixtures_ps import (  # type: ignore[no-redef]  # noqa: F401
-        MiB, AnswerDroppingProxy, assignment_for, config_server, https_request, make_disk, replay, sha256_file,
-        start_ps, stored_batches, stored_seqs, vault, wait_for, zero_image,
+        MiB, AnswerDroppingProxy, assignment_for, config_server, https_request, machine_for, make_disk, replay,
+        sha256_file, start_ps, stored_batches, stored_seqs, vault, wait_for, zero_image,
     )
 
 BLOCK = 64 * 1024
@@ -334,7 +334,7 @@ def test_assigned_bookmarks_are_taken_once(tmp_path, start_ps, vault, config_ser
     stub = config_server()
     stub.items = [assignment_for(ps, vault, item_id, [(0, disk, jdir)])]
     agent = Agent(state_dir=str(tmp_path / "agent"), config_url=stub.url, passphrase=stub.passphrase,
-                  machine={"name": "vm", "disks": []}, block_bytes=BLOCK, batch_bytes=MiB, retry=FAST_RETRY,
+                  machine=machine_for([(0, disk, jdir)]), block_bytes=BLOCK, batch_bytes=MiB, retry=FAST_RETRY,
                   assignment_interval=0)
     agent.register()
     agent.replicate_until_caught_up(timeout=60)
@@ -415,7 +415,7 @@ def test_journal_overflow_is_reported_and_a_resync_repairs_the_replica(tmp_path,
     stub.items = [assignment_for(ps, vault, item_id, [(0, disk, jdir)])]
     wf = WriteFilter(disk, jdir, cap_bytes=256 * 1024, segment_bytes=32 * 1024)
     agent = Agent(state_dir=str(tmp_path / "agent"), config_url=stub.url, passphrase=stub.passphrase,
-                  machine={"name": "vm", "disks": []}, block_bytes=BLOCK, batch_bytes=MiB, retry=FAST_RETRY,
+                  machine=machine_for([(0, disk, jdir)]), block_bytes=BLOCK, batch_bytes=MiB, retry=FAST_RETRY,
                   assignment_interval=0)
     agent.register()
     worker = ReplicaWorker(ps, vault, item_id, {0: size})
@@ -561,7 +561,9 @@ def test_command_line_registers_and_queues_requests(tmp_path, config_server):
     state = str(tmp_path / "agent")
     run = lambda *a: subprocess.run([sys.executable, "-m", "mobility", *a], capture_output=True, text=True,  # noqa: E731
                                     timeout=60, cwd=ROOT)
-    out = run("register", "--state-dir", state, "--config-url", stub.url, "--passphrase", stub.passphrase,
+    secret = tmp_path / "passphrase"
+    secret.write_text(stub.passphrase + "\n")
+    out = run("register", "--state-dir", state, "--config-url", stub.url, "--passphrase-file", str(secret),
               "--instance-uuid", "4201-aa", "--disk", f"0={disk}")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == stub.agent_id
@@ -572,7 +574,8 @@ def test_command_line_registers_and_queues_requests(tmp_path, config_server):
     assert out.returncode == 0 and os.path.exists(out.stdout.strip())
     out = run("status", "--state-dir", state)
     assert out.returncode == 0 and json.loads(out.stdout) == []
-    bad = run("register", "--state-dir", state, "--config-url", stub.url, "--passphrase", "x", "--disk", "zero")
+    bad = run("register", "--state-dir", state, "--config-url", stub.url, "--passphrase-file", str(secret),
+              "--disk", "zero")
     assert bad.returncode == 1 and "KEY=PATH" in bad.stderr
 
 
@@ -704,7 +707,7 @@ def test_a_resync_asked_for_without_known_trouble_compares_with_the_replica(tmp_
     stub.items = [assignment_for(ps, vault, item_id, [(0, disk, jdir)])]
     WriteFilter(disk, jdir, cap_bytes=MiB, segment_bytes=64 * 1024)
     agent = Agent(state_dir=str(tmp_path / "agent"), config_url=stub.url, passphrase=stub.passphrase,
-                  machine={"name": "vm", "disks": []}, block_bytes=BLOCK, batch_bytes=MiB, retry=FAST_RETRY,
+                  machine=machine_for([(0, disk, jdir)]), block_bytes=BLOCK, batch_bytes=MiB, retry=FAST_RETRY,
                   assignment_interval=0)
     agent.register()
     worker = ReplicaWorker(ps, vault, item_id, {0: size})
@@ -749,7 +752,7 @@ def test_the_guest_freeze_hook_bookmarks_the_quiesced_moment_while_the_vm_writes
     stub.items = [assignment_for(ps, vault, item_id, [(0, disk, jdir)])]
     wf = WriteFilter(disk, jdir, cap_bytes=8 * MiB, segment_bytes=256 * 1024)
     agent = Agent(state_dir=str(tmp_path / "agent"), config_url=stub.url, passphrase=stub.passphrase,
-                  machine={"name": "vm", "disks": []}, block_bytes=BLOCK, batch_bytes=MiB, retry=FAST_RETRY,
+                  machine=machine_for([(0, disk, jdir)]), block_bytes=BLOCK, batch_bytes=MiB, retry=FAST_RETRY,
                   assignment_interval=0)
     agent.register()
     agent.replicate_until_caught_up(timeout=60)

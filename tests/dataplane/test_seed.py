@@ -29,13 +29,13 @@ from replication.dataplane.storage.local import LocalStorage
 try:
     from tests.dataplane.azurite import azurite, storage  # noqa: F401 - fixtures
     from tests.dataplane.fixtures_ps import (  # noqa: F401 - fixtures
-        assignment_for, config_server, make_disk, start_ps, vault, wait_for,
+        assignment_for, config_server, machine_for, make_disk, start_ps, vault, wait_for,
     )
     from tests.dataplane.test_agent import BLOCK, FAST_RETRY, ReplicaWorker, fine_blocks, small_agent
 except ImportError:  # tests/dataplane imported as a rootdir-less directory
     from azurite import azurite, storage  # type: ignore[no-redef]  # noqa: F401
     from fixtures_ps import (  # type: ignore[no-redef]  # noqa: F401
-        assignment_for, config_server, make_disk, start_ps, vault, wait_for,
+        assignment_for, config_server, machine_for, make_disk, start_ps, vault, wait_for,
     )
     from test_agent import BLOCK, FAST_RETRY, ReplicaWorker, fine_blocks, small_agent  # type: ignore[no-redef]
 
@@ -299,7 +299,7 @@ def test_the_flag_without_a_resync_request_is_reported_then_compared_when_asked(
     WriteFilter(disk, jdir)
     stub.items = [assignment_for(ps, vault, item_id, [(0, disk, jdir)], seeded=True)]
     agent = Agent(state_dir=str(tmp_path / "agent"), config_url=stub.url, passphrase=stub.passphrase,
-                  machine={"name": "vm", "disks": []}, block_bytes=BLOCK, batch_bytes=MiB, retry=FAST_RETRY,
+                  machine=machine_for([(0, disk, jdir)]), block_bytes=BLOCK, batch_bytes=MiB, retry=FAST_RETRY,
                   assignment_interval=0, tick_interval=0)
     agent.register()
     status = agent.run_once()[str(item_id)]

@@ -18,6 +18,7 @@ from replication.choices import ProtectionState as P
 from replication.choices import RecoveryPointType
 from replication.choices import TestFailoverState as T
 from replication.models import ProtectedItem, RecoveryPoint
+from tests.conftest import grant_role
 from tests.factories import (
     MachineFactory,
     PolicyFactory,
@@ -46,7 +47,8 @@ def admin_client(client, admin_user):
 
 
 @pytest.fixture
-def viewer_client(client, viewer_user):
+def viewer_client(client, viewer_user, vault):
+    grant_role(viewer_user, vault, "READER")
     client.force_login(viewer_user)
     return client
 

@@ -11,6 +11,7 @@ from recovery_plans.models import RecoveredVm
 from replication.choices import ProtectionState as P
 from replication.models import ProtectedItem
 from replication.services import protected_item_set_recovery
+from tests.conftest import grant_role
 from tests.factories import ProtectedItemFactory, RecoveryPointFactory, RecoverySiteFactory, VaultFactory
 from vault.models import RecoverySite, VCenter
 
@@ -82,6 +83,7 @@ def test_readers_cannot_change_anything(client, viewer_user):
     from rest_framework.test import APIClient
 
     item = _item()
+    grant_role(viewer_user, item.vault, "READER")
     reader = APIClient()
     reader.force_authenticate(viewer_user)
     assert reader.get("/api/v1/recoverySites/").status_code == 200

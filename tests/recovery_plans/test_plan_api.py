@@ -16,6 +16,7 @@ from recovery_plans.models import RecoveryPlan, RecoveryPlanAction, RecoveryPlan
 from replication.choices import ProtectionState as P
 from replication.choices import TestFailoverState as T
 from replication.models import ProtectedItem, RecoveryPoint
+from tests.conftest import grant_role
 from tests.recovery_plans.plan_data import protected_items, recovery_site, stranger_item
 from tests.vault.test_api import assert_error
 
@@ -280,6 +281,7 @@ def test_delete_a_plan_keeps_its_items(api, plan, items):
 
 
 def test_a_viewer_reads_plans_but_cannot_change_them(viewer_user, plan, vault, items, site):
+    grant_role(viewer_user, vault, "READER")
     client = APIClient()
     client.force_authenticate(viewer_user)
     assert client.get(f"{PLANS}/{plan['id']}").json()["name"] == "three-tier"

@@ -9,6 +9,7 @@ from recovery_plans import services
 from recovery_plans.models import RecoveryPlan, RecoveryPlanAction, RecoveryPlanGroup
 from replication.choices import ProtectionState as P
 from replication.models import ProtectedItem
+from tests.conftest import grant_role
 from tests.recovery_plans.plan_data import protected_items, recovery_site, stranger_item
 from tests.recovery_plans.test_plan_api import _snapshot
 
@@ -24,7 +25,8 @@ def admin_client(client, admin_user):
 
 
 @pytest.fixture
-def viewer_client(client, viewer_user):
+def viewer_client(client, viewer_user, vault):
+    grant_role(viewer_user, vault, "READER")
     client.force_login(viewer_user)
     return client
 

@@ -19,7 +19,7 @@ def anon():
     return APIClient()
 
 
-def _register(anon, **overrides):
+def _body(**overrides):
     body = {
         "passphrase": PASS, "hostname": "files-01.corp",
         "machine": {"name": "files-01", "os": "Ubuntu 24.04", "disks": [
@@ -28,7 +28,11 @@ def _register(anon, **overrides):
         ]},
     }
     body.update(overrides)
-    return anon.post("/api/v1/agents/register", body, format="json")
+    return body
+
+
+def _register(anon, **overrides):
+    return anon.post("/api/v1/agents/register", _body(**overrides), format="json")
 
 
 def test_agent_registers_a_physical_machine_and_gets_its_assignment(db, anon):
@@ -72,12 +76,16 @@ def test_agent_registers_a_physical_machine_and_gets_its_assignment(db, anon):
     assert item.protection_state == "RESYNC_REQUIRED" and "journal overflowed" in item.last_error
 
 
-def test_registration_is_idempotent_per_machine(db, anon):
+def test_the_agent_registers_again_with_its_token(db, anon):
     VaultFactory(passphrase=PASS)
     first = _register(anon).json()
-    second = _register(anon).json()
-    assert first["agent_id"] == second["agent_id"]
+    second = anon.post("/api/v1/agents/register", {**_body(), "machine": {**_body()["machine"], "disks": [
+        {"key": 0, "path": "/dev/sda", "capacity_bytes": 8 * 1024 * 1024}]}}, format="json",
+        HTTP_AUTHORIZATION=f"Bearer {first['token']}")
+    assert second.status_code == 201, second.content
+    assert second.json() == first  # the same agent, the same token
     assert MobilityAgent.objects.count() == 1 and DiscoveredMachine.objects.count() == 1
+    assert [d.key for d in DiscoveredMachine.objects.get().disks.all()] == [0]  # its disks as it says now
 
 
 @pytest.mark.parametrize("override,status,code", [
@@ -112,17 +120,23 @@ def test_process_server_heartbeat(db, anon):
             "pending_upload_bytes": 5, "items": {}}
     assert anon.post(f"/api/v1/processServers/{ps.pk}/heartbeat", body, format="json", HTTP_AUTHORIZATION="Bearer nope").status_code == 403
     r = anon.post(f"/api/v1/processServers/{ps.pk}/heartbeat", body, format="json", HTTP_AUTHORIZATION=f"Bearer {process_server_token(server=ps)}")
-    assert r.status_code == 204
+    assert r.status_code == 200
+    assert r.json() == {"token_generations": {}}  # no item token was ever rotated
     ps.refresh_from_db()
     assert (ps.thumbprint, ps.cpu_percent, ps.cache_total_bytes) == ("cd" * 32, 12.5, 100) and ps.last_heartbeat_at
     bad = anon.post(f"/api/v1/processServers/{ps.pk}/heartbeat", {"cpu_percent": 250}, format="json", HTTP_AUTHORIZATION=f"Bearer {process_server_token(server=ps)}")
     assert bad.status_code == 400
 
 
-def test_process_server_configuration_is_for_admins_only(db, api, viewer_user):
+def test_process_server_configuration_is_never_for_readers(db, api, viewer_user):
+    from tests.conftest import grant_role
+
     ps = ProcessServerFactory()
     config = api.get(f"/api/v1/processServers/{ps.pk}/configuration").json()
     assert config["listen"] == f"127.0.0.1:{ps.data_port}" and config["seal_key"] and config["auth_key"]
     viewer = APIClient()
     viewer.force_authenticate(viewer_user)
-    assert viewer.get(f"/api/v1/processServers/{ps.pk}/configuration").status_code == 403
+    assert viewer.get(f"/api/v1/processServers/{ps.pk}/configuration").status_code == 404  # no role: not there
+    grant_role(viewer_user, ps.vault, "READER")
+    refused = viewer.get(f"/api/v1/processServers/{ps.pk}/configuration")
+    assert refused.status_code == 403 and "Reader" in refused.json()["error"]["message"]

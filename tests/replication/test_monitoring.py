@@ -381,7 +381,9 @@ def test_the_sweeps_queries_do_not_grow_with_the_number_of_items(policy, server,
     assert ProtectedItem.objects.count() == 100
     assert Alert.objects.filter(kind="rpo_exceeded", state=AlertState.ACTIVE).count() == 34
     assert small == large, f"5 items: {small} queries, 100 items: {large}"
-    assert small[0] <= 3
+    # Nothing changed: the items, their vaults, their policies and the open alerts. Every RPO
+    # moved: one UPDATE more, for all the items at once.
+    assert small[0] <= 4 and small[1] == small[0] + 1, small
 
 
 def test_process_server_sweep_queries_do_not_grow_with_the_number_of_servers(vault, t0):

@@ -13,6 +13,7 @@ from vault.models import (
     DiscoveredMachine,
     Event,
     MasterTargetServer,
+    RoleAssignment,
     ProcessServer,
     RecoveryNetwork,
     RecoverySite,
@@ -260,3 +261,16 @@ class RecoverySiteSerializer(serializers.ModelSerializer):
         validated_data.pop("vault", None)
         validated_data.pop("networks", None)
         return services.recovery_site_update(site=instance, **validated_data)
+
+
+class RoleAssignmentSerializer(serializers.ModelSerializer):
+    """A user's or a group's role on a vault: give ``user`` (a user name) or ``group`` (a
+    group name)."""
+
+    user = serializers.CharField(source="user.username", required=False, allow_null=True, max_length=150)
+    group = serializers.CharField(source="group.name", required=False, allow_null=True, max_length=150)
+
+    class Meta:
+        model = RoleAssignment
+        fields = ["id", "vault", "user", "group", "role", "created_at", "updated_at"]
+        read_only_fields = ["id", "created_at", "updated_at"]

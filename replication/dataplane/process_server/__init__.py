@@ -17,6 +17,9 @@ still arriving waits for it rather than being refused. A request's ``X-Lifeboat-
 announces its batch before any of the body is read, and a predecessor nobody announced yet is
 given ``GAP_GRACE_SECONDS`` to show up; the waiting batch is already durable in the cache's
 temp directory and holds no memory and no ingest slot, so it never keeps its predecessor out.
+An item token of a generation the configuration server revoked is refused with 401
+``token_revoked`` (``ProcessServer.item_token_refusal``; it learns the generations from its
+heartbeat's answer), any other wrong token with 403.
 ``GET /v1/items/<item_id>`` (item token) answers ``acked_seq``, ``uploaded_seq`` and
 ``receiving_batches``; ``GET /v1/status`` (status token) the server's own figures;
 ``GET /v1/health`` needs no token.

@@ -41,6 +41,9 @@ class Item:
     pending: dict[int, int] = field(default_factory=dict)  # seq -> size, cached, not yet uploaded
     claimed: set[int] = field(default_factory=set)  # seqs an uploader is putting
     receiving: dict[int, int] = field(default_factory=dict)  # seq -> requests receiving it
+    # Since this server started: batch bytes acknowledged, sealed bytes put into storage.
+    received_bytes: int = 0
+    uploaded_bytes: int = 0
     dir_made: bool = False
     # The item's place in its stream was checked against storage (``stream_floor``): until
     # then nothing of it is acknowledged, reported or uploaded.

@@ -18,7 +18,7 @@ import os
 import socket
 import ssl
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -29,6 +29,7 @@ from cryptography.x509.oid import NameOID
 from mobility.durable import replace_durably
 from replication.dataplane import batch as batch_format
 from replication.dataplane import sealing
+from replication.dataplane.auth import MAX_GENERATION
 from replication.dataplane.storage import StorageError, open_storage
 
 log = logging.getLogger("lifeboat.process_server")
@@ -52,6 +53,31 @@ class ConfigError(ValueError):
 
 @dataclass
 class ServerConfig:
+    """The process server's settings (the JSON config's fields of the same names).
+
+    Connections, so that clients that hold one without using it cannot fill the server
+    (``https.ConnectionGuard`` enforces them):
+
+    ``max_connections``
+        Connections served at once; more wait to be accepted until one ends.
+    ``max_connections_per_address``
+        Connections from one client address at once (default: half of ``max_connections``);
+        one more is closed as soon as it is accepted. An agent opens about four per item it
+        replicates (its sending window and one to ask where its stream stands).
+    ``header_timeout``
+        Seconds a connection gets from being accepted to the end of its first request's
+        headers (TLS handshake included), and a later request from its first byte to the
+        end of its headers.
+    ``io_timeout``
+        Seconds a connection may stay idle between requests (keep-alive), and that one read
+        or write on it may wait; also how long a batch may wait in the server for memory or
+        for its predecessor.
+    ``min_body_bytes_per_s``
+        The slowest a request body may arrive: it must be complete within
+        ``header_timeout`` plus its length at this rate (0: no minimum beyond ``io_timeout``
+        per read).
+    """
+
     cache_dir: str
     auth_key: bytes
     seal_key: bytes
@@ -70,9 +96,18 @@ class ServerConfig:
     ingest_memory_bytes: int = SEAL_MEMORY_FACTOR * batch_format.MAX_BATCH_BYTES
     seal_level: int = 1
     io_timeout: float = 60.0
+    max_connections_per_address: int = 0  # 0: half of max_connections
+    header_timeout: float = 10.0
+    min_body_bytes_per_s: int = 32 * 1024
     # Ingest bandwidth this server accepts (bytes/s, 0 = as fast as it can): a sized
     # capacity, as a real process server has; churn above it builds backlog at the agents.
     max_ingest_bytes_per_s: int = 0
+    # The lowest valid item token generation per item when the configuration was written
+    # (the heartbeat answers keep it current: server.py).
+    token_generations: dict[uuid.UUID, int] = field(default_factory=dict)
+    # Where the Prometheus metrics are served, plain HTTP without a token (metrics.py):
+    # (host, port); port 0 is one the system picks (written to server.json); None: not served.
+    metrics_listen: tuple[str, int] | None = ("127.0.0.1", 0)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ServerConfig":
@@ -119,14 +154,35 @@ class ServerConfig:
             ("seal_level", int),
             ("io_timeout", float),
             ("max_ingest_bytes_per_s", int),
+            ("max_connections_per_address", int),
+            ("header_timeout", float),
+            ("min_body_bytes_per_s", int),
         ):
             if raw.get(name) is not None:
                 try:
                     setattr(cfg, name, typ(raw[name]))
                 except (TypeError, ValueError):
                     raise ConfigError(f"process server config: '{name}' must be a number") from None
+        if "metrics_listen" in raw:
+            cfg.metrics_listen = parse_metrics_listen(raw["metrics_listen"])
+        if raw.get("token_generations") is not None:
+            try:
+                cfg.token_generations = parse_token_generations(raw["token_generations"],
+                                                                where="process server config")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if cfg.upload_workers < 1 or cfg.max_ingest < 1 or cfg.max_connections < 1:
             raise ConfigError("process server config: worker and connection counts must be 1 or more")
+        if not cfg.max_connections_per_address:
+            cfg.max_connections_per_address = max(1, cfg.max_connections // 2)
+        if not 1 <= cfg.max_connections_per_address <= cfg.max_connections:
+            raise ConfigError("process server config: 'max_connections_per_address' must be from 1 to "
+                              f"'max_connections' ({cfg.max_connections})")
+        for name in ("header_timeout", "io_timeout"):
+            if not 0 < getattr(cfg, name) <= 3600:
+                raise ConfigError(f"process server config: '{name}' must be more than 0 and at most 3600 seconds")
+        if cfg.min_body_bytes_per_s < 0:
+            raise ConfigError("process server config: 'min_body_bytes_per_s' must be 0 (no minimum) or more")
         if cfg.ingest_memory_bytes < SEAL_MEMORY_FACTOR * batch_format.MAX_BATCH_BYTES:
             raise ConfigError(
                 "process server config: 'ingest_memory_bytes' must be at least "
@@ -137,6 +193,36 @@ class ServerConfig:
                 f"process server config: 'max_cache_bytes' must be at least {batch_format.MAX_BATCH_BYTES}"
             )
         return cfg
+
+
+def parse_metrics_listen(raw: Any) -> tuple[str, int] | None:
+    """``"HOST:PORT"`` (port 0: any free one) or ``""``/null (no metrics endpoint)."""
+    if raw in (None, ""):
+        return None
+    host, sep, port = str(raw).rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"process server config: 'metrics_listen' must be HOST:PORT (or empty: no metrics "
+                          f"endpoint), got {raw!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def parse_token_generations(raw: Any, *, where: str) -> dict[uuid.UUID, int]:
+    """{item id: lowest valid token generation} from JSON ({"<uuid>": n}); ValueError naming
+    ``where`` and the first bad entry."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: token_generations must be an object of item id -> generation")
+    out = {}
+    for key, value in raw.items():
+        try:
+            item_id = uuid.UUID(str(key))
+        except ValueError:
+            raise ValueError(f"{where}: {str(key)[:40]!r} is not an item id") from None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_GENERATION:
+            raise ValueError(f"{where}: the token generation of item {item_id} must be a whole number from 0 "
+                             f"to {MAX_GENERATION}")
+        out[item_id] = value
+    return out
+
 
 
 # --- certificate -----------------------------------------------------------------------------

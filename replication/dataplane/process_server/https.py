@@ -1,7 +1,10 @@
 """The process server's HTTPS layer: connections, TLS, routing and the answers.
 
-``HTTPSServer`` accepts connections (at most ``max_connections`` at once) and runs each one's
-TLS handshake in its own thread; ``Handler`` routes a request, checks its token and leaves
+``HTTPSServer`` accepts connections (at most ``max_connections`` at once, at most
+``max_connections_per_address`` from one address) and runs each one's TLS handshake in its
+own thread; ``ConnectionGuard`` cuts those that hold a slot without using it (no request,
+headers or a body at a trickle, idle too long), so that a slow or hostile client cannot keep
+the agents out. ``Handler`` routes a request, checks its token and leaves
 the work to the ``ProcessServer`` (``receive_batch``, ``digests_for``, ``status``). A request
 refused anywhere raises ``Reject``, which ``Handler`` turns into a JSON error answer
 ``{"error": {"code": ..., "message": ...}}`` (with ``acked_seq`` and ``Retry-After`` where
@@ -13,16 +16,18 @@ import ctypes
 import http.server
 import json
 import logging
+import socket
 import socketserver
 import ssl
 import threading
+import time
 import urllib.parse
 import uuid
 from typing import TYPE_CHECKING, Any
 
 from replication.dataplane import batch as batch_format
 from replication.dataplane import digests as replica_digests
-from replication.dataplane.auth import STATUS_SUBJECT, item_subject, verify_token
+from replication.dataplane.auth import STATUS_SUBJECT, verify_token
 from replication.dataplane.process_server.config import CHUNK_BYTES, DIGEST_RETRY_SECONDS, VERSION
 
 if TYPE_CHECKING:  # the server imports this module to start its HTTPS layer
@@ -50,6 +55,102 @@ def name_os_thread(name: str) -> None:
         pass
 
 
+class ConnectionGuard:
+    """Deadlines of the open connections, and how many each client address holds.
+
+    A connection has at most one deadline at a time, set by what it is waiting for:
+    from being accepted to the end of its first request's headers (TLS handshake included),
+    ``header_timeout``; between requests, ``io_timeout`` for the first byte of the next one,
+    then ``header_timeout`` for the rest of its headers; while a body is read,
+    ``header_timeout`` plus the body's length at ``min_body_bytes_per_s``. While the server
+    itself works on a request or answers it, none (each read or write still has
+    ``io_timeout``). A socket timeout alone bounds one read, not a client that sends a byte
+    now and then: ``run`` shuts down every connection past its deadline, which ends its
+    thread's read at once and frees its slot.
+    """
+
+    TICK = 0.25
+
+    def __init__(self, *, per_address: int) -> None:
+        self.per_address = per_address
+        self.lock = threading.Lock()
+        self._deadlines: dict[socket.socket, tuple[float, str, str]] = {}
+        self._open: dict[str, int] = {}
+        self._refusal_logged: dict[str, float] = {}
+        self.cut = 0  # connections shut down past their deadline
+        self.refused = 0  # connections closed at once: their address held its share
+
+    def admit(self, address: str) -> bool:
+        """Count a new connection from ``address``; False (count nothing) when that address
+        already holds ``per_address``."""
+        with self.lock:
+            held = self._open.get(address, 0)
+            if held >= self.per_address:
+                self.refused += 1
+                now = time.monotonic()
+                if now - self._refusal_logged.get(address, -3600.0) >= 60:
+                    self._refusal_logged[address] = now
+                    log.warning("refusing connections from %s: it already holds %d, the most one address may "
+                                "(max_connections_per_address)", address, held)
+                return False
+            self._open[address] = held + 1
+            return True
+
+    def leave(self, address: str) -> None:
+        with self.lock:
+            held = self._open.get(address, 0) - 1
+            if held > 0:
+                self._open[address] = held
+            else:
+                self._open.pop(address, None)
+
+    def open_connections(self) -> int:
+        with self.lock:
+            return sum(self._open.values())
+
+    def watch(self, sock: socket.socket, seconds: float | None, why: str = "") -> None:
+        """From now on ``sock`` must get what it waits for within ``seconds`` (None: no
+        deadline); ``why`` says what, for the log line if it is cut."""
+        with self.lock:
+            if seconds is None:
+                self._deadlines.pop(sock, None)
+            else:
+                address = self._deadlines[sock][2] if sock in self._deadlines else _peer(sock)
+                self._deadlines[sock] = (time.monotonic() + seconds, why, address)
+
+    def forget(self, sock: socket.socket) -> None:
+        """Called before the socket is closed: a closed socket's descriptor may be reused by
+        the next connection, which must not be shut down in its place."""
+        with self.lock:
+            self._deadlines.pop(sock, None)
+
+    def run(self, stopping: threading.Event) -> None:
+        name_os_thread("ps-guard")
+        while not stopping.wait(self.TICK):
+            now = time.monotonic()
+            with self.lock:
+                late = [(sock, why, address) for sock, (deadline, why, address) in self._deadlines.items()
+                        if deadline <= now]
+                for sock, why, address in late:
+                    del self._deadlines[sock]
+                    self.cut += 1
+                    try:
+                        # socket.socket's own shutdown: SSLSocket's would drop its TLS state
+                        # under the thread still reading it.
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            for _, why, address in late:
+                log.info("closed the connection from %s: %s", address, why)
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "a client"
+
+
 class HTTPSServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -59,7 +160,18 @@ class HTTPSServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.ps = ps
         self.ssl_context = ctx
         self.connection_slots = threading.BoundedSemaphore(ps.config.max_connections)
+        self.guard = ConnectionGuard(per_address=ps.config.max_connections_per_address)
+        self._guard_stop = threading.Event()
         super().__init__(address, handler)
+        threading.Thread(target=self.guard.run, args=(self._guard_stop,), name="ps-guard", daemon=True).start()
+
+    def server_close(self) -> None:
+        self._guard_stop.set()
+        super().server_close()
+
+    def verify_request(self, request, client_address) -> bool:
+        # Refused here, in the accepting thread, before it waits for a free slot.
+        return self.guard.admit(client_address[0])
 
     def process_request(self, request, client_address):
         self.connection_slots.acquire()
@@ -67,6 +179,7 @@ class HTTPSServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             super().process_request(request, client_address)
         except BaseException:
             self.connection_slots.release()
+            self.guard.leave(client_address[0])
             raise
 
     def process_request_thread(self, request, client_address):
@@ -74,20 +187,30 @@ class HTTPSServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.connection_slots.release()
+            self.guard.leave(client_address[0])
 
     def finish_request(self, request, client_address):
         # The TLS handshake runs in the connection's own thread, so a slow client cannot
         # hold up accepting others.
         name_os_thread("ps-connection")
-        request.settimeout(self.ps.config.io_timeout)
+        cfg = self.ps.config
+        request.settimeout(cfg.io_timeout)
         try:
-            tls = self.ssl_context.wrap_socket(request, server_side=True)
+            tls = self.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
         except (OSError, ssl.SSLError) as e:
-            log.debug("TLS handshake with %s failed: %s", client_address, e)
+            log.debug("TLS with %s failed: %s", client_address, e)
             return
+        self.guard.watch(tls, cfg.header_timeout,
+                         f"no complete request within {cfg.header_timeout:g}s of connecting (header_timeout)")
         try:
+            try:
+                tls.do_handshake()
+            except (OSError, ssl.SSLError) as e:
+                log.debug("TLS handshake with %s failed: %s", client_address, e)
+                return
             self.RequestHandlerClass(tls, client_address, self)
         finally:
+            self.guard.forget(tls)
             try:
                 tls.close()
             except OSError:
@@ -103,9 +226,51 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server_version = f"Lifeboat-ProcessServer/{VERSION}"
     sys_version = ""
     server: HTTPSServer
+    requests_begun = 0
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.client_address[0], format % args)
+
+    # -- deadlines (ConnectionGuard): what the connection waits for decides how long it may
+
+    def handle_one_request(self) -> None:
+        cfg = self.server.ps.config
+        if self.requests_begun:  # the first request's deadline runs from the accept
+            self.server.guard.watch(self.connection, cfg.io_timeout,
+                                    f"idle for {cfg.io_timeout:g}s between requests (io_timeout)")
+            try:
+                if not self.rfile.peek(1):
+                    self.close_connection = True
+                    return
+            except (OSError, ValueError):
+                self.close_connection = True
+                return
+            self.server.guard.watch(self.connection, cfg.header_timeout,
+                                    f"a request's headers took over {cfg.header_timeout:g}s (header_timeout)")
+        self.requests_begun += 1
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.working()  # the headers are in: what follows is up to this server
+        return ok
+
+    def working(self) -> None:
+        """No deadline while the server works on the request (waits for a slot, memory or a
+        predecessor, seals, answers)."""
+        self.server.guard.watch(self.connection, None)
+
+    def reading_body(self, length: int) -> None:
+        """A body of ``length`` bytes is read from now on: it must arrive at
+        ``min_body_bytes_per_s`` (with ``header_timeout`` to spare)."""
+        cfg = self.server.ps.config
+        if cfg.min_body_bytes_per_s <= 0:
+            self.working()
+            return
+        seconds = cfg.header_timeout + length / cfg.min_body_bytes_per_s
+        self.server.guard.watch(self.connection, seconds,
+                                f"a body of {length} bytes was not in within {seconds:.0f}s "
+                                f"(min_body_bytes_per_s {cfg.min_body_bytes_per_s})")
 
     def do_GET(self) -> None:
         ps = self.server.ps
@@ -124,10 +289,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             except ValueError:
                 self._error(Reject(404, "not_found", f"no such resource: {self.path}"))
                 return
-            if not verify_token(ps.config.auth_key, self._bearer() or "", item_subject(item_id)):
-                log.warning("refused the state of item %s to %s: the token is not valid for this item",
-                            item_id, self.client_address[0])
-                self._error(Reject(403, "forbidden", f"the token is not valid for item {item_id}"))
+            refusal = ps.item_token_refusal(item_id, self._bearer())
+            if refusal is not None:
+                log.warning("refused the state of item %s to %s: %s", item_id, self.client_address[0], refusal.message)
+                self._error(refusal)
                 return
             try:
                 item = ps._item(item_id)
@@ -159,10 +324,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except ValueError:
             self._error(Reject(404, "not_found", f"{parts[2]!r} is not an item id"))
             return
-        if not verify_token(ps.config.auth_key, self._bearer() or "", item_subject(item_id)):
-            log.warning("refused digests of item %s to %s: the token is not valid for this item",
-                        item_id, self.client_address[0])
-            self._error(Reject(403, "forbidden", f"the token is not valid for item {item_id}"))
+        refusal = ps.item_token_refusal(item_id, self._bearer())
+        if refusal is not None:
+            log.warning("refused digests of item %s to %s: %s", item_id, self.client_address[0], refusal.message)
+            self._error(refusal)
             return
         blocks = len(parts) == 6
         try:
@@ -284,10 +449,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if token is None:
             raise Reject(401, "unauthenticated", "an 'Authorization: Bearer <item token>' header is required",
                           close=True)
-        if not verify_token(ps.config.auth_key, token, item_subject(item_id)):
-            log.warning("refused a batch for item %s from %s: the token is not valid for this item",
-                        item_id, self.client_address[0])
-            raise Reject(403, "forbidden", f"the token is not valid for item {item_id}", close=True)
+        refusal = ps.item_token_refusal(item_id, token, close=True)
+        if refusal is not None:  # checked before a byte of the body is read
+            log.warning("refused a batch for item %s from %s: %s", item_id, self.client_address[0], refusal.message)
+            raise refusal
         hint = self.headers.get("X-Lifeboat-Seq", "")  # announces the batch before its body is read
         return ps.receive_batch(self, item_id, length, int(hint) if hint.isdigit() and 0 < int(hint) < 2**63 else None)
 
@@ -296,12 +461,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.body_read = True
         buf = bytearray(min(CHUNK_BYTES, max(left, 1)))
         view = memoryview(buf)
-        while left:
-            n = self.rfile.readinto(view[: min(len(buf), left)])
-            if not n:
-                self.close_connection = True
-                return
-            left -= n
+        self.reading_body(left)
+        try:
+            while left:
+                n = self.rfile.readinto(view[: min(len(buf), left)])
+                if not n:
+                    self.close_connection = True
+                    return
+                left -= n
+        finally:
+            self.working()
 
     def _bearer(self) -> str | None:
         value = self.headers.get("Authorization", "")
@@ -311,6 +480,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return token.strip()
 
     def _error(self, r: Reject) -> None:
+        self.server.ps.refused(r.code)  # counted for the metrics endpoint
         if not getattr(self, "body_read", True):
             # A body left unread makes closing the socket reset the connection, and the
             # client would lose this answer: read (at most a batch's worth of) it first.

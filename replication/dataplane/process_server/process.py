@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ import threading
 import time
 
 from mobility.durable import replace_durably, unlink_quietly
+from mobility.logs import configure_logging, json_logs_wanted
 from mobility.tuning import tune_allocator
 from replication.dataplane.process_server.config import (
     VERSION,
@@ -101,8 +101,9 @@ def serve(config: ServerConfig) -> None:
     """Run a process server in this process until SIGTERM or SIGINT."""
     tune_allocator()
     server = ProcessServer(config).start()
-    print(f"lifeboat process server {VERSION} listening on {server.url}", flush=True)
-    print(f"thumbprint: {server.thumbprint}", flush=True)
+    if not json_logs_wanted():  # JSON lines only: the start is logged (server.start) with the same facts
+        print(f"lifeboat process server {VERSION} listening on {server.url}", flush=True)
+        print(f"thumbprint: {server.thumbprint}", flush=True)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
@@ -118,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="make the certificate if needed, print its SHA-256 thumbprint and exit")
     parser.add_argument("--log-level", default=os.environ.get("LIFEBOAT_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # plain, or one JSON object a line with LIFEBOAT_LOG_FORMAT=json (mobility/logs.py)
+        configure_logging(args.log_level)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config)
     except ConfigError as e:

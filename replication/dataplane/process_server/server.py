@@ -7,6 +7,12 @@ seq order per item (``_commit``; a batch whose predecessor is still arriving wai
 Uploader threads put the cached batches into storage in seq order per item, record the
 item's uploaded seq (``cache.SeqMarker``) and drop the cache files. ``_sync_floor`` lines an
 item up with the stream position storage holds (``apply.stream_floor``).
+
+Item tokens are checked here, offline (``item_token_refusal``): a token must be the vault's
+for the item, at a generation no lower than the one the configuration server last named for
+it. The configuration server names them in the answer to every heartbeat (an item whose
+token was rotated); they are kept in ``token_generations.json`` in the cache directory, so
+a restarted server refuses revoked tokens before its first heartbeat too.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from replication.dataplane import buffers
 from replication.dataplane import digests as replica_digests
 from replication.dataplane import sealing
 from replication.dataplane.apply import stream_floor
+from replication.dataplane.auth import REVOKED, VALID, check_token, item_subject
 from replication.dataplane.process_server.cache import Item, SeqMarker, recover_items
 from replication.dataplane.process_server.config import (
     CHUNK_BYTES,
@@ -41,13 +48,17 @@ from replication.dataplane.process_server.config import (
     ServerConfig,
     ensure_certificate,
     object_key,
+    parse_token_generations,
     open_target_storage,
     seal_context,
 )
 from replication.dataplane.process_server.https import Handler, HTTPSServer, Reject, name_os_thread
+from replication.dataplane.process_server.metrics import start_metrics
 from replication.dataplane.storage import ObjectNotFound
 
 log = logging.getLogger("lifeboat.process_server")
+
+TOKEN_GENERATIONS_FILE = "token_generations.json"
 
 
 class ProcessServer:
@@ -76,9 +87,57 @@ class ProcessServer:
         self._upload_cursor = 0
         self.upload_errors = 0
         self.last_upload_error = ""
+        # Counters since the start (guarded by self.lock): the heartbeat's figures, from
+        # which the vault computes rates, and the metrics endpoint's (metrics.py).
+        self.received_bytes = self.received_batches = 0
+        self.uploaded_bytes = self.uploaded_batches = 0
+        self.refusals: dict[str, int] = {}  # error code -> requests refused with it
+        self.metrics_httpd = None
         self._proc = None
         self._digest_lock = threading.Lock()
         self._digests: dict[tuple[uuid.UUID, int], tuple[replica_digests.DigestObject, list[bytes]]] = {}
+        # The lowest item token generation still valid, per item (items not named: any).
+        self.token_generations: dict[uuid.UUID, int] = dict(config.token_generations)
+
+    # -- item tokens
+
+    def item_token_refusal(self, item_id: uuid.UUID, token: str | None, *, close: bool = False) -> Reject | None:
+        """None if ``token`` may act for the item; else the answer: 401 ``token_revoked`` for
+        a token of a generation revoked since (the agent fetches its assignment again and
+        gets the current one), 403 ``forbidden`` for one that is not the item's at all
+        (``close``: and end the connection)."""
+        result = check_token(self.config.auth_key, token or "", item_subject(item_id),
+                             min_generation=self.token_generations.get(item_id, 0))
+        if result == VALID:
+            return None
+        if result == REVOKED:
+            return Reject(401, "token_revoked", f"the token of item {item_id} was rotated: the configuration server's "
+                                                "assignment holds the current one", close=close)
+        return Reject(403, "forbidden", f"the token is not valid for item {item_id}", close=close)
+
+    def token_generations_update(self, generations: dict[uuid.UUID, int]) -> None:
+        """Enforce the generations the configuration server named (they replace the previous
+        set: it names every item whose token was ever rotated), kept on disk first."""
+        if generations == self.token_generations:
+            return
+        body = json.dumps({str(k): v for k, v in sorted(generations.items(), key=lambda kv: str(kv[0]))}).encode()
+        replace_durably(os.path.join(self.cache_dir, TOKEN_GENERATIONS_FILE), body)
+        self.token_generations = dict(generations)
+        log.info("item token generations now enforced for %d item(s)", len(generations))
+
+    def _load_token_generations(self) -> None:
+        path = os.path.join(self.cache_dir, TOKEN_GENERATIONS_FILE)
+        try:
+            with open(path) as f:
+                kept = parse_token_generations(json.load(f), where=path)
+        except FileNotFoundError:
+            return
+        except ValueError as e:
+            log.error("%s is unreadable (%s): enforcing the configuration's token generations until the next "
+                      "heartbeat answer", path, e)
+            return
+        for item_id, generation in kept.items():
+            self.token_generations[item_id] = max(generation, self.token_generations.get(item_id, 0))
 
     def digests_for(self, item_id: uuid.UUID, disk: int,
                     min_seq: int) -> tuple[replica_digests.DigestObject, list[bytes]] | None:
@@ -122,6 +181,7 @@ class ProcessServer:
         self.cert_path, self.key_path, self.thumbprint = ensure_certificate(
             os.path.join(self.cache_dir, "tls"), host=self.config.host
         )
+        self._load_token_generations()
         self._recover()
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -132,11 +192,13 @@ class ProcessServer:
         self._spawn(self.httpd.serve_forever, "https")
         if self.config.report_url:
             self._spawn(self._report_loop, "reporter")
+        self.metrics_httpd = start_metrics(self)
         replace_durably(
             os.path.join(self.cache_dir, "server.json"),
             json.dumps(
                 {"pid": os.getpid(), "host": self.config.host, "port": self.port,
-                 "thumbprint": self.thumbprint, "version": VERSION}
+                 "thumbprint": self.thumbprint, "version": VERSION,
+                 "metrics_port": self.metrics_httpd.server_address[1] if self.metrics_httpd else None}
             ).encode(),
         )
         log.info("process server listening on %s (thumbprint %s)", self.url, self.thumbprint)
@@ -147,6 +209,9 @@ class ProcessServer:
         if self.httpd is not None:
             self.httpd.shutdown()
             self.httpd.server_close()
+        if self.metrics_httpd is not None:
+            self.metrics_httpd.shutdown()
+            self.metrics_httpd.server_close()
         with self.lock:
             self.lock.notify_all()
         for t in self._threads:
@@ -262,6 +327,10 @@ class ProcessServer:
             # predecessor holds nothing the predecessor needs.
             acked = self._commit(item, seq, tmp, size)
             committed = True
+            with self.lock:
+                item.received_bytes += length
+                self.received_bytes += length
+                self.received_batches += 1
             return acked
         finally:
             if tmp and not committed:
@@ -323,6 +392,7 @@ class ProcessServer:
         tmp = ""
         try:
             pos = 0
+            handler.reading_body(length)  # at min_body_bytes_per_s, or the connection is cut
             while pos < length:
                 n = handler.rfile.readinto(view[pos : min(length, pos + CHUNK_BYTES)])
                 if not n:
@@ -345,6 +415,7 @@ class ProcessServer:
                         handler.drain(length - pos)
                         raise Reject(409, "replayed_batch", f"batch {batch_seq} is already acknowledged",
                                       acked_seq=item.acked)
+            handler.working()
             try:
                 info = validator.finish()
             except batch_format.MalformedBatch as e:
@@ -480,6 +551,10 @@ class ProcessServer:
                 self.storage.put_object_file(key, path)
                 with self.lock:
                     item.put = max(item.put, seq)
+                    size = item.pending.get(seq, 0)
+                    item.uploaded_bytes += size
+                    self.uploaded_bytes += size
+                    self.uploaded_batches += 1
                     self.lock.notify_all()
                 break
             except Exception as e:  # storage or disk trouble: keep the batch and retry
@@ -549,6 +624,11 @@ class ProcessServer:
 
     # -- status
 
+    def refused(self, code: str) -> None:
+        """Count a request answered with an error (``https.Handler._error``)."""
+        with self.lock:
+            self.refusals[code] = self.refusals.get(code, 0) + 1
+
     def status(self) -> dict:
         if self._proc is None:
             self._proc = psutil.Process()
@@ -556,17 +636,27 @@ class ProcessServer:
         mem = proc.memory_info()
         with self.lock:
             items = {
-                str(i.id): {"acked_seq": i.acked, "uploaded_seq": i.uploaded, "pending_batches": len(i.pending)}
+                str(i.id): {"acked_seq": i.acked, "uploaded_seq": i.uploaded, "pending_batches": len(i.pending),
+                            "pending_bytes": sum(i.pending.values()), "received_bytes": i.received_bytes,
+                            "uploaded_bytes": i.uploaded_bytes}
                 for i in self.items.values() if i.floor_checked
             }
             pending_bytes = self.pending_bytes
+            counters = {"received_bytes": self.received_bytes, "received_batches": self.received_batches,
+                        "uploaded_bytes": self.uploaded_bytes, "uploaded_batches": self.uploaded_batches,
+                        "refused_requests": dict(self.refusals)}
             pending_count = sum(len(i.pending) for i in self.items.values())
             reserved = self.reserved_bytes
         disk_free = shutil.disk_usage(self.cache_dir).free
+        guard = self.httpd.guard if self.httpd is not None else None
         return {
             "version": VERSION,
             "status": "ok",
             "uptime_seconds": round(time.time() - self.started_at, 1),
+            # The counters below count from this moment (Unix time): a new value means they
+            # began again from 0.
+            "started_at": self.started_at,
+            **counters,
             "cache_free_bytes": max(0, min(disk_free - DISK_FREE_MARGIN,
                                            self.config.max_cache_bytes - pending_bytes - reserved)),
             "pending_upload_bytes": pending_bytes,
@@ -579,6 +669,11 @@ class ProcessServer:
             "memory_available_bytes": psutil.virtual_memory().available,
             "upload_errors": self.upload_errors,
             "last_upload_error": self.last_upload_error,
+            # Slow or idle clients cut (https.ConnectionGuard), and connections refused
+            # because their address held its share, since the server started.
+            "connections_open": guard.open_connections() if guard else 0,
+            "slow_connections_cut": guard.cut if guard else 0,
+            "connections_refused": guard.refused if guard else 0,
             "items": items,
         }
 
@@ -593,7 +688,11 @@ class ProcessServer:
                 if self.config.report_token:
                     req.add_header("Authorization", f"Bearer {self.config.report_token}")
                 with urllib.request.urlopen(req, timeout=10) as resp:
-                    resp.read()
+                    raw = resp.read()
+                answer = json.loads(raw) if raw else {}
+                if isinstance(answer, dict) and "token_generations" in answer:
+                    self.token_generations_update(parse_token_generations(
+                        answer["token_generations"], where="the configuration server's heartbeat answer"))
             except Exception as e:
                 log.warning("heartbeat to %s failed: %s", self.config.report_url, e)
 
