@@ -87,16 +87,3 @@ class VaultRole(BasePermission):
             return True
         access.require(request.user, view.vault_id_of(obj), view.access_action(request))
         return True
-
-
-class ReadOrAdmin(BasePermission):
-    """Not vault-scoped objects (a user's own API tokens): any signed-in user may read;
-    changing takes a superuser."""
-
-    message = "Only administrators can change this; your account can only view it."
-
-    def has_permission(self, request, view) -> bool:
-        user = request.user
-        if not (user and user.is_authenticated):
-            return False
-        return request.method in SAFE_METHODS or user.is_superuser

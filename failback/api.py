@@ -23,7 +23,6 @@ from failback import services
 from failback.models import Failback, FailbackLocation
 from failback.transitions import FailbackState
 from recovery_plans.api import serializers as rs
-from recovery_plans import runs as plan_runs
 from recovery_plans.api.views import RecoveryPlanViewSet, RecoveryProtectedItemViewSet
 from recovery_plans.models import PlanRecoveryPoint
 from recovery_plans.run_models import PlanOperation
@@ -247,36 +246,26 @@ class FailbackRecoveryPlanViewSet(RecoveryPlanViewSet):
     role_actions = {**RecoveryPlanViewSet.role_actions,
                     **{name: access.OPERATE for name in ("re_protect", "fail_back", "failback_commit", "re_enable")}}
 
-    def _failback_run(self, request, operation: str, serializer_class=None):
-        options = {}
-        if serializer_class is not None:
-            body = serializer_class(data=request.data)
-            body.is_valid(raise_exception=True)
-            options = dict(body.validated_data)
-        _, job = plan_runs.recovery_plan_run_start(plan=self.get_object(), operation=operation, options=options,
-                                                   user=request.user)
-        return accepted_job(request, job, JobSerializer)
-
     @extend_schema(request=PlanReprotectSerializer, responses={202: JobSerializer})
     @action(detail=True, methods=["post"], url_path="reProtect")
     def re_protect(self, request, pk=None):
         """Reprotect every item of the plan (each a committed failover) back on-premises."""
-        return self._failback_run(request, PlanOperation.REPROTECT, PlanReprotectSerializer)
+        return self._start(request, PlanOperation.REPROTECT, PlanReprotectSerializer)
 
     @extend_schema(request=PlanFailBackSerializer, responses={202: JobSerializer})
     @action(detail=True, methods=["post"], url_path="failBack")
     def fail_back(self, request, pk=None):
         """Fail the plan's items over to on-premises, group after group, with the groups' actions."""
-        return self._failback_run(request, PlanOperation.FAILBACK, PlanFailBackSerializer)
+        return self._start(request, PlanOperation.FAILBACK, PlanFailBackSerializer)
 
     @extend_schema(request=None, responses={202: JobSerializer})
     @action(detail=True, methods=["post"], url_path="failbackCommit")
     def failback_commit(self, request, pk=None):
         """Commit the failback of every item of the plan."""
-        return self._failback_run(request, PlanOperation.FAILBACK_COMMIT)
+        return self._start(request, PlanOperation.FAILBACK_COMMIT)
 
     @extend_schema(request=None, responses={202: JobSerializer})
     @action(detail=True, methods=["post"], url_path="reEnableReplication")
     def re_enable(self, request, pk=None):
         """Re-enable replication of every item of the plan to the recovery site."""
-        return self._failback_run(request, PlanOperation.REENABLE)
+        return self._start(request, PlanOperation.REENABLE)
