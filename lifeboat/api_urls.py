@@ -43,5 +43,6 @@ urlpatterns = [
     path("agents/<uuid:agent_id>/heartbeat", agents.agent_heartbeat, name="agent-heartbeat"),
     path("agents/<uuid:agent_id>/events", agents.agent_event, name="agent-events"),
     path("processServers/<int:pk>/heartbeat", agents.process_server_heartbeat, name="process-server-heartbeat"),
+    path("processServers/<int:pk>/uploaded", agents.process_server_uploaded, name="process-server-uploaded"),
     *router.urls,
 ]

@@ -311,6 +311,8 @@ LOGGING = {
 # --- Monitoring -----------------------------------------------------------------------
 # An agent or process server silent for this long is reported (ASR uses 15 minutes).
 LIFEBOAT_HEARTBEAT_TIMEOUT = int(os.environ.get("LIFEBOAT_HEARTBEAT_TIMEOUT", "900"))
+# An apply pass that takes this long is logged with where its time went (replication/engine.py).
+LIFEBOAT_SLOW_APPLY_SECONDS = float(os.environ.get("LIFEBOAT_SLOW_APPLY_SECONDS", "10"))
 # A problem that ends and starts again within this many seconds is the same alert: no new
 # e-mail, and the "resolved" e-mail waits until it has stayed resolved this long.
 LIFEBOAT_ALERT_QUIET_SECONDS = int(os.environ.get("LIFEBOAT_ALERT_QUIET_SECONDS", "600"))

@@ -3,6 +3,17 @@
 An apply pass for one item runs under a lease on the item's row (compare-and-set of
 ``apply_lease_until``), so two workers never apply one item at once, and a worker that dies
 holding it only delays the next pass by the lease's length.
+
+**Passes on upload.** Besides the beat's sweep (every few seconds, every item), a process
+server tells the vault which items it has just put logs into storage for
+(``processServers/<id>/uploaded``), and those items get a pass at once: the wait for the
+next sweep was the largest share of a recovery point's lag (docs/BENCHMARKS.md, "RPO under
+load"). A wake-up that finds the item's pass already running must not be lost, since that
+pass may have listed the logs before the new one arrived: ``apply_wake`` marks the item
+(``apply_again_mark``, in the shared cache) *before* it reads the lease, a pass clears the
+mark right after taking the lease (before it lists logs), and after releasing the lease the
+task runs again if the mark is back (``apply_again_take``). Either the waker sees the lease
+free and sends a pass, or the holder sees the mark after its release.
 """
 from __future__ import annotations
 
@@ -13,6 +24,7 @@ import uuid
 from datetime import datetime, timezone as dt_timezone
 
 from django.conf import settings
+from django.core.cache import cache
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone as dj_timezone
@@ -69,38 +81,97 @@ def item_apply(*, item_id, max_batches: int | None = 64) -> dict | None:
     Returns a summary, or None when another worker holds the item's lease. Every record
     logged during the pass names the item (``item_id``, mobility/logs.py).
     """
+    started = time.perf_counter()
     with log_context(item_id=item_id):
         summary = _item_apply(item_id=item_id, max_batches=max_batches)
+        took = time.perf_counter() - started
+        if summary is not None and took >= settings.LIFEBOAT_SLOW_APPLY_SECONDS:
+            steps = summary.get("seconds", {})
+            logger.warning("item %s: a slow apply pass, %.2f s (%s) for %d batch(es) and %d point(s)", item_id, took,
+                           ", ".join(f"{k} {v:.2f} s" for k, v in steps.items()), summary.get("batches", 0),
+                           summary.get("points", 0), extra={"item_id": str(item_id)})
     if summary and summary.get("batches"):
         logger.debug("item %s: applied %d batch(es), %d bytes of logs, through seq %d", item_id, summary["batches"],
                      summary["log_bytes"], summary["applied_seq"], extra={"item_id": str(item_id)})
     return summary
 
 
+# How long a wake-up mark outlives its setter: a pass that holds the lease longer than this
+# is renewing it, and the beat's sweep picks the item up after it anyway.
+APPLY_AGAIN_SECONDS = 2 * APPLY_LEASE_SECONDS
+
+
+def _again_key(item_id) -> str:
+    return f"apply-again:{item_id}"
+
+
+def apply_again_mark(item_ids) -> None:
+    """Note that these items have logs a running pass may not have seen (see the module)."""
+    if item_ids:
+        cache.set_many({_again_key(i): 1 for i in item_ids}, timeout=APPLY_AGAIN_SECONDS)
+
+
+def apply_again_take(item_id) -> bool:
+    """True (and the mark gone) if the item was woken while its last pass ran."""
+    return bool(cache.delete(_again_key(item_id)))
+
+
+def items_to_wake(item_ids, *, process_server_id=None) -> list[str]:
+    """Of these items, the ones a pass should start for now: each is marked first, then
+    those whose lease is free are returned (a held lease's holder sees the mark when it
+    releases it). Items not replicating, or (given ``process_server_id``) served by another
+    process server, are left out. One query."""
+    ids = [str(i) for i in item_ids]
+    if not ids:
+        return []
+    apply_again_mark(ids)
+    items = ProtectedItem.objects.filter(pk__in=ids, protection_state__in=P.REPLICATING)
+    if process_server_id is not None:
+        items = items.filter(process_server_id=process_server_id)
+    return [str(pk) for pk in items.exclude(apply_lease_until__gt=dj_timezone.now()).values_list("pk", flat=True)]
+
+
 def _item_apply(*, item_id, max_batches: int | None) -> dict | None:
     lease = apply_lease_take(item_id)
     if lease is None:
         return None
+    # Logs uploaded from here on are either listed by this pass or wake it again.
+    cache.delete(_again_key(item_id))
+    # Where a pass's time goes, step by step (logged for a slow pass, LIFEBOAT_SLOW_APPLY_SECONDS).
+    seconds: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def step(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        seconds[name] = seconds.get(name, 0.0) + now - mark
+        mark = now
+
     try:
         item = ProtectedItem.objects.select_related("vault", "policy").prefetch_related("replica_disks").get(pk=item_id)
         if item.protection_state not in P.REPLICATING or not item.replica_disks.all():
             return {"skipped": item.protection_state}
         applier = applier_for(item)
+        step("load")
         result = applier.apply_pending(
             crash_consistent_interval_s=item.policy.crash_consistent_frequency_seconds, max_batches=max_batches,
             gap_grace_s=float(getattr(settings, "LIFEBOAT_LOG_GAP_GRACE_SECONDS", 120)),
         )
+        step("apply")
         lease.check()  # a holder that lost its lease writes nothing more (replication/lease.py)
         retention_ns = item.policy.recovery_point_retention_hours * 3600 * 10**9
         pruned = applier.prune_points(older_than_ns=time.time_ns() - retention_ns) if retention_ns else []
+        step("prune")
         points_mirror(item=item, points=applier.list_points())
+        step("mirror")
         sizes = applier.disk_sizes()  # a disk that grew or joined: its size as the stream says
         for d in item.replica_disks.all():
             if d.index in sizes and sizes[d.index] != d.capacity_bytes:
                 ReplicaDisk.objects.filter(pk=d.pk).update(capacity_bytes=sizes[d.index])
         # The data path in bytes (replication/data_path.py): sealed log bytes applied, ever,
         # and what is left in cache storage after this pass.
-        fields = {"applied_seq": result.applied_seq, "applied_log_bytes": F("applied_log_bytes") + result.log_bytes_applied}
+        fields = {"applied_seq": result.applied_seq, "applied_log_bytes": F("applied_log_bytes") + result.log_bytes_applied,
+                  "last_applied_at": dj_timezone.now()}
         try:
             fields.update(storage_waiting_bytes=applier.waiting_log_bytes(), storage_measured_at=dj_timezone.now())
         except Exception as e:  # a figure for the page only: the pass itself succeeded
@@ -142,7 +213,9 @@ def _item_apply(*, item_id, max_batches: int | None) -> dict | None:
                                       initial_replication_progress=100)
             job_wake(initial_slot_wait_key(item.process_server_id))  # a slot is free for a waiting enable
             event_record(vault=item.vault, kind="initial_replication_done", message=f"Initial replication of {item.name} is complete; delta replication goes on.", protected_item=item)
+        step("finish")
         return {
+            "seconds": seconds,
             "batches": result.batches_applied, "bytes": result.bytes_applied, "log_bytes": result.log_bytes_applied,
             "points": result.points_cut,
             "pruned": len(pruned), "applied_seq": result.applied_seq, "more": result.more_pending,

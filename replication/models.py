@@ -106,6 +106,8 @@ class ProtectedItem(TimeStampedModel):
     applied_log_bytes = models.BigIntegerField(default=0, editable=False)
     storage_waiting_bytes = models.BigIntegerField(default=0, editable=False)
     storage_measured_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # When the item's last apply pass ended (the apply sweep leaves items just applied alone).
+    last_applied_at = models.DateTimeField(null=True, blank=True, editable=False)
     state_changed_at = models.DateTimeField(auto_now_add=True, editable=False)
     # One apply pass at a time per item: a worker holds this lease while it applies.
     apply_lease_until = models.DateTimeField(null=True, blank=True, editable=False)

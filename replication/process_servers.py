@@ -20,6 +20,8 @@ def process_server_config(*, server: ProcessServer, cache_dir: str | None = None
         "seal_key": encode_key(seal_key),
         "storage": settings.LIFEBOAT_STORAGE,
         "report_url": f"{settings.LIFEBOAT_CONFIG_URL.rstrip('/')}/api/v1/processServers/{server.pk}/heartbeat",
+        # New logs in storage are applied at once (replication/engine.py, "Passes on upload").
+        "uploaded_url": f"{settings.LIFEBOAT_CONFIG_URL.rstrip('/')}/api/v1/processServers/{server.pk}/uploaded",
         "report_token": process_server_token(server=server),
         # Revoked item tokens are refused from the first start (the heartbeat keeps this current).
         "token_generations": item_token_generations(vault=server.vault),

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from celery import shared_task
 from django.utils import timezone
 
 from replication.choices import ProtectionState as P
-from replication.engine import item_apply
+from replication.engine import apply_again_take, item_apply, items_to_wake
 from replication.groups import group_points_due
 from replication.models import ProtectedItem
 from replication.monitoring import items_monitor, process_servers_monitor
@@ -21,7 +22,9 @@ logger = logging.getLogger(__name__)
 def apply_item(item_id: str) -> None:
     """Apply an item's pending logs. Idempotent (replays are harmless), hence acks_late."""
     summary = item_apply(item_id=item_id)
-    if summary and summary.get("more"):
+    if summary is None:
+        return  # another worker's pass holds the item; it sees any wake-up when it ends
+    if apply_again_take(item_id) or summary.get("more"):
         apply_item.apply_async(args=[item_id])
 
 
@@ -51,15 +54,34 @@ def apply_items(item_ids: list[str]) -> None:
             logger.exception("The apply pass of item %s failed; the next sweep tries it again.", item_id)
 
 
+def apply_wake(item_ids, *, process_server_id=None) -> int:
+    """Start an apply pass now for each of these items (a process server has just put logs
+    of theirs into storage), unless one is running (it runs again when it ends: see
+    replication/engine.py). Returns the number of items sent a pass."""
+    ids = items_to_wake(item_ids, process_server_id=process_server_id)
+    if ids:
+        with apply_items.app.producer_or_acquire() as producer:
+            for chunk in apply_chunks(ids):
+                apply_items.apply_async(args=[chunk], producer=producer)
+    return len(ids)
+
+
+# The sweep is the fallback of the passes uploads start (``apply_wake``): an item whose last
+# pass ended this recently is left to them (a replicating item's agent sends at least a tick
+# batch every 5 s, and each upload starts a pass).
+SWEEP_SKIPS_APPLIED_WITHIN = timedelta(seconds=3)
+
+
 @shared_task(name="replication.apply_sweep", ignore_result=True)
 def apply_sweep() -> int:
     """Enqueue an apply pass for every item whose data flows (the beat runs this every few
-    seconds), in chunks (``apply_chunks``) sent over one broker connection. Returns the
-    number of items."""
+    seconds) and that had none in the last ``SWEEP_SKIPS_APPLIED_WITHIN``, in chunks
+    (``apply_chunks``) sent over one broker connection. Returns the number of items."""
     now = timezone.now()
     ids = [str(pk) for pk in
            ProtectedItem.objects.filter(protection_state__in=P.REPLICATING)
            .exclude(apply_lease_until__gt=now)
+           .exclude(last_applied_at__gt=now - SWEEP_SKIPS_APPLIED_WITHIN)
            .values_list("pk", flat=True)]
     if ids:
         with apply_items.app.producer_or_acquire() as producer:

@@ -32,6 +32,7 @@ from replication import tokens as agent_tokens
 from replication.api.throttles import AgentRegistrationThrottle
 from replication.choices import RegistrationState
 from replication.models import MobilityAgent
+from replication.tasks import apply_wake
 from replication.waits import machine_wait_key
 from vault.models import ProcessServer, Vault
 
@@ -133,6 +134,11 @@ class PsHeartbeatSerializer(serializers.Serializer):
             for key in ("acked_seq", "uploaded_seq", "pending_batches", "pending_bytes", "received_bytes", "uploaded_bytes"):
                 _check_counter("", key, figures.get(key))
         return items
+
+
+class PsUploadedSerializer(serializers.Serializer):
+    items = serializers.ListField(child=serializers.UUIDField(), allow_empty=False, max_length=1000, help_text=(
+        "Ids of the items whose replication logs the server has just put into cache storage."))
 
 
 def _bearer(request) -> str:
@@ -277,3 +283,21 @@ def process_server_heartbeat(request, pk):
     if server is None or not agent_services.process_server_token_valid(server=server, token=_bearer(request)):
         raise PermissionDenied("Unknown process server or wrong token.", code="bad_token")
     return Response(agent_services.process_server_heartbeat(server=server, report=_validated(PsHeartbeatSerializer, request)))
+
+
+@extend_schema(request=PsUploadedSerializer, responses=inline_serializer("ProcessServerUploadedAnswer", {
+    "woken": serializers.IntegerField(help_text="Items sent an apply pass now (the others have one running, which "
+                                                "runs again when it ends, or are not this server's to report).")}),
+    auth=AGENT_AUTH, tags=["processServers"])
+@api_view(["POST"])
+@authentication_classes([])
+@permission_classes([AllowAny])
+def process_server_uploaded(request, pk):
+    """A process server says which items it has just put replication logs into storage
+    for: each gets an apply pass now instead of at the next sweep (replication/engine.py).
+    Items it does not serve are ignored."""
+    server = ProcessServer.objects.select_related("vault").filter(pk=pk).first()
+    if server is None or not agent_services.process_server_token_valid(server=server, token=_bearer(request)):
+        raise PermissionDenied("Unknown process server or wrong token.", code="bad_token")
+    items = _validated(PsUploadedSerializer, request)["items"]
+    return Response({"woken": apply_wake(items, process_server_id=server.pk)})

@@ -498,6 +498,61 @@ def test_heartbeat_reports_to_the_configuration_server(start_ps, vault):
         httpd.shutdown()
 
 
+def test_new_logs_in_storage_wake_the_vault_and_a_vault_that_does_not_answer_stops_nothing(start_ps, vault):
+    """Each upload puts the item in the next wake-up POST (to ``uploaded_url``, with the
+    server's token); while nothing answers there the server goes on uploading and counts
+    the failures."""
+    import http.server
+
+    received = []
+
+    class Wake(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *_a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.append((self.path, self.headers.get("Authorization"), body))
+            payload = json.dumps({"woken": len(body["items"])}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    def status() -> dict:
+        return https_request(ps.port, "GET", "/v1/status",
+                             headers={"Authorization": f"Bearer {issue_token(vault.auth_key, STATUS_SUBJECT)}"}).body
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Wake)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/api/v1/processServers/7/uploaded"
+    a, b = uuid.uuid4(), uuid.uuid4()
+    bodies = {(a, 1): make_batch(a, 1), (b, 1): make_batch(b, 1), (a, 2): make_batch(a, 2), (a, 3): make_batch(a, 3)}
+    try:
+        ps = start_ps(uploaded_url=url, report_token="ps-secret", wake_interval=0.05)
+        for item_id in (a, b):
+            assert post_batch(ps, item_id, vault.item_token(item_id), bodies[item_id, 1]).status == 200
+        wait_for(lambda: {i for _p, _a, body in received for i in body["items"]} == {str(a), str(b)},
+                 timeout=20, what="wake-ups for both items")
+        assert {(p, auth) for p, auth, _b in received} == {("/api/v1/processServers/7/uploaded", "Bearer ps-secret")}
+        seen = len(received)
+        assert post_batch(ps, a, vault.item_token(a), bodies[a, 2]).status == 200
+        wait_for(lambda: len(received) > seen, timeout=20, what="a wake-up for the second batch")
+        assert received[-1][2] == {"items": [str(a)]}
+        figures = status()
+        assert figures["wakeups_sent"] == len(received) and figures["wakeup_errors"] == 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    # Nobody listens any more: batches are still acknowledged and uploaded.
+    assert post_batch(ps, a, vault.item_token(a), bodies[a, 3]).status == 200
+    wait_for(lambda: stored_seqs(ps.storage(), a) == [1, 2, 3], timeout=30, what="the upload without the vault")
+    wait_for(lambda: status()["wakeup_errors"] >= 1, timeout=20, what="the failed wake-up counted")
+    for item_id, count in ((a, 3), (b, 1)):
+        stored = stored_batches(ps.storage(), item_id, vault.seal_key)
+        assert stored == [batch_format.decode(bodies[item_id, n]) for n in range(1, count + 1)]
+
+
 def test_certificate_is_kept_and_its_thumbprint_printed(start_ps, tmp_path):
     ps = start_ps()
     first = ps.thumbprint
@@ -520,6 +575,8 @@ def test_certificate_is_kept_and_its_thumbprint_printed(start_ps, tmp_path):
     ({"cache_dir": None}, "'cache_dir' is required"),
     ({"storage": {"kind": "tape"}}, "'storage'"),
     ({"ingest_memory_bytes": 64 * 1024 * 1024}, "'ingest_memory_bytes' must be at least"),
+    ({"wake_interval": -1}, "'wake_interval' must be from 0 to 60 seconds"),
+    ({"wake_interval": "soon"}, "'wake_interval' must be a number"),
 ])
 def test_bad_configuration_is_refused_with_its_reason(tmp_path, vault, change, words):
     try:

@@ -78,6 +78,8 @@ def test_metrics_count_ingest_uploads_and_refusals_on_loopback_only(start_ps, va
     assert refused[(("code", "replayed_batch"),)] == 1 and refused[(("code", "forbidden"),)] == 1
     assert m["lifeboat_process_server_items"][()] == 1
     assert m["lifeboat_process_server_upload_errors_total"][()] == 0
+    # no uploaded_url in this server's configuration: it tells the vault nothing
+    assert m["lifeboat_process_server_wakeups_sent_total"][()] == m["lifeboat_process_server_wakeup_errors_total"][()] == 0
     # Counters only: no key, token or item of the server's is in the page.
     text = m["__text__"][()]
     for secret in (ps.config["auth_key"], ps.config["seal_key"], vault.item_token(item), str(item)):

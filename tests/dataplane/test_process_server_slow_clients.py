@@ -209,7 +209,7 @@ def test_bad_connection_settings_are_refused_with_their_reason(tmp_path, vault, 
 
 def test_connection_settings_default_to_a_share_of_the_connections(tmp_path, vault):
     cfg = process_server.ServerConfig.from_dict(json.loads(json.dumps(ps_config(tmp_path, vault))))
-    assert (cfg.max_connections, cfg.max_connections_per_address) == (64, 32)
+    assert (cfg.max_connections, cfg.max_connections_per_address) == (256, 128)
     assert (cfg.header_timeout, cfg.io_timeout, cfg.min_body_bytes_per_s) == (10.0, 60.0, 32 * 1024)
     small = process_server.ServerConfig.from_dict({**ps_config(tmp_path, vault), "max_connections": 1})
     assert small.max_connections_per_address == 1

@@ -123,3 +123,50 @@ def test_protect_replicate_points_are_byte_exact_then_disable(site, api):
 
         assert storage().list_objects(f"replicas/{item.pk}/") == []
         assert storage().list_objects(f"logs/{item.pk}/") == []
+
+
+def _protect_write_and_compare(site, api, config: dict) -> None:
+    """Protect the VM, see points cut while it writes, stop it and compare a later point
+    with the source, byte for byte."""
+    from django.utils import timezone
+
+    machine = site.vault.machines.get(name="db-e2e")
+    writer = site.start_workload()
+    with process_server(config, site.tmp):
+        site.start_agents()
+        response = api.post("/api/v1/replicationProtectedItems/", {
+            "vault": site.vault.pk, "machine": machine.pk, "policy": site.policy.pk, "process_server": site.ps.pk,
+        }, format="json")
+        assert response.status_code == 202, response.content
+        job = wait_for(lambda: Job.objects.filter(pk=response.data["id"], state__in=JobState.TERMINAL).first(),
+                       timeout=180, message="enable job")
+        assert job.state == JobState.SUCCEEDED, job.error
+        item = ProtectedItem.objects.get(machine=machine)
+        started = timezone.now()
+        wait_for(lambda: RecoveryPoint.objects.filter(item=item, type="crash_consistent", time__gt=started).count() >= 2,
+                 timeout=60, message="points while the VM writes")
+        writer.set()
+        writer.thread.join(timeout=10)
+        shas = _source_shas(site, item)
+        idle_since = timezone.now()
+        point = wait_for(lambda: RecoveryPoint.objects.filter(item=item, type="crash_consistent", time__gte=idle_since)
+                         .order_by("time").first(), timeout=60, message="a point after the writes stopped")
+        for disk, sha in shas.items():
+            assert _image_sha(api, point, disk) == sha, f"disk {disk} at the point differs from the source"
+
+
+def test_uploads_alone_drive_apply_without_any_sweep(site, api):
+    """No apply sweep runs here: the process server's wake-ups after each upload are what
+    apply the logs, finish the initial copy and cut the points, byte-exact."""
+    _protect_write_and_compare(site, api, site.ps_config())
+
+
+def test_when_the_vault_does_not_hear_the_wake_ups_the_sweep_applies_everything(site, api):
+    """The process server's wake-ups go nowhere (a vault address it cannot reach): the apply
+    sweep alone gets the item protected and its points cut, byte-exact."""
+    from tests.e2e.harness import free_port
+
+    config = site.ps_config()
+    config["uploaded_url"] = f"http://127.0.0.1:{free_port()}/api/v1/processServers/{site.ps.pk}/uploaded"
+    site.start_beat()
+    _protect_write_and_compare(site, api, config)

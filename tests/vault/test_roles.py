@@ -106,7 +106,7 @@ def _snapshot(w) -> tuple:
 
 # Not vault-scoped: the agents' and process servers' own endpoints (their tokens), a user's own
 # API tokens, the schema.
-API_EXCLUDED = re.compile(r"^/api/v1/(agents/(register|registrations/|\{agent_id\}/)|processServers/\{[^}]+\}/heartbeat"
+API_EXCLUDED = re.compile(r"^/api/v1/(agents/(register|registrations/|\{agent_id\}/)|processServers/\{[^}]+\}/(heartbeat|uploaded)"
                           r"|apiTokens|schema)")
 OPERATE_PATHS = re.compile(
     r"^/api/v1/(replicationProtectedItems/|replicationAlerts/\{id\}/acknowledge|replicationvCenters/\{id\}/discover"

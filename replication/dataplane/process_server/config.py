@@ -59,7 +59,8 @@ class ServerConfig:
     (``https.ConnectionGuard`` enforces them):
 
     ``max_connections``
-        Connections served at once; more wait to be accepted until one ends.
+        Connections served at once (a thread each); more wait to be accepted until one ends.
+        The default, 256, serves some 60 replicating items (about four connections each).
     ``max_connections_per_address``
         Connections from one client address at once (default: half of ``max_connections``);
         one more is closed as soon as it is accepted. An agent opens about four per item it
@@ -87,10 +88,15 @@ class ServerConfig:
     report_url: str | None = None
     report_token: str | None = None
     report_interval: float = 30.0
+    # Where the server tells the vault which items have new logs in storage, so they are
+    # applied at once (server._wake_loop); None: the vault's apply sweep finds them. At
+    # most one such POST per wake_interval seconds, for all the items with news.
+    uploaded_url: str | None = None
+    wake_interval: float = 0.2
     max_cache_bytes: int = 16 * 1024**3
     upload_workers: int = 2
     max_ingest: int = 4
-    max_connections: int = 64
+    max_connections: int = 256
     # memory for batches being received and sealed (the process server's bound, with about
     # 40 MiB for the rest of it); at least three maximum-size batches
     ingest_memory_bytes: int = SEAL_MEMORY_FACTOR * batch_format.MAX_BATCH_BYTES
@@ -143,9 +149,11 @@ class ServerConfig:
             port=int(port),
             report_url=raw.get("report_url") or None,
             report_token=raw.get("report_token") or None,
+            uploaded_url=raw.get("uploaded_url") or None,
         )
         for name, typ in (
             ("report_interval", float),
+            ("wake_interval", float),
             ("max_cache_bytes", int),
             ("upload_workers", int),
             ("max_ingest", int),
@@ -178,6 +186,8 @@ class ServerConfig:
         if not 1 <= cfg.max_connections_per_address <= cfg.max_connections:
             raise ConfigError("process server config: 'max_connections_per_address' must be from 1 to "
                               f"'max_connections' ({cfg.max_connections})")
+        if not 0 <= cfg.wake_interval <= 60:
+            raise ConfigError("process server config: 'wake_interval' must be from 0 to 60 seconds")
         for name in ("header_timeout", "io_timeout"):
             if not 0 < getattr(cfg, name) <= 3600:
                 raise ConfigError(f"process server config: '{name}' must be more than 0 and at most 3600 seconds")

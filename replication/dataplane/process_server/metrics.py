@@ -67,6 +67,9 @@ class ProcessServerCollector(Collector):
         yield counter("uploaded_batches", "Batches put into cache storage.", uploaded_batches)
         yield counter("upload_errors", "Failed attempts to put a batch into cache storage (each is retried).",
                       ps.upload_errors)
+        yield counter("wakeups_sent", "POSTs telling the vault which items have new logs in storage.", ps.wakeups_sent)
+        yield counter("wakeup_errors", "Such POSTs that failed (the vault's apply sweep finds those logs).",
+                      ps.wakeup_errors)
         yield gauge("cache_pending_bytes", "Sealed bytes acknowledged and cached, not yet uploaded.", pending_bytes)
         yield gauge("cache_pending_batches", "Batches acknowledged and cached, not yet uploaded.", pending_batches)
         yield gauge("cache_limit_bytes", "The most the cache may hold (max_cache_bytes).", ps.config.max_cache_bytes)

@@ -59,6 +59,7 @@ from replication.dataplane.storage import ObjectNotFound
 log = logging.getLogger("lifeboat.process_server")
 
 TOKEN_GENERATIONS_FILE = "token_generations.json"
+WAKE_MOST = 1000  # item ids in one wake-up POST (what the vault accepts)
 
 
 class ProcessServer:
@@ -98,6 +99,9 @@ class ProcessServer:
         self._digests: dict[tuple[uuid.UUID, int], tuple[replica_digests.DigestObject, list[bytes]]] = {}
         # The lowest item token generation still valid, per item (items not named: any).
         self.token_generations: dict[uuid.UUID, int] = dict(config.token_generations)
+        # Items with logs put into storage since the vault was last told (_wake_loop).
+        self.uploaded_news: set[uuid.UUID] = set()
+        self.wakeups_sent = self.wakeup_errors = 0
 
     # -- item tokens
 
@@ -192,6 +196,8 @@ class ProcessServer:
         self._spawn(self.httpd.serve_forever, "https")
         if self.config.report_url:
             self._spawn(self._report_loop, "reporter")
+        if self.config.uploaded_url:
+            self._spawn(self._wake_loop, "waker")
         self.metrics_httpd = start_metrics(self)
         replace_durably(
             os.path.join(self.cache_dir, "server.json"),
@@ -551,6 +557,7 @@ class ProcessServer:
                 self.storage.put_object_file(key, path)
                 with self.lock:
                     item.put = max(item.put, seq)
+                    self.uploaded_news.add(item.id)
                     size = item.pending.get(seq, 0)
                     item.uploaded_bytes += size
                     self.uploaded_bytes += size
@@ -668,6 +675,9 @@ class ProcessServer:
             "memory_percent": psutil.virtual_memory().percent,
             "memory_available_bytes": psutil.virtual_memory().available,
             "upload_errors": self.upload_errors,
+            # POSTs telling the vault of new logs (_wake_loop), and those that failed.
+            "wakeups_sent": self.wakeups_sent,
+            "wakeup_errors": self.wakeup_errors,
             "last_upload_error": self.last_upload_error,
             # Slow or idle clients cut (https.ConnectionGuard), and connections refused
             # because their address held its share, since the server started.
@@ -677,20 +687,55 @@ class ProcessServer:
             "items": items,
         }
 
+    def _wake_loop(self) -> None:
+        """Tell the vault which items have new logs in storage, so that each gets an apply
+        pass at once instead of at the next sweep: one POST to ``uploaded_url`` for all the
+        items news gathered for, then ``wake_interval`` to gather more. A failed POST is
+        not retried (the vault's sweep applies those logs anyway), and is logged once, then
+        once a minute while it goes on failing."""
+        name_os_thread(threading.current_thread().name)
+        failing_since = 0.0
+        last_warning = 0.0
+        while not self.stopping.is_set():
+            with self.lock:
+                while not self.uploaded_news and not self.stopping.is_set():
+                    self.lock.wait(timeout=5.0)
+                news, self.uploaded_news = sorted(str(i) for i in self.uploaded_news), set()
+            for at in range(0, len(news), WAKE_MOST):
+                try:
+                    self._post_to_vault(self.config.uploaded_url, {"items": news[at:at + WAKE_MOST]})
+                    self.wakeups_sent += 1
+                    if failing_since:
+                        log.info("the vault takes apply wake-ups again (%s)", self.config.uploaded_url)
+                    failing_since = 0.0
+                except Exception as e:
+                    self.wakeup_errors += 1
+                    now = time.monotonic()
+                    failing_since = failing_since or now
+                    if now - last_warning >= 60:
+                        last_warning = now
+                        log.warning("telling the vault of new logs at %s failed (its apply sweep applies them "
+                                    "anyway): %s", self.config.uploaded_url, e)
+            self.stopping.wait(self.config.wake_interval)
+
+    def _post_to_vault(self, url: str, payload: dict, *, timeout: float = 10) -> dict:
+        req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        if self.config.report_token:
+            req.add_header("Authorization", f"Bearer {self.config.report_token}")
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+        answer = json.loads(raw) if raw else {}
+        return answer if isinstance(answer, dict) else {}
+
     def _report_loop(self) -> None:
         first = True  # report at once on start: the vault learns the certificate to pin
         while first or not self.stopping.wait(self.config.report_interval):
             first = False
             try:
-                body = json.dumps({"thumbprint": self.thumbprint, "url": self.url, **self.status()}).encode()
-                req = urllib.request.Request(self.config.report_url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
-                if self.config.report_token:
-                    req.add_header("Authorization", f"Bearer {self.config.report_token}")
-                with urllib.request.urlopen(req, timeout=10) as resp:
-                    raw = resp.read()
-                answer = json.loads(raw) if raw else {}
-                if isinstance(answer, dict) and "token_generations" in answer:
+                answer = self._post_to_vault(self.config.report_url,
+                                             {"thumbprint": self.thumbprint, "url": self.url, **self.status()})
+                if "token_generations" in answer:
                     self.token_generations_update(parse_token_generations(
                         answer["token_generations"], where="the configuration server's heartbeat answer"))
             except Exception as e:
