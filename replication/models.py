@@ -83,7 +83,10 @@ class ProtectedItem(TimeStampedModel):
     )
     health = models.CharField(max_length=16, choices=Health.choices, default=Health.HEALTHY, editable=False, db_index=True)
     health_reasons = models.JSONField(default=list, blank=True, editable=False)
-    rpo_seconds = models.PositiveIntegerField(null=True, blank=True, editable=False, db_index=True)
+    # Not indexed: the monitoring sweep rewrites every item's RPO every 30 s, and a write to an
+    # indexed column cannot be a heap-only (HOT) update, so each one would also write every
+    # index of the table. Sorting by RPO reads one vault's items at most (a top-N sort).
+    rpo_seconds = models.PositiveIntegerField(null=True, blank=True, editable=False)
     last_recovery_point_at = models.DateTimeField(null=True, blank=True, editable=False)
     initial_replication_progress = models.PositiveSmallIntegerField(default=0, editable=False)
     last_error = models.TextField(blank=True, editable=False)

@@ -5,6 +5,7 @@ import base64
 import logging
 import socket
 from datetime import time as dtime
+from typing import NamedTuple
 
 from django.conf import settings
 from django.contrib.auth.hashers import make_password
@@ -442,9 +443,98 @@ def alert_raise(
         with transaction.atomic():
             alert = Alert.objects.create(vault=vault, key=key, kind=kind, message=message, severity=severity, **links)
     except IntegrityError:  # raised concurrently by another sweep
-        return Alert.objects.get(vault=vault, key=key, state=AlertState.ACTIVE), False
+        existing = Alert.objects.filter(vault=vault, key=key, state=AlertState.ACTIVE).first()
+        if existing is None:  # no race on the key: a row the alert links to is gone
+            raise
+        return existing, False
     event_record(vault=vault, kind=kind, message=message, severity=severity, **links)
     return alert, True
+
+
+class AlertChange(NamedTuple):
+    """One alert a sweep raises or resolves (``alerts_apply``); ``links`` are the Alert's and
+    Event's foreign keys (``protected_item``, ``process_server``)."""
+
+    vault: Vault
+    key: str
+    kind: str
+    message: str
+    severity: str = Severity.WARNING
+    links: dict | None = None
+
+
+def alerts_apply(*, raise_: list[AlertChange], resolve: list[AlertChange], now=None) -> tuple[int, int]:
+    """What ``alert_raise`` and ``alert_resolve`` do, for many alerts at once, in a constant
+    number of queries: a sweep that finds a hundred problems starting together (a process
+    server down, a site cut off) writes them in a few statements, not a few per alert.
+    ``raise_`` holds keys the caller found not active, ``resolve`` keys it found active
+    (``kind`` unused there: the alert keeps its own; ``message`` is the "resolved" event's).
+    If another sweep raced on a key, the alerts are written one by one instead (the same
+    rules). Returns (alerts newly raised, alerts resolved)."""
+    now = now or timezone.now()
+    raised = resolved = 0
+    if raise_:
+        try:
+            with transaction.atomic():
+                raised = _alerts_raise(raise_, now)
+        except IntegrityError:  # a key raised meanwhile, or a linked row deleted: the careful way
+            raised = 0  # the bulk count was rolled back with its rows
+            for c in raise_:
+                try:
+                    raised += alert_raise(vault=c.vault, key=c.key, kind=c.kind, message=c.message,
+                                          severity=c.severity, now=now, **(c.links or {}))[1]
+                except IntegrityError:
+                    if _links_exist(c.links):
+                        raise
+                    # The item or process server was deleted after the sweep read it: its
+                    # alert has nothing left to be about.
+    if resolve:
+        by_key = {(c.vault.pk, c.key): c for c in resolve}
+        with transaction.atomic():
+            open_ = list(Alert.objects.select_for_update().filter(
+                key__in={c.key for c in resolve}, state=AlertState.ACTIVE).only(
+                "pk", "vault_id", "key", "kind", "protected_item_id", "process_server_id"))
+            open_ = [a for a in open_ if (a.vault_id, a.key) in by_key]
+            Alert.objects.filter(pk__in=[a.pk for a in open_]).update(state=AlertState.RESOLVED, resolved_at=now)
+            Event.objects.bulk_create([
+                Event(vault=by_key[a.vault_id, a.key].vault, kind=f"{a.kind}_resolved",
+                      message=by_key[a.vault_id, a.key].message, severity=Severity.INFO,
+                      protected_item_id=a.protected_item_id, process_server_id=a.process_server_id)
+                for a in open_ if by_key[a.vault_id, a.key].message
+            ])
+        resolved = len(open_)
+    return raised, resolved
+
+
+def _links_exist(links: dict | None) -> bool:
+    """Whether every row an alert's ``links`` name (by object or by id) still exists."""
+    for name, value in (links or {}).items():
+        model = Alert._meta.get_field(name).related_model
+        if value is not None and not model.objects.filter(pk=getattr(value, "pk", value)).exists():
+            return False
+    return True
+
+
+def _alerts_raise(changes: list[AlertChange], now) -> int:
+    """The bulk half of ``alerts_apply`` for raised alerts (inside its transaction)."""
+    quiet_since = now - timezone.timedelta(seconds=settings.LIFEBOAT_ALERT_QUIET_SECONDS)
+    wanted = {(c.vault.pk, c.key): c for c in changes}
+    recent: dict[tuple[int, str], Alert] = {}
+    for alert in (Alert.objects.filter(key__in={c.key for c in changes}, state=AlertState.RESOLVED,
+                                       resolved_at__gte=quiet_since, emailed_end_at__isnull=True)
+                  .order_by("resolved_at")):
+        if (alert.vault_id, alert.key) in wanted:
+            recent[alert.vault_id, alert.key] = alert  # the newest wins
+    for where, alert in recent.items():  # a problem back within the quiet period: its alert reopens
+        c = wanted[where]
+        alert.state, alert.resolved_at, alert.message, alert.severity = AlertState.ACTIVE, None, c.message, c.severity
+    Alert.objects.bulk_update(list(recent.values()), ["state", "resolved_at", "message", "severity"])
+    new = [c for where, c in wanted.items() if where not in recent]
+    Alert.objects.bulk_create([Alert(vault=c.vault, key=c.key, kind=c.kind, message=c.message, severity=c.severity,
+                                     **(c.links or {})) for c in new])
+    Event.objects.bulk_create([Event(vault=c.vault, kind=c.kind, message=c.message, severity=c.severity, **(c.links or {}))
+                               for c in new])
+    return len(new)
 
 
 def alert_resolve(*, vault: Vault, key: str, message: str | None = None, now=None) -> Alert | None:

@@ -365,3 +365,53 @@ def test_monitor_task_on_the_worker_mails_new_problems_only(smtp, celery_worker)
     wait_for(lambda: Alert.objects.filter(vault__name="beta", emailed_start_at__isnull=False).exists(),
              timeout=30, message="the second alert marked as mailed")
     assert [m.rcpt_tos for m in smtp.mails] == [["alpha@example.com"], ["beta@example.com"]]
+
+
+@pytest.mark.django_db
+def test_many_alerts_starting_together_are_one_mail_per_vault_and_one_when_they_end(smtp, t0):
+    """A site cut off: every item breaches at once. One mail lists them all (per vault, at
+    most 100 a mail), and one more says they ended; each alert is marked mailed."""
+    from vault import notifications
+
+    vault, first = breaching_vault(name="east", alert_emails=RECIPIENTS)
+    items = [first] + [ProtectedItemFactory(vault=vault, machine=MachineFactory(vault=vault, name=f"east-db-{n:02d}"),
+                                            policy=first.policy, process_server=first.process_server,
+                                            protection_state=P.PROTECTED) for n in range(4)]
+    _, lone = breaching_vault(name="west", alert_emails=["west@example.com"])
+    for item in items + [lone]:
+        set_point(item, t0 - timedelta(minutes=20))
+
+    assert sweep(t0) == {"started": 6, "ended": 0, "failed": 0}
+    east = [m for m in smtp.mails if m.subject.startswith("[Lifeboat east]")]
+    west = [m for m in smtp.mails if m.subject.startswith("[Lifeboat west]")]
+    assert len(smtp.mails) == 2 and len(east) == len(west) == 1
+    assert east[0].subject == "[Lifeboat east] 5 alerts: 5 warning"
+    for item in items:
+        assert f"RPO of {item.name} is 20 min" in east[0].body and f"/items/{item.pk}/" in east[0].body
+    assert west[0].subject.startswith("[Lifeboat west] Warning: RPO of west-web-01 is 20 min")  # alone: its own mail
+    assert not Alert.objects.filter(vault=vault, emailed_start_at__isnull=True).exists()
+    assert sweep(t0 + timedelta(minutes=1)) == {"started": 0, "ended": 0, "failed": 0}
+
+    for item in items:
+        set_point(item, t0 + timedelta(minutes=2))
+    sweep(t0 + timedelta(minutes=2))  # resolved now, mailed after the quiet period
+    assert sweep(t0 + timedelta(minutes=2, seconds=QUIET + 1)) == {"started": 0, "ended": 5, "failed": 0}
+    (ended,) = ends(smtp.mails)
+    assert ended.subject == "[Lifeboat east] Resolved: 5 problems have ended"
+    assert all(item.name in ended.body for item in items)
+
+    # More than a mail holds: cut into mails of DIGEST_MOST.
+    later = t0 + timedelta(hours=2)
+    notifications.DIGEST_MOST, most = 2, notifications.DIGEST_MOST
+    try:
+        for item in items:
+            set_point(item, later - timedelta(minutes=20))
+        before = len(smtp.mails)
+        assert sweep(later)["started"] == 5
+        mails = smtp.mails[before:]
+        assert [m.subject.split("] ")[1][:18] for m in mails] == ["2 alerts: 2 warnin", "2 alerts: 2 warnin",
+                                                                   "Warning: RPO of ea"]
+        assert sorted(name for m in mails for name in (i.name for i in items) if f"RPO of {name} " in m.body) == \
+            sorted(i.name for i in items)
+    finally:
+        notifications.DIGEST_MOST = most

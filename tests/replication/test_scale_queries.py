@@ -131,6 +131,10 @@ def _replicating_fleet(vault, n: int) -> list[str]:
     ProtectedItemFactory(vault=vault, policy=policy, process_server=server, protection_state=P.FAILED_OVER)
     ProtectedItemFactory(vault=vault, policy=policy, process_server=server, protection_state=P.PROTECTED,
                          apply_lease_until=timezone.now() + timedelta(seconds=60))  # a pass is running
+    ProtectedItemFactory(vault=vault, policy=policy, process_server=server, protection_state=P.PROTECTED,
+                         last_applied_at=timezone.now() - timedelta(seconds=1))  # an upload's pass just ended
+    ids.append(str(ProtectedItemFactory(vault=vault, policy=policy, process_server=server, protection_state=P.PROTECTED,
+                                        last_applied_at=timezone.now() - timedelta(seconds=10)).pk))  # wake-ups stopped
     return ids
 
 
@@ -147,7 +151,7 @@ def test_the_apply_sweep_sends_every_replicating_item_once_in_a_few_messages(vau
     ids = _replicating_fleet(vault, n)
     queries, chunks = _sweep(published)
     assert queries == 1
-    assert sorted(i for chunk in chunks for i in chunk) == sorted(ids)  # each once; not the failed over, nor the leased
+    assert sorted(i for chunk in chunks for i in chunk) == sorted(ids)  # each once; not the failed over, the leased, the just applied
     # Enough messages for the apply workers to share the items, never more than a chunk in one.
     assert min(n, APPLY_SPREAD) <= len(chunks) <= max(2 * APPLY_SPREAD, -(-n // APPLY_CHUNK))
     assert max(len(c) for c in chunks) <= APPLY_CHUNK
@@ -159,7 +163,7 @@ def test_the_apply_sweep_queries_do_not_grow_with_the_items(vault, published):
     few, _ = _sweep(published)
     _replicating_fleet(vault, 120)
     many, chunks = _sweep(published)
-    assert few == many == 1 and sum(map(len, chunks)) == 125
+    assert few == many == 1 and sum(map(len, chunks)) == 127
 
 
 def test_apply_chunks_spread_small_sweeps_and_bound_large_ones():
@@ -240,3 +244,45 @@ def test_the_rpo_written_in_one_statement_is_the_one_item_health_computes(vault)
     assert ProtectedItem.objects.get(pk=gone.pk).rpo_seconds is None
     # Health follows: the item 25 minutes behind its 15-minute threshold is in warning.
     assert ProtectedItem.objects.get(pk=items[3].pk).health == "WARNING"
+
+
+# --- the monitoring sweep's alerts ------------------------------------------------------------
+
+
+def _alert_sweep_costs(vault, n: int) -> tuple[int, int, int]:
+    """(queries of a sweep raising alerts for n items, of the sweep resolving them, of one
+    raising them again inside the quiet period, which reopens the same alerts)."""
+    from vault.models import Alert, Event
+
+    now = timezone.now()
+    policy, server = PolicyFactory(vault=vault, rpo_threshold_minutes=1), ProcessServerFactory(vault=vault)
+    items = [ProtectedItemFactory(vault=vault, policy=policy, process_server=server, protection_state=P.PROTECTED,
+                                  agent_last_heartbeat_at=now, last_recovery_point_at=now - timedelta(minutes=5))
+             for _ in range(n)]
+    counts = []
+    with CaptureQueriesContext(connection) as ctx:
+        assert items_monitor(now=now)["alerts_raised"] == n
+    counts.append(len(ctx.captured_queries))
+    keys = {f"rpo:{i.pk}" for i in items}
+    raised = Alert.objects.filter(vault=vault, key__in=keys, state="ACTIVE")
+    assert raised.count() == n and Event.objects.filter(vault=vault, kind="rpo_exceeded").count() == n
+    first_ids = set(raised.values_list("pk", flat=True))
+    ProtectedItem.objects.filter(pk__in=[i.pk for i in items]).update(last_recovery_point_at=now)
+    with CaptureQueriesContext(connection) as ctx:
+        assert items_monitor(now=now)["alerts_resolved"] == n
+    counts.append(len(ctx.captured_queries))
+    assert not Alert.objects.filter(vault=vault, key__in=keys, state="ACTIVE").exists()
+    assert Event.objects.filter(vault=vault, kind="rpo_exceeded_resolved").count() == n
+    ProtectedItem.objects.filter(pk__in=[i.pk for i in items]).update(last_recovery_point_at=now - timedelta(minutes=5))
+    with CaptureQueriesContext(connection) as ctx:
+        assert items_monitor(now=now + timedelta(seconds=30))["alerts_raised"] == 0  # reopened, not new
+    counts.append(len(ctx.captured_queries))
+    assert set(Alert.objects.filter(vault=vault, key__in=keys, state="ACTIVE").values_list("pk", flat=True)) == first_ids
+    assert Alert.objects.filter(vault=vault, key__in=keys).count() == n
+    return tuple(counts)
+
+
+def test_the_monitoring_sweep_raises_resolves_and_reopens_many_alerts_in_the_same_queries_as_few():
+    few = _alert_sweep_costs(VaultFactory(name="few-alerts"), 3)
+    many = _alert_sweep_costs(VaultFactory(name="many-alerts"), 40)
+    assert few == many, f"3 items' alerts: {few} queries, 40 items': {many}"
