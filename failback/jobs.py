@@ -52,7 +52,7 @@ from replication.jobs import (
     agent_install,
 )
 from replication.models import MobilityAgent, ProtectedItem, ReplicaDisk
-from replication.services import protected_item_transition
+from replication.services import protected_item_delete, protected_item_transition
 from vault.choices import VCenterKind
 from vault.connectors import ConnectorError
 from vault.connectors.base import POWERED_OFF, POWERED_ON
@@ -133,7 +133,7 @@ def _remove_returning(returning: ProtectedItem) -> str:
     except Exception as exc:  # noqa: BLE001 - told in the sentence; the row stays so it can be retried
         logger.exception("removing the returning replica of %s", returning.pk)
         return f"Its returning replica could not be removed ({exc})."
-    ProtectedItem.objects.filter(pk=returning.pk).delete()
+    protected_item_delete(item_id=returning.pk)
     return "Its returning replication was removed."
 
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from replication.models import DataPathSample, ProtectedItem
@@ -133,7 +134,14 @@ def process_server_data_path_record(*, server: ProcessServer, report: dict, now:
                                                   "uploaded_bytes_per_s", "applied_bytes_per_s", "data_path_measured_at"])
     newest = max((row[1] for row in earlier if row[0] is None), default=None)
     if new and (newest is None or (now - newest).total_seconds() >= SAMPLE_SPACING_SECONDS):
-        DataPathSample.objects.bulk_create(new)
+        try:
+            # Its own transaction (no savepoint: the figures above are written already), so
+            # that an item deleted meanwhile fails it at its commit, here.
+            with transaction.atomic(savepoint=False):
+                DataPathSample.objects.bulk_create(new)
+        except IntegrityError:  # an item deleted meanwhile (replication.services.protected_item_delete)
+            alive = set(ProtectedItem.objects.filter(pk__in=[s.item_id for s in new if s.item_id]).values_list("pk", flat=True))
+            DataPathSample.objects.bulk_create([s for s in new if s.item_id is None or s.item_id in alive])
     DataPathSample.objects.filter(server=server, at__lt=horizon).delete()
 
 

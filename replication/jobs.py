@@ -21,7 +21,7 @@ from replication.engine import applier_for, storage
 from replication.models import MobilityAgent, ProtectedItem, ReplicaDisk
 from replication.push_install import push_credentials_write
 from replication.scheduling import resync_failure_recorded
-from replication.services import protected_item_transition
+from replication.services import protected_item_delete, protected_item_transition
 from replication.tokens import item_token
 from replication.waits import initial_slot_wait_key, item_wait_key, machine_wait_key
 from vault.choices import MachineSource, VCenterKind
@@ -188,7 +188,7 @@ def run_disable(ctx: JobContext) -> dict:
                 storage().delete_object(key)
     with ctx.step("Remove the item"):
         name, vault = item.name, item.vault
-        item.delete()
+        protected_item_delete(item_id=item.pk)
         event_record(vault=vault, kind="replication_disabled", message=f"Replication of {name} was disabled and its replica data removed.")
     return {}
 

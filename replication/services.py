@@ -90,6 +90,16 @@ def protected_item_enable(*, vault, machine, policy, process_server=None, recove
     return item, job
 
 
+def protected_item_delete(*, item_id) -> None:
+    """Delete an item's row and the rows that go with it. The row is locked first: a report
+    that adds a row naming the item meanwhile (a process server's data-path sample, an
+    agent's event) waits for the delete and then fails on the item being gone, instead of
+    its row, committed after the delete had gathered the item's rows, failing the delete."""
+    with transaction.atomic():
+        if ProtectedItem.objects.select_for_update().filter(pk=item_id).exists():
+            ProtectedItem.objects.filter(pk=item_id).delete()
+
+
 def protected_item_enable_retry(*, item, user=None):
     with transaction.atomic():
         item = protected_item_transition(item_id=item.pk, to_state=ProtectionState.ENABLING, operation="retry enabling replication", last_error="")
