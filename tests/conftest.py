@@ -107,6 +107,22 @@ def wait_for(predicate, *, timeout: float = 30.0, interval: float = 0.1, message
         time.sleep(interval)
 
 
+def bookmarked_point(item, bookmark: dict, *, timeout: float = 120.0, interval: float = 0.1, message: str = ""):
+    """Wait for the recovery point a bookmark cut, found by the bookmark's id: its label
+    names the second it was asked for, which an earlier point can share."""
+    from replication.engine import applier_for
+    from replication.models import RecoveryPoint
+
+    def cut():
+        for rp in RecoveryPoint.objects.filter(item=item, label=bookmark["label"]).order_by("-seq"):
+            label = applier_for(item).get_point(rp.point_id).label
+            if isinstance(label, dict) and label.get("id") == bookmark["id"]:
+                return rp
+        return None
+
+    return wait_for(cut, timeout=timeout, interval=interval, message=message or f"the point bookmark {bookmark['id']} cut")
+
+
 @pytest.fixture
 def admin_user(django_user_model):
     return django_user_model.objects.create_user("admin", "admin@example.com", "admin-pass-123", is_staff=True, is_superuser=True)

@@ -129,7 +129,13 @@ class ReplicaWorker:
             self._stop.wait(0.02)
 
     def wait_applied(self, seq: int) -> None:
-        wait_for(lambda: self.error is not None or self.applied_seq >= seq, timeout=60, what=f"apply of seq {seq}")
+        """Until a pass has applied ``seq`` and ended: read between passes, as a pass saves
+        its applied seq before the point it cuts there."""
+        def applied() -> int:
+            with self.lock:
+                return self.applied_seq
+
+        wait_for(lambda: self.error is not None or applied() >= seq, timeout=60, what=f"apply of seq {seq}")
         assert self.error is None, self.error
 
     def flip(self, disk: int, offset: int, data: bytes) -> None:

@@ -14,7 +14,7 @@ import pytest
 from core.choices import JobState
 from core.models import Job
 from replication.models import MobilityAgent, ProtectedItem, RecoveryPoint
-from tests.conftest import wait_for
+from tests.conftest import bookmarked_point, wait_for
 from tests.e2e.harness import MiB, Site, process_server, sha256_file
 
 pytestmark = pytest.mark.timeout(600)
@@ -75,8 +75,9 @@ def quiet_point(site: Site, item: ProtectedItem, writer) -> RecoveryPoint:
     writer.thread.join(timeout=10)
     wait_for(lambda: caught_up(item), timeout=180, message="replication catching up")
     bookmark = protected_item_app_consistent_snapshot(item=item)
-    return wait_for(lambda: RecoveryPoint.objects.filter(item=item, type="app_consistent", label=bookmark["label"]).first(),
-                    timeout=120, message="an app-consistent point")
+    point = bookmarked_point(item, bookmark, timeout=120, message="an app-consistent point")
+    assert point.type == "app_consistent"
+    return point
 
 
 def image(api, point: RecoveryPoint, disk: int) -> bytes:
@@ -178,6 +179,8 @@ def test_a_disk_removed_stops_replicating_after_an_event_and_an_alert(make_site,
         # the agent announces the end of the disk's stream; the replica retires it there
         wait_for(lambda: set(applier_for(item).disk_sizes()) == {disk0.index}, timeout=60,
                  message="the replica retiring the removed disk")
+        # (apply passes start on upload, so the retirement can come before the guest's next write)
+        wait_for(lambda: read(path0) != old0, timeout=60, message="the guest writing after the removal")
         point = quiet_point(site, item, writer)
         item.refresh_from_db()
         assert item.protection_state == "PROTECTED"

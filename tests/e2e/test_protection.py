@@ -11,7 +11,7 @@ from core.choices import JobState
 from core.models import Job
 from replication.choices import ProtectionState as P
 from replication.models import ProtectedItem, RecoveryPoint
-from tests.conftest import wait_for
+from tests.conftest import bookmarked_point, wait_for
 from tests.e2e.harness import MiB, Site, process_server, sha256_file
 
 pytestmark = pytest.mark.timeout(600)
@@ -73,10 +73,8 @@ def test_protect_replicate_points_are_byte_exact_then_disable(site, api):
             writer.thread.join(timeout=10)
             shas = _source_shas(site, item)
             bookmark = protected_item_app_consistent_snapshot(item=ProtectedItem.objects.get(pk=item.pk))
-            point = wait_for(
-                lambda: RecoveryPoint.objects.filter(item=item, type="app_consistent", label=bookmark["label"]).first(),
-                timeout=90, message=f"app-consistent point {round_ + 1}",
-            )
+            point = bookmarked_point(item, bookmark, timeout=90, message=f"app-consistent point {round_ + 1}")
+            assert point.type == "app_consistent"
             expected[point.point_id] = shas
             writer = site.start_workload()
             wait_for(lambda: RecoveryPoint.objects.filter(item=item, time__gt=point.time, type="crash_consistent").exists(),

@@ -8,8 +8,8 @@ import pytest
 
 from core.choices import JobState
 from core.models import Job
-from replication.models import ProtectedItem, RecoveryPoint
-from tests.conftest import wait_for
+from replication.models import ProtectedItem
+from tests.conftest import bookmarked_point, wait_for
 from tests.e2e.harness import MiB, Site, process_server, sha256_file
 
 pytestmark = pytest.mark.timeout(600)
@@ -65,8 +65,8 @@ def test_resync_on_request_then_protected_and_byte_exact(site, api):
         disk = item.replica_disks.get()
         source = sha256_file(site.site.disk_path(machine.instance_uuid, disk.source_disk_key))
         bookmark = protected_item_app_consistent_snapshot(item=item)
-        point = wait_for(lambda: RecoveryPoint.objects.filter(item=item, type="app_consistent", label=bookmark["label"]).first(),
-                         timeout=90, message="app-consistent point after the resync")
+        point = bookmarked_point(item, bookmark, timeout=90, message="app-consistent point after the resync")
+        assert point.type == "app_consistent"
         body = api.get(f"/api/v1/recoveryPoints/{point.pk}/disks/0/image")
         assert hashlib.sha256(b"".join(body.streaming_content)).hexdigest() == source
 
@@ -124,7 +124,7 @@ def test_a_replica_block_flipped_behind_lifeboats_back_is_found_and_repaired(sit
         assert status["compared_bytes"] == 4 * MiB and 4096 <= status["sent_bytes"] < 4 * MiB
 
         bookmark = protected_item_app_consistent_snapshot(item=item)
-        point = wait_for(lambda: RecoveryPoint.objects.filter(item=item, type="app_consistent", label=bookmark["label"]).first(),
-                         timeout=90, message="app-consistent point after the repair")
+        point = bookmarked_point(item, bookmark, timeout=90, message="app-consistent point after the repair")
+        assert point.type == "app_consistent"
         body = api.get(f"/api/v1/recoveryPoints/{point.pk}/disks/0/image")
         assert hashlib.sha256(b"".join(body.streaming_content)).hexdigest() == sha256_file(source_path)

@@ -24,7 +24,7 @@ from django.urls import reverse
 from core.choices import JobState
 from core.models import Job
 from replication.models import ProtectedItem, RecoveryPoint
-from tests.conftest import wait_for
+from tests.conftest import bookmarked_point, wait_for
 from tests.e2e.harness import ROOT, MiB, Site, process_server
 from tests.e2e.test_cache_loss import assert_newest_point_equals_source, protect, start_resync_beat, wait_caught_up
 
@@ -262,8 +262,7 @@ def test_points_of_a_disk_scanned_without_a_frozen_view_are_labelled_and_never_t
 
         # Once the disk is still, a scan after a bookmark reads it whole: that point equals it.
         bookmark = protected_item_app_consistent_snapshot(item=item)
-        point = wait_for(lambda: RecoveryPoint.objects.filter(item=item, label=bookmark["label"]).first(),
-                         timeout=120, message="the bookmarked point")
+        point = bookmarked_point(item, bookmark, timeout=120, message="the bookmarked point")
         assert point.type == "not_crash_consistent"
         chosen = recovery_point_choose(item=item, point="custom", recovery_point_id=point.pk)
         image = api.get(f"/api/v1/recoveryPoints/{chosen.pk}/disks/0/image")
@@ -338,8 +337,7 @@ def test_points_of_a_disk_scanned_through_frozen_views_are_crash_consistent(make
         stop_writes.set()
         writer.join(timeout=10)
         bookmark = protected_item_app_consistent_snapshot(item=item)
-        point = wait_for(lambda: RecoveryPoint.objects.filter(item=item, label=bookmark["label"]).first(),
-                         timeout=120, message="the bookmarked point")
+        point = bookmarked_point(item, bookmark, timeout=120, message="the bookmarked point")
         assert point.type == "app_consistent"
         assert recovery_point_choose(item=item, point="latest").pk == point.pk
         image = api.get(f"/api/v1/recoveryPoints/{point.pk}/disks/0/image")
@@ -356,7 +354,7 @@ def test_offhours_resync_waits_for_the_window_then_runs(make_site, api):
     site = make_site([{"name": "offhours", "disks": [4 * MiB], "workload": WORKLOAD}], whole_day=False)
     zone = "Asia/Kolkata"  # not the server's zone: the window is the vault's
     local_now = datetime.now(zoneinfo.ZoneInfo(zone))
-    opens = (local_now + timedelta(seconds=100)).replace(second=0, microsecond=0)
+    opens = (local_now + timedelta(seconds=30)).replace(microsecond=0)  # the window is kept to the second
     Vault.objects.filter(pk=site.vault.pk).update(off_hours_time_zone=zone, off_hours_start=opens.time(),
                                                   off_hours_end=(opens + timedelta(hours=2)).time())
     with process_server(site.ps_config(), site.tmp):
@@ -366,6 +364,7 @@ def test_offhours_resync_waits_for_the_window_then_runs(make_site, api):
         writer = site.start_workload()
         item = protect(site, api, ["offhours"])["offhours"]
         assert protected_item_mark_resync_required(item=item, reason="test: data lost in transit")
+        assert datetime.now(zoneinfo.ZoneInfo(zone)) < opens - timedelta(seconds=10), "protecting took too long to test"
         # Until the window opens the item waits, however often the sweep runs.
         while datetime.now(zoneinfo.ZoneInfo(zone)) < opens - timedelta(seconds=3):
             item.refresh_from_db()

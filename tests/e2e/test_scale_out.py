@@ -37,7 +37,7 @@ from core.choices import JobState
 from core.models import Job
 from replication.choices import ProtectionState as P
 from replication.models import MobilityAgent, ProtectedItem, RecoveryPoint
-from tests.conftest import peer_missing, wait_for
+from tests.conftest import bookmarked_point, peer_missing, wait_for
 from tests.e2e.harness import MiB, Site, free_port, process_server, sha256_file
 from vault.models import Event, ProcessServer
 
@@ -283,9 +283,8 @@ def _quiesced_points_match_sources(stack: Stack, api, items: list[ProtectedItem]
         shas = {d.index: sha256_file(stack.site.site.disk_path(item.machine.instance_uuid, d.source_disk_key))
                 for d in item.replica_disks.all()}
         bookmark = protected_item_app_consistent_snapshot(item=ProtectedItem.objects.get(pk=item.pk))
-        point = wait_for(lambda: RecoveryPoint.objects.filter(item=item, type="app_consistent",
-                                                              label=bookmark["label"]).first(),
-                         timeout=180, interval=0.5, message=f"an app-consistent point of {item.name}")
+        point = bookmarked_point(item, bookmark, timeout=180, interval=0.5, message=f"an app-consistent point of {item.name}")
+        assert point.type == "app_consistent"
         for disk, sha in shas.items():
             assert _image_sha(api, point, disk) == sha, f"{item.name} disk {disk} at {point.point_id} differs from the source"
 

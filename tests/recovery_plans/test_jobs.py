@@ -13,7 +13,7 @@ from core.models import Job
 from recovery_plans.models import RecoveredVm
 from replication.choices import ProtectionState as P
 from replication.models import ProtectedItem, RecoveryPoint
-from tests.conftest import wait_for
+from tests.conftest import bookmarked_point, wait_for
 from tests.e2e.harness import MiB, Site, process_server, sha256_file
 from vault import services as vault_services
 
@@ -64,8 +64,8 @@ def _app_point(site: Site, item: ProtectedItem, writer):
     writer.thread.join(timeout=10)
     shas = _source_shas(site, item)
     bookmark = protected_item_app_consistent_snapshot(item=ProtectedItem.objects.get(pk=item.pk))
-    point = wait_for(lambda: RecoveryPoint.objects.filter(item=item, type="app_consistent", label=bookmark["label"]).first(),
-                     timeout=90, message="app-consistent point")
+    point = bookmarked_point(item, bookmark, timeout=90, message="app-consistent point")
+    assert point.type == "app_consistent"
     return point, shas, site.start_workload()
 
 

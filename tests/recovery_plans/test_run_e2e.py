@@ -12,7 +12,7 @@ from recovery_plans.models import RecoveredVm, RecoveryPlan
 from recovery_plans.run_models import RecoveryPlanRun
 from replication.choices import ProtectionState as P
 from replication.models import ProtectedItem, RecoveryPoint
-from tests.conftest import wait_for
+from tests.conftest import bookmarked_point, wait_for
 from tests.e2e.harness import MiB, Site, process_server
 from tests.recovery_plans.test_jobs import _source_shas, _vm_shas
 from vault import services as vault_services
@@ -81,8 +81,7 @@ def _app_points(site: Site, items: dict[str, ProtectedItem], writer) -> dict[str
     for name, item in items.items():
         shas[name] = _source_shas(site, item)
         bookmark = protected_item_app_consistent_snapshot(item=ProtectedItem.objects.get(pk=item.pk))
-        wait_for(lambda item=item, label=bookmark["label"]: RecoveryPoint.objects.filter(
-            item=item, type="app_consistent", label=label).exists(), timeout=90, message=f"{name} app-consistent point")
+        assert bookmarked_point(item, bookmark, timeout=90, message=f"{name} app-consistent point").type == "app_consistent"
     return shas
 
 
