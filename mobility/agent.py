@@ -20,7 +20,8 @@ process server:
    says ``FLAG_FROZEN_END``). A bookmark (app-consistent marker) is placed after every write
    journaled before it was requested and is always the last record of its batch.
 3. Resynchronization: when the journal overflowed, skipped or restarted, or the process
-   server lost acknowledged batches, the agent reports ``resync_required`` to the
+   server lost acknowledged batches that carried writes (lost ticks and lone bookmarks are
+   sent again: ``ItemState.acked_writeless``), the agent reports ``resync_required`` to the
    configuration server and stops shipping the item. When told (assignment ``"resync":
    true``, ``Agent.request_resync`` or ``python -m mobility resync``) it takes a new journal
    base, re-arms the journal and compares the source with the replica as it is: once every

@@ -25,7 +25,14 @@ from mobility.item_core import log, pread_exact
 from mobility.journal_batches import JournalBatches
 from mobility.resync import Resync
 from mobility.sender import BARRIER, Built
-from mobility.state import PHASE_DELTA, PHASE_INITIAL, PHASE_RESYNC, PHASE_RESYNC_REQUIRED, ItemState
+from mobility.state import (
+    PHASE_DELTA,
+    PHASE_INITIAL,
+    PHASE_RESYNC,
+    PHASE_RESYNC_REQUIRED,
+    WRITELESS_KEPT,
+    ItemState,
+)
 from mobility.transport import BatchAnswer, TransportError
 
 
@@ -155,6 +162,7 @@ class ItemRunner(CopyPasses, ChecksumPass, JournalBatches, Bookmarks, DiskShape,
         st = self.state
         if answer.outcome == "gap":
             if answer.acked_seq < st.acked_seq:
+                self._resend_writeless(answer.acked_seq)  # raises, unless the loss needs a resync
                 raise NeedsResync(
                     f"the process server has batches only up to seq {answer.acked_seq} but had acknowledged "
                     f"{st.acked_seq}: acknowledged data was lost before it reached storage", full=True)
@@ -184,6 +192,10 @@ class ItemRunner(CopyPasses, ChecksumPass, JournalBatches, Bookmarks, DiskShape,
         st.acked_seq = built.seq
         st.last_ack_at = time.time()
         st.inflight = [p for p in st.inflight if p["seq"] != built.seq]
+        if plan["kind"] == "journal" and not plan["ranges"]:
+            st.acked_writeless = [*st.acked_writeless[1 - WRITELESS_KEPT:], plan]
+        elif st.acked_writeless:
+            st.acked_writeless = []
         if plan.get("bookmark"):
             st.bookmarks = [b for b in st.bookmarks if b["id"] != plan["bookmark"]["id"]]
         if plan["kind"] == "journal":
@@ -230,6 +242,26 @@ class ItemRunner(CopyPasses, ChecksumPass, JournalBatches, Bookmarks, DiskShape,
         if self.journaled:
             yield from self._journal_batches(flush=flush)
         yield from self._ready_bookmarks()
+
+    def _resend_writeless(self, server_seq: int) -> None:
+        """The process server holds batches only up to ``server_seq`` but acknowledged more
+        (its cache was lost before they reached storage). If every lost batch carried no
+        writes (an idle item's ticks, a lone bookmark), nothing of the disks was lost: they
+        are planned again with their seqs, ahead of the batches in flight, and the pass
+        starts over (``TransportError``). Otherwise this returns and the caller resyncs."""
+        st = self.state
+        kept = {p["seq"]: p for p in st.acked_writeless}
+        lost = range(server_seq + 1, st.acked_seq + 1)
+        if not all(seq in kept for seq in lost):
+            return
+        log.warning("item %s: the process server lost acknowledged batch(es) %d..%d, which carried no writes: "
+                    "they are sent again", self.item.item_id, lost[0], lost[-1])
+        st.inflight = [*(kept[seq] for seq in lost), *st.inflight]
+        st.acked_writeless = [p for p in st.acked_writeless if p["seq"] <= server_seq]
+        st.acked_seq = server_seq
+        self.save()
+        raise TransportError(f"the process server lost batches {lost[0]}..{lost[-1]}, which carried no writes: "
+                             "sending them again", transient=True)
 
     def _resend_inflight(self) -> Iterator[Built]:
         """Batches planned but never answered, rebuilt for the same seq, in order."""

@@ -30,6 +30,9 @@ PHASE_DELTA = "delta"
 PHASE_RESYNC_REQUIRED = "resync_required"
 PHASE_RESYNC = "resync"
 
+WRITELESS_KEPT = 32
+"""How many acknowledged batches without writes an item keeps the plans of (``acked_writeless``)."""
+
 
 class StateError(ValueError):
     """The saved state cannot be read as an item's state; the message says why."""
@@ -142,6 +145,10 @@ class ItemState:
     inflight: list[dict] = field(default_factory=list)
     """The plan of every batch sent but not acknowledged, in seq order: a restart rebuilds and
     resends them with the same seqs before anything new."""
+    acked_writeless: list[dict] = field(default_factory=list)
+    """The plans of the acknowledged batches that carried no writes (an idle item's ticks, a
+    lone bookmark) since the last one that did, newest last (at most ``WRITELESS_KEPT``): if
+    the process server loses them with its cache, they are sent again, not resynchronized."""
     bookmarks: list[dict] = field(default_factory=list)
     """Bookmarks queued and not yet acknowledged (a restart still places them)."""
     bookmark_ids_seen: list[str] = field(default_factory=list)

@@ -112,10 +112,11 @@ class Site:
         config["report_interval"] = 1.0
         return config
 
-    def start_agents(self) -> None:
+    def start_agents(self, **agent_options) -> None:
         from replication.agent_host import AgentHost
 
-        host = AgentHost(str(self.site_dir), scan_interval=0.2, heartbeat_interval=1.0, assignment_interval=0.5)
+        options = {"heartbeat_interval": 1.0, "assignment_interval": 0.5, **agent_options}
+        host = AgentHost(str(self.site_dir), scan_interval=0.2, **options)
         host.stop = self._stop
         self._threads.append(threading.Thread(target=host.run, daemon=True, name="agent-host"))
         self._threads[-1].start()
@@ -133,13 +134,32 @@ class Site:
         self._threads[-1].start()
 
     def start_workload(self) -> threading.Event:
+        """The VMs write until the returned event is set; ``.thread`` runs them, ``.writes``
+        counts the writes journaled so far."""
         from vault.connectors.simsite import run_workload
 
         stop = threading.Event()
-        t = threading.Thread(target=run_workload, args=(self.site, stop), kwargs={"seed": 7}, daemon=True)
+        stop.writes = 0
+
+        def counted(*_write) -> None:
+            stop.writes += 1
+
+        t = threading.Thread(target=run_workload, args=(self.site, stop), kwargs={"seed": 7, "on_write": counted},
+                             daemon=True)
         t.start()
         stop.thread = t
         return stop
+
+    def write(self, writes: int) -> None:
+        """The VMs make at least this many writes, then stop writing."""
+        from tests.conftest import wait_for
+
+        writer = self.start_workload()
+        try:
+            wait_for(lambda: writer.writes >= writes, timeout=60, message=f"{writes} writes by the workload")
+        finally:
+            writer.set()
+            writer.thread.join(timeout=10)
 
     def close(self) -> None:
         self._stop.set()

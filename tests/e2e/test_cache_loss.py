@@ -18,11 +18,12 @@ from contextlib import ExitStack
 from datetime import time as dtime
 
 import pytest
+from django.utils import timezone
 
 from core.choices import JobState
 from core.models import Job
-from replication.models import ProtectedItem, RecoveryPoint
-from tests.conftest import wait_for
+from replication.models import MobilityAgent, ProtectedItem
+from tests.conftest import bookmarked_point, wait_for
 from tests.e2e.harness import MiB, Site, free_port, process_server, sha256_file
 
 pytestmark = pytest.mark.timeout(420)
@@ -85,9 +86,60 @@ def caught_up(item: ProtectedItem) -> bool:
 
 
 def wait_caught_up(items) -> None:
+    """The replica has applied what the agent had acknowledged (writes may go on)."""
     for item in items:
         wait_for(lambda: caught_up(item) and (time.sleep(1.5) or caught_up(item)), timeout=90,
                  message=f"apply of {item.name} to catch up")
+
+
+def drained(item: ProtectedItem, since) -> bool:
+    """A heartbeat sent after ``since`` reports nothing left to send, and the replica has
+    applied all the agent had acknowledged then."""
+    item.refresh_from_db(fields=["acked_seq", "applied_seq", "agent_backlog_bytes", "agent_last_heartbeat_at"])
+    agent = MobilityAgent.objects.filter(machine=item.machine_id).first()
+    status = next((s for s in ((agent and agent.last_status) or {}).get("items", []) if s["item_id"] == str(item.pk)), {})
+    return (item.acked_seq > 0 and item.applied_seq >= item.acked_seq and item.agent_backlog_bytes == 0
+            and item.agent_last_heartbeat_at is not None and item.agent_last_heartbeat_at > since
+            and status.get("phase") == "delta" and item.applied_seq >= (status.get("pass_done_seq") or 0))
+
+
+def wait_drained(items) -> None:
+    """Every write made before this call is applied (the caller has stopped the writes)."""
+    since = timezone.now()
+    for item in items:
+        wait_for(lambda: drained(item, since), timeout=90, message=f"apply of {item.name} to catch up")
+
+
+def uploads_blocked(tmp_path, item: ProtectedItem):
+    """Uploads of the item's logs fail from now on: a file where its logs directory goes
+    (unlink it to let them through again)."""
+    logs_dir = tmp_path / "storage" / "objects" / "logs" / str(item.pk)
+    if logs_dir.exists():
+        assert not os.listdir(logs_dir)
+        logs_dir.rmdir()
+    logs_dir.write_bytes(b"storage unreachable for this item")
+    return logs_dir
+
+
+def cached_batches(item_cache: str) -> list[int]:
+    """The seqs of the acknowledged batches an item's cache folder holds."""
+    if not os.path.isdir(item_cache):
+        return []
+    return sorted(int(n.split(".")[0]) for n in os.listdir(item_cache) if n.endswith(".lbs"))
+
+
+def host_back_without(site: Site, stack: ExitStack, first: ExitStack, first_proc, item_cache: str, logs_dir) -> list[int]:
+    """The process server's host dies, and comes back without the item's cache folder and
+    with storage reachable again (``uploads_blocked`` undone). Returns the seqs of the
+    acknowledged batches the lost folder held."""
+    first_proc.kill()
+    first_proc.wait(timeout=10)
+    first.close()
+    lost = cached_batches(item_cache)
+    shutil.rmtree(item_cache)
+    logs_dir.unlink()
+    stack.enter_context(process_server(site.ps_config(), site.tmp))
+    return lost
 
 
 def assert_newest_point_equals_source(site: Site, api, items) -> None:
@@ -100,9 +152,8 @@ def assert_newest_point_equals_source(site: Site, api, items) -> None:
                  timeout=240, message=f"{item.name} to be protected again")
         item.refresh_from_db()
         bookmark = protected_item_app_consistent_snapshot(item=item)
-        point = wait_for(lambda: RecoveryPoint.objects.filter(item=item, type="app_consistent",
-                                                             label=bookmark["label"]).first(),
-                         timeout=120, message=f"an app-consistent point of {item.name}")
+        point = bookmarked_point(item, bookmark, timeout=120, message=f"an app-consistent point of {item.name}")
+        assert point.type == "app_consistent"
         assert point.time > item.created_at
         for disk in item.replica_disks.all():
             source = sha256_file(site.site.disk_path(item.machine.instance_uuid, disk.source_disk_key))
@@ -144,7 +195,7 @@ def test_whole_cache_lost_after_apply_caught_up(make_site, api, tmp_path):
         time.sleep(3)  # deltas flow
         writer.set()
         writer.thread.join(timeout=10)
-        wait_caught_up(items.values())
+        wait_drained(items.values())
 
         first.close()  # the host goes down ...
         shutil.rmtree(cache)  # ... and comes back rebuilt: no cache, no certificate
@@ -169,7 +220,6 @@ def test_one_items_cache_folder_lost_with_acknowledged_batches_in_it(make_site, 
     site = make_site([{"name": "victim", "disks": [8 * MiB], "workload": fast},
                       {"name": "control", "disks": [4 * MiB], "workload": WORKLOAD}])
     cache = site.ps_config()["cache_dir"]
-    storage_root = tmp_path / "storage"
     with ExitStack() as stack:
         first = ExitStack()
         first_proc, _ = first.enter_context(process_server(site.ps_config(), site.tmp))
@@ -182,25 +232,16 @@ def test_one_items_cache_folder_lost_with_acknowledged_batches_in_it(make_site, 
         time.sleep(2)
         writer.set()
         writer.thread.join(timeout=10)
-        wait_caught_up(items.values())
+        wait_drained(items.values())
 
         # Uploads of the victim's logs fail from now on: a file where its logs directory goes.
-        logs_dir = storage_root / "objects" / "logs" / str(victim.pk)
-        if logs_dir.exists():
-            assert not os.listdir(logs_dir)
-            logs_dir.rmdir()
-        logs_dir.write_bytes(b"storage unreachable for this item")
+        logs_dir = uploads_blocked(tmp_path, victim)
         writer = site.start_workload()
         item_cache = os.path.join(cache, "items", str(victim.pk))
-        wait_for(lambda: os.path.isdir(item_cache) and len([n for n in os.listdir(item_cache) if n.endswith(".lbs")]) >= 4,
-                 timeout=60, message="acknowledged batches of the victim piling up in the cache")
+        wait_for(lambda: len(cached_batches(item_cache)) >= 4, timeout=60,
+                 message="acknowledged batches of the victim piling up in the cache")
 
-        first_proc.kill()  # the host dies ...
-        first_proc.wait(timeout=10)
-        first.close()
-        shutil.rmtree(item_cache)  # ... and the victim's folder is lost with it
-        logs_dir.unlink()  # storage is reachable again
-        stack.enter_context(process_server(site.ps_config(), site.tmp))
+        host_back_without(site, stack, first, first_proc, item_cache, logs_dir)
 
         wait_for(lambda: Job.objects.filter(type="RESYNC", target_id=str(victim.pk)).exists(), timeout=120,
                  message="the victim to be resynchronized")
@@ -214,6 +255,42 @@ def test_one_items_cache_folder_lost_with_acknowledged_batches_in_it(make_site, 
         resync = Job.objects.filter(type="RESYNC", target_id=str(victim.pk)).order_by("created_at").last()
         assert resync.state == JobState.SUCCEEDED, resync.error
         assert not Job.objects.filter(type="RESYNC", target_id=str(items["control"].pk)).exists()
+
+
+def test_ticks_lost_with_the_cache_are_sent_again_without_a_resync(make_site, api, tmp_path):
+    """An idle item's ticks (the empty batches that keep its RPO fresh) are acknowledged by a
+    process server whose cache is lost before they reach storage. No write was lost, so the
+    agent sends them again instead of asking for a resynchronization; the stream goes on and
+    the next point equals the source."""
+    site = make_site([{"name": "idle", "disks": [4 * MiB], "workload": WORKLOAD}])
+    cache = site.ps_config()["cache_dir"]
+    with ExitStack() as stack:
+        first = ExitStack()
+        first_proc, _ = first.enter_context(process_server(site.ps_config(), site.tmp))
+        site.start_agents(tick_interval=0.5)
+        site.start_beat()
+        start_resync_beat(site)
+        item = protect(site, api, ["idle"])["idle"]
+        site.write(64)  # 2 s of the workload
+        wait_drained([item])
+
+        # Uploads of the item's logs fail from now on: its ticks stay in the cache, acknowledged.
+        logs_dir = uploads_blocked(tmp_path, item)
+        item_cache = os.path.join(cache, "items", str(item.pk))
+        wait_for(lambda: len(cached_batches(item_cache)) >= 3, timeout=60,
+                 message="acknowledged ticks piling up in the cache")
+        acked = max(host_back_without(site, stack, first, first_proc, item_cache, logs_dir))
+
+        # The stream goes on past what was lost, without a resync.
+        wait_for(lambda: ProtectedItem.objects.get(pk=item.pk).applied_seq > acked, timeout=60,
+                 message=f"the replica applying past seq {acked}")
+        item.refresh_from_db()
+        assert item.protection_state == "PROTECTED"
+        assert not Job.objects.filter(type="RESYNC", target_id=str(item.pk)).exists()
+        site.write(64)  # 2 s of the workload
+        assert_newest_point_equals_source(site, api, [item])
+        assert not Job.objects.filter(type="RESYNC", target_id=str(item.pk)).exists()
+        assert no_misplaced_logs(site)
 
 
 def test_process_server_moved_to_a_new_cache_directory_with_a_new_certificate(make_site, api, tmp_path):
