@@ -1,3 +1,5 @@
+from functools import cached_property
+
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -187,16 +189,26 @@ class ProtectedItemRecoverySerializer(ProtectedItemSerializer):
         fields = [*ProtectedItemSerializer.Meta.fields, "recoveredVms", "testFailoverVm", "failoverVm"]
         read_only_fields = fields
 
+    # A list's items share this serializer (the child of its ListSerializer): one serializer
+    # of recovered VMs serves them all (building one binds and copies all its fields), and
+    # each item's VMs are read once for the three fields that show them.
+    @cached_property
+    def _vm_serializer(self) -> RecoveredVmSerializer:
+        return RecoveredVmSerializer(context=self.context)
+
     def _vms(self, obj) -> list[RecoveredVm]:
-        return list(obj.recovered_vms.all())  # prefetched by the viewset, newest first
+        seen = getattr(self, "_vms_seen", None)
+        if seen is None or seen[0] is not obj:
+            seen = self._vms_seen = (obj, list(obj.recovered_vms.all()))  # prefetched by the viewset, newest first
+        return seen[1]
 
     def _current(self, obj, kind: str):
         vm = next((v for v in self._vms(obj) if v.kind == kind and v.removed_at is None), None)
-        return RecoveredVmSerializer(vm).data if vm is not None else None
+        return self._vm_serializer.to_representation(vm) if vm is not None else None
 
     @extend_schema_field(RecoveredVmSerializer(many=True))
     def get_recoveredVms(self, obj):
-        return RecoveredVmSerializer(self._vms(obj), many=True).data
+        return [self._vm_serializer.to_representation(vm) for vm in self._vms(obj)]
 
     @extend_schema_field(RecoveredVmSerializer(allow_null=True))
     def get_testFailoverVm(self, obj):
