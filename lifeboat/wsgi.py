@@ -20,3 +20,9 @@ from django.urls import get_resolver  # noqa: E402
 get_resolver().url_patterns
 gc.collect()
 gc.freeze()
+# A list page of 50 items allocates some 100,000 objects: at the default thresholds (700,
+# 10, 10) a collection of the older generations landed in every few requests and put
+# 100-150 ms on the API lists' p95 (bench/bench_control_plane.py: the protected items
+# list's p95 went from about 230 to 130 ms on one host). Collections are now rarer; a
+# worker's memory settles some 20 MiB higher (measured over 600 list requests).
+gc.set_threshold(50_000, 20, 100)
