@@ -4,7 +4,8 @@ its recovery points, against a policy that asks for a crash-consistent point eve
 
 Everything runs as in production, each its own process: the API/portal (gunicorn, which the
 agents and the process server talk to), the Celery workers as docker-compose.yml runs them,
-celery beat on Lifeboat's own schedule (the apply sweep every 5 s), one process server with
+celery beat on Lifeboat's own schedule (the apply sweep every 5 s, the fallback of the passes each
+upload starts), one process server with
 no ingest cap (``max_ingest_bytes_per_s`` unset: as fast as it can), the simulated site's
 workload runner (``python -m vault.connectors.simsite``) and the agents of the simulated
 site (``python -m replication.agent_host``), as ``make run`` runs them. This process calls
@@ -35,13 +36,21 @@ Measured over ``--seconds`` (default 300):
   role (/proc/<pid>/stat, with the CPU of reaped children), over the window; PostgreSQL and
   Redis are counted whole (every database on those servers).
 
+Why 16 MiB disks: replica disks keep their points as copy-on-write versions of 1 MiB chunks
+(replication/dataplane/storage/local.py), so a point keeps every chunk written since the one
+before in full. 64 KiB writes at uniform places touch a new chunk with almost every write: at
+20 x 1 MB/s and a point every 5 s that is up to 16 MiB per point per VM on a 16 MiB disk
+(about 64 MB/s of storage for the run, ~20 GB), and some 75 chunks (75 MiB) per point per VM
+on a large disk, which fills a benchmark machine's disk in minutes. The run reports the
+replica storage growth it measured.
+
 Targets (the issue's): a point every 5 s, p99 RPO at most 10 s. Points are cut at batch
 boundaries, never less than the policy's 5 s apart, and a batch covers about a second of
 writes (it leaves the agent 1 s after its oldest write), so "every 5 s" is taken as a median
 interval of at most 5 s plus one batch (6 s).
 
     python bench/bench_rpo_load.py [--vms 20] [--rate 1000000] [--seconds 300] [--write-size 65536]
-                                   [--disk-mib 64] [--settle 15] [--workdir DIR] [--keep]
+                                   [--disk-mib 16] [--settle 15] [--workdir DIR] [--keep]
 
 DATABASE_URL (default postgres://postgres@127.0.0.1:5432/lifeboat_rpobench, dropped and
 created again) and CELERY_BROKER_URL (default redis://127.0.0.1:6379/10, purged) name the
@@ -88,6 +97,19 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --- figures --------------------------------------------------------------------------------
+
+
+def allocated_bytes(root: str) -> int:
+    """Bytes the files under ``root`` take on disk (their allocated blocks: sparse files
+    count what they hold, not their length)."""
+    total = 0
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass  # deleted while walking (a pruned point, an applied log)
+    return total
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -320,6 +342,8 @@ def run(workdir: str, env: dict, services: list[Service], workers: Workers, *, v
         )
         load_at_window = round(os.getloadavg()[0], 2)
         metrics_begin = ps_metrics(cache_dir)
+        disks_root = os.path.join(env["LIFEBOAT_DATA_DIR"], "storage", "disks")
+        disks_begin = allocated_bytes(disks_root)
         meter.start()
         t0_wall = timezone.now()
         t0 = time.monotonic()
@@ -344,6 +368,7 @@ def run(workdir: str, env: dict, services: list[Service], workers: Workers, *, v
         t1_wall = timezone.now()
         meter.stop()
         metrics_end = ps_metrics(cache_dir)
+        disks_end = allocated_bytes(disks_root)
         load_at_end = round(os.getloadavg()[0], 2)
         backlog = ProtectedItem.objects.filter(vault=vault).values_list(
             "agent_backlog_bytes", "storage_waiting_bytes", "protection_state")
@@ -396,6 +421,8 @@ def run(workdir: str, env: dict, services: list[Service], workers: Workers, *, v
         "write_reports_span_s": round(reports[-1][0] - reports[0][0], 1) if len(reports) >= 2 else None,
         "ingest_bytes_per_s": received / window_s,
         "uploaded_sealed_bytes_per_s": uploaded / window_s,
+        # replica disks and the chunk versions their points keep (nothing is pruned in the window)
+        "replica_storage_bytes_per_s": (disks_end - disks_begin) / window_s,
         "ps_received_batches": int(metrics_end["received_batches"] - metrics_begin["received_batches"]),
         "ps_refused": {k: v for k, v in metrics_end.items() if k.startswith("refused")},
         "at_end": {"agent_backlog_bytes": sum(b for b, _w, _s in backlog),
@@ -416,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=FULL["rate"], help="bytes per second each VM writes")
     parser.add_argument("--seconds", type=float, default=FULL["seconds"], help="length of the measured window")
     parser.add_argument("--write-size", type=int, default=64 * 1024, help="bytes of each guest write")
-    parser.add_argument("--disk-mib", type=int, default=64, help="each VM's (sparse) disk, in MiB")
+    parser.add_argument("--disk-mib", type=int, default=16, help="each VM's (sparse) disk, in MiB")
     parser.add_argument("--settle", type=float, default=15.0,
                         help="seconds between the last item becoming PROTECTED and the window")
     parser.add_argument("--workdir", default=None, help="where the sites and storage go (default: a temp dir)")
@@ -540,7 +567,7 @@ def write_doc(path: str, r: dict) -> None:
         "with no ingest cap, under a policy asking for a crash-consistent point every "
         f"{r['point_frequency_s']} s (app-consistent points off). Real processes, as in production: the web server, "
         "the Celery workers as docker-compose.yml runs them, celery beat on Lifeboat's schedule (apply sweep every "
-        "5 s), the process server, the workload runner and the site's agents (`replication.agent_host`). All items "
+        "5 s), the process server (its uploads start apply passes), the workload runner and the site's agents (`replication.agent_host`). All items "
         f"were protected through the API and PROTECTED (initial copies: {r['protect_s']:.0f} s for all), then "
         f"{r['settle_s']:.0f} s later the window of {window:.0f} s opened. RPO is sampled every second for every "
         "item, as monitoring defines it: now minus the source time of the item's newest recovery point "
@@ -576,6 +603,9 @@ def write_doc(path: str, r: dict) -> None:
         + f"{r['ingest_bytes_per_s'] / offered:.2f} of offered |",
         f"| put into cache storage by it (sealed: compressed, encrypted) | {_rate(r['uploaded_sealed_bytes_per_s'])} | "
         f"{r['uploaded_sealed_bytes_per_s'] / max(1.0, r['ingest_bytes_per_s']):.2f} of ingested |",
+        f"| replica storage growth (disks and the chunk versions points keep) | "
+        f"{_rate(r['replica_storage_bytes_per_s'])} | "
+        + (f"{r['replica_storage_bytes_per_s'] / r['write_bytes_per_s']:.2f} of written |" if r["write_bytes_per_s"] else "|"),
         "",
         f"Left behind at the end: {r['at_end']['agent_backlog_bytes'] / MiB:.1f} MiB in the agents' backlog (their "
         f"last heartbeats), {r['at_end']['ps_cache_pending_bytes'] / MiB:.1f} MiB in the process server's cache, "
@@ -610,9 +640,11 @@ def write_doc(path: str, r: dict) -> None:
         f"| not of this run | {cpu['other_cpu_s']:.1f} CPU-s | {cpu['other_cpu_s'] / window:.0%} |",
         "",
         "Where the time goes. A point becomes the item's newest (its RPO drops) when an apply pass has applied its "
-        "batch and mirrored it into the database; the apply sweep starts a pass every 5 s. A point's lag holds the "
-        "agent's batching (a batch leaves 1 s after its oldest write), the process server's acknowledgement and "
-        "its upload into cache storage, the wait for the next sweep (0 to 5 s) and the pass itself. The RPO peaks "
+        "batch and mirrored it into the database; the process server tells the vault of each upload (at most one "
+        "POST per 0.2 s for all the items with news) and the item's pass starts then (the sweep every 5 s is the "
+        "fallback). A point's lag holds the agent's batching (a batch leaves 1 s after its oldest write), the "
+        "process server's acknowledgement and its upload into cache storage, the wake-up, the wait for an apply "
+        "worker and the pass itself. The RPO peaks "
         "just before an item's next point appears, at about one interval plus that point's lag: "
         f"{_s(iv['p50'])} + {_s(lag['p50'])} at the median, {_s(iv['p99'])} + {_s(lag['p99'])} at the 99th "
         f"percentile (the RPO's own maximum was {_s(rpo['max'])}). " + _where(r),
