@@ -136,7 +136,7 @@ def _item_apply(*, item_id, max_batches: int | None) -> dict | None:
     if lease is None:
         return None
     # Logs uploaded from here on are either listed by this pass or wake it again.
-    cache.delete(_again_key(item_id))
+    apply_again_take(item_id)
     # Where a pass's time goes, step by step (logged for a slow pass, LIFEBOAT_SLOW_APPLY_SECONDS).
     seconds: dict[str, float] = {}
     mark = time.perf_counter()

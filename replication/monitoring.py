@@ -18,7 +18,7 @@ from replication.choices import ProtectionState as P
 from replication.models import ProtectedItem
 from vault.choices import Health, Severity
 from vault.models import Alert, ProcessServer, ReplicationPolicy, Vault
-from vault.services import AlertChange, alert_raise, alert_resolve, alerts_apply
+from vault.services import AlertChange, alert_raise, alerts_apply
 
 # ASR's process-server thresholds: (warning, critical).
 PS_CPU = (80.0, 95.0)
@@ -253,6 +253,7 @@ def process_servers_monitor(*, now=None) -> dict:
     servers = list(ProcessServer.objects.select_related("vault"))
     active = _active_alert_keys()
     changed = []
+    resolves: list[AlertChange] = []
     for ps in servers:
         health, reasons = process_server_health(ps, now=now)
         if (health, reasons) != (ps.health, ps.health_reasons):
@@ -261,12 +262,14 @@ def process_servers_monitor(*, now=None) -> dict:
         key = f"ps:{ps.pk}"
         if health == Health.HEALTHY:
             if (ps.vault_id, key) in active:
-                alert_resolve(vault=ps.vault, key=key, message=f"Process server {ps.name} is healthy again.", now=now)
+                resolves.append(AlertChange(ps.vault, key, "process_server_unhealthy",
+                                            f"Process server {ps.name} is healthy again."))
         elif (ps.vault_id, key) not in active or ps in changed:
             alert_raise(
                 vault=ps.vault, key=key, kind="process_server_unhealthy",
                 message=f"Process server {ps.name} is {health.label.lower()}: {' '.join(reasons)}",
                 severity=Severity.CRITICAL if health == Health.CRITICAL else Severity.WARNING, now=now, process_server=ps,
             )
+    alerts_apply(raise_=[], resolve=resolves, now=now)
     ProcessServer.objects.bulk_update(changed, ["health", "health_reasons"])
     return {"process_servers": len(servers), "changed": len(changed)}

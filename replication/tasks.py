@@ -54,15 +54,20 @@ def apply_items(item_ids: list[str]) -> None:
             logger.exception("The apply pass of item %s failed; the next sweep tries it again.", item_id)
 
 
+def _apply_send(ids: list[str]) -> None:
+    """Send apply passes for these items, in chunks (``apply_chunks``), over one broker connection."""
+    if ids:
+        with apply_items.app.producer_or_acquire() as producer:
+            for chunk in apply_chunks(ids):
+                apply_items.apply_async(args=[chunk], producer=producer)
+
+
 def apply_wake(item_ids, *, process_server_id=None) -> int:
     """Start an apply pass now for each of these items (a process server has just put logs
     of theirs into storage), unless one is running (it runs again when it ends: see
     replication/engine.py). Returns the number of items sent a pass."""
     ids = items_to_wake(item_ids, process_server_id=process_server_id)
-    if ids:
-        with apply_items.app.producer_or_acquire() as producer:
-            for chunk in apply_chunks(ids):
-                apply_items.apply_async(args=[chunk], producer=producer)
+    _apply_send(ids)
     return len(ids)
 
 
@@ -83,10 +88,7 @@ def apply_sweep() -> int:
            .exclude(apply_lease_until__gt=now)
            .exclude(last_applied_at__gt=now - SWEEP_SKIPS_APPLIED_WITHIN)
            .values_list("pk", flat=True)]
-    if ids:
-        with apply_items.app.producer_or_acquire() as producer:
-            for chunk in apply_chunks(ids):
-                apply_items.apply_async(args=[chunk], producer=producer)
+    _apply_send(ids)
     return len(ids)
 
 

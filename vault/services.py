@@ -464,7 +464,7 @@ class AlertChange(NamedTuple):
 
 
 def alerts_apply(*, raise_: list[AlertChange], resolve: list[AlertChange], now=None) -> tuple[int, int]:
-    """What ``alert_raise`` and ``alert_resolve`` do, for many alerts at once, in a constant
+    """What ``alert_raise`` does, and the resolving of alerts, for many alerts at once, in a constant
     number of queries: a sweep that finds a hundred problems starting together (a process
     server down, a site cut off) writes them in a few statements, not a few per alert.
     ``raise_`` holds keys the caller found not active, ``resolve`` keys it found active
@@ -535,22 +535,6 @@ def _alerts_raise(changes: list[AlertChange], now) -> int:
     Event.objects.bulk_create([Event(vault=c.vault, kind=c.kind, message=c.message, severity=c.severity, **(c.links or {}))
                                for c in new])
     return len(new)
-
-
-def alert_resolve(*, vault: Vault, key: str, message: str | None = None, now=None) -> Alert | None:
-    """Resolve the active alert for ``key`` as of ``now`` (the wall clock if not given): the
-    quiet period before its "ended" e-mail counts from there."""
-    alert = Alert.objects.filter(vault=vault, key=key, state=AlertState.ACTIVE).first()
-    if alert is None:
-        return None
-    alert.state, alert.resolved_at = AlertState.RESOLVED, now or timezone.now()
-    alert.save(update_fields=["state", "resolved_at"])
-    if message:
-        event_record(
-            vault=vault, kind=f"{alert.kind}_resolved", message=message, severity=Severity.INFO,
-            protected_item=alert.protected_item, process_server=alert.process_server,
-        )
-    return alert
 
 
 def alert_acknowledge(*, alert: Alert, user) -> Alert:

@@ -466,26 +466,48 @@ def test_several_process_servers_run_side_by_side(start_ps, vault):
              timeout=30, what="uploads on both servers")
 
 
+class VaultListener:
+    """A plain HTTP listener standing in for the configuration server: it keeps each POST as
+    (path, Authorization header, JSON body) in ``received`` and answers with
+    ``answer(body)`` (a dict sent as JSON) or, without ``answer``, 204."""
+
+    def __init__(self, answer=None) -> None:
+        import http.server
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *_a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                received.append((self.path, self.headers.get("Authorization"), body))
+                if answer is None:
+                    self.send_response(204)
+                    self.end_headers()
+                    return
+                payload = json.dumps(answer(body)).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 def test_heartbeat_reports_to_the_configuration_server(start_ps, vault):
     """The report goes to a plain HTTP listener standing in for the configuration server."""
-    import http.server
-
-    received = []
-
-    class Report(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *_a):
-            pass
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            received.append((self.path, self.headers.get("Authorization"), body))
-            self.send_response(204)
-            self.end_headers()
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Report)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    listener = VaultListener()
+    received = listener.received
     try:
-        ps = start_ps(report_url=f"http://127.0.0.1:{httpd.server_address[1]}/api/v1/processServers/7/heartbeat",
+        ps = start_ps(report_url=f"{listener.base}/api/v1/processServers/7/heartbeat",
                       report_token="ps-secret", report_interval=0.2)
         wait_for(lambda: received, timeout=20, what="a heartbeat")
         path, auth, body = received[0]
@@ -495,37 +517,21 @@ def test_heartbeat_reports_to_the_configuration_server(start_ps, vault):
                     "items"):
             assert key in body, key
     finally:
-        httpd.shutdown()
+        listener.close()
 
 
 def test_new_logs_in_storage_wake_the_vault_and_a_vault_that_does_not_answer_stops_nothing(start_ps, vault):
     """Each upload puts the item in the next wake-up POST (to ``uploaded_url``, with the
     server's token); while nothing answers there the server goes on uploading and counts
     the failures."""
-    import http.server
-
-    received = []
-
-    class Wake(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *_a):
-            pass
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            received.append((self.path, self.headers.get("Authorization"), body))
-            payload = json.dumps({"woken": len(body["items"])}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+    listener = VaultListener(answer=lambda body: {"woken": len(body["items"])})
+    received = listener.received
 
     def status() -> dict:
         return https_request(ps.port, "GET", "/v1/status",
                              headers={"Authorization": f"Bearer {issue_token(vault.auth_key, STATUS_SUBJECT)}"}).body
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Wake)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/api/v1/processServers/7/uploaded"
+    url = f"{listener.base}/api/v1/processServers/7/uploaded"
     a, b = uuid.uuid4(), uuid.uuid4()
     bodies = {(a, 1): make_batch(a, 1), (b, 1): make_batch(b, 1), (a, 2): make_batch(a, 2), (a, 3): make_batch(a, 3)}
     try:
@@ -542,8 +548,7 @@ def test_new_logs_in_storage_wake_the_vault_and_a_vault_that_does_not_answer_sto
         figures = status()
         assert figures["wakeups_sent"] == len(received) and figures["wakeup_errors"] == 0
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        listener.close()
     # Nobody listens any more: batches are still acknowledged and uploaded.
     assert post_batch(ps, a, vault.item_token(a), bodies[a, 3]).status == 200
     wait_for(lambda: stored_seqs(ps.storage(), a) == [1, 2, 3], timeout=30, what="the upload without the vault")
